@@ -1,0 +1,35 @@
+"""The exceptions knlens raises for bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class KnlensError(Exception):
+    """Base class of every error knlens raises on purpose."""
+
+
+class UnknownModelError(KnlensError, ValueError):
+    """A model name that is neither embedded, nor a local path, nor loadable from a hub."""
+
+
+class MissingWeightsError(KnlensError, ImportError):
+    """An embedded model whose weights package is not installed."""
+
+
+class TargetError(KnlensError, ValueError):
+    """A target that is empty, unknown to the vocabulary, or not a single token when one is required."""
+
+
+class PromptError(KnlensError, ValueError):
+    """An empty prompt, or one that does not fit the model (no ``[MASK]`` for a masked LM, too long)."""
+
+
+class NeuronIndexError(KnlensError, IndexError):
+    """A layer or neuron index outside the model."""
+
+
+class HookShapeError(KnlensError, ValueError):
+    """A hook that received or returned a tensor of the wrong shape."""
+
+
+class NonFiniteError(KnlensError, FloatingPointError):
+    """NaN or infinite values where finite numbers are required."""
