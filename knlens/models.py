@@ -108,11 +108,13 @@ def _mark_in_memory(tok, name: str) -> None:
 
 
 def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model: int = 32,
-               d_mlp: int = 48, n_heads: int = 4, dtype: torch.dtype = torch.float32) -> TransformerBridge:
+               d_mlp: int = 48, n_heads: int = 4, init: float = 0.25,
+               dtype: torch.dtype = torch.float32) -> TransformerBridge:
     """A small random model built in memory (no download), for tests and examples.
 
     ``kind`` is ``"llama"`` (gated MLP, grouped-query attention), ``"gpt2"`` or ``"bert"`` (masked LM).
-    The tokenizer is word-level over :data:`TINY_VOCAB` (lower-cased, split on spaces).
+    The tokenizer is word-level over :data:`TINY_VOCAB` (lower-cased, split on spaces). Weights are drawn
+    with standard deviation ``init``, larger than a real initialisation, so that neurons matter.
 
     >>> m = tiny_model("gpt2", n_layers=3)
     >>> m.cfg.n_layers, m.cfg.d_mlp
@@ -128,16 +130,17 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model
         hf = LlamaForCausalLM(LlamaConfig(
             vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
             num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2), max_position_embeddings=128,
-            bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False))
+            bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False, initializer_range=init))
     elif kind == "gpt2":
         hf = GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads, n_positions=128,
-            bos_token_id=2, eos_token_id=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+            bos_token_id=2, eos_token_id=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            initializer_range=init))
     elif kind == "bert":
         hf = BertForMaskedLM(BertConfig(
             vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
             num_attention_heads=n_heads, max_position_embeddings=128, pad_token_id=0,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=init))
     else:
         raise UnknownModelError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_MODELS)}")
     hf = hf.to(dtype).eval()
