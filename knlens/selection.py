@@ -14,18 +14,16 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Literal, Union
+from dataclasses import dataclass
+from typing import Union
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .attribution.result import Attribution
-from .neurons import Neuron, NeuronSet
+from .neurons import NeuronSet
 
 __all__ = ["SelectionPreset", "PRESETS", "coarse", "refine", "refine_facts", "refined_neurons",
            "generic_neurons", "drop_generic"]
@@ -66,10 +64,11 @@ def _preset(preset: str | SelectionPreset) -> SelectionPreset:
 
 def coarse(scores: Scores, threshold: float = 0.2, *, strict: bool = False) -> NeuronSet:
     """Neurons whose score is ≥ ``threshold`` × the maximum score (``>`` with ``strict``), best first."""
-    layers: Sequence[int] = range(scores.scores.shape[0])
     if isinstance(scores, Attribution):
-        layers, scores = scores.layers, scores.scores
-    s = scores.detach().float()
+        layers: Sequence[int] = scores.layers
+        s = scores.scores.detach().float()
+    else:
+        layers, s = range(scores.shape[0]), scores.detach().float()
     cut = threshold * s.max()
     keep = (s > cut) if strict else (s >= cut)
     if float(s.max()) <= 0:  # no positive evidence at all: nothing is a knowledge neuron

@@ -1,0 +1,46 @@
+"""Shared fixtures. Shapes in knlens' signatures are checked at run time (jaxtyping + beartype)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub; fail fast instead
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from jaxtyping import install_import_hook  # noqa: E402
+
+with install_import_hook("knlens", "beartype.beartype"):
+    import knlens  # noqa: E402,F401
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return knlens.tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    return knlens.tiny_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    return knlens.tiny_model("bert")
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2", "bert"])
+def tiny(request):
+    return knlens.tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded SmolLM2-135M (skips when its weights package is not installed)."""
+    try:
+        return knlens.load_model("smollm2-135m")
+    except knlens.MissingWeightsError as err:
+        pytest.skip(f"embedded model not installed: {err}")
