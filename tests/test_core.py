@@ -279,3 +279,11 @@ def test_measure_frame_and_tests(tiny_gpt2):
     t = res.tests()
     assert set(t.action) == {"suppress", "enhance"} and t.p_empirical.between(0, 1).all()
     assert isinstance(res.delta(), pd.DataFrame)
+
+
+def test_non_finite_scores_and_bad_baselines_are_reported(tiny_llama):
+    nan_baseline = torch.full((2, 48), float("nan"))
+    with pytest.raises(knlens.NonFiniteError, match="non-finite"):
+        knlens.attribute(tiny_llama, PROMPTS[:1], " paris", steps=2, baseline=nan_baseline)
+    with pytest.raises(HookShapeError, match="baseline has shape"):
+        knlens.attribute(tiny_llama, PROMPTS[:1], " paris", steps=2, baseline=torch.zeros(3, 48))
