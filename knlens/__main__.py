@@ -1,0 +1,7 @@
+"""``python -m knlens`` runs the command line (see :mod:`knlens.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,234 @@
+"""The ``knlens`` command line.
+
+    knlens locate --fact capital-france --out knlens-out
+    knlens locate --model tiny-llama --prompt "the capital of france is" --target " paris" --steps 4
+    knlens locate --list-facts
+
+Bad input (an unknown model or fact, a target outside the vocabulary, an empty prompt, ...) prints one
+line ``error: ...`` on stderr and exits with status 2. Progress bars go to stderr, tables to stdout.
+Further subcommands (``trace``, ``consistency``) come from :mod:`knlens.cli_analyses` when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser", "format_result"]
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A problem with the command line itself (reported as ``error: ...``, exit status 2)."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    return text or type(err).__name__
+
+
+# ---------------------------------------------------------------- terminal output
+def _fmt_frame(frame: Any, **kwargs: Any) -> str:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 60):
+        return frame.to_string(index=False, float_format=lambda x: f"{x:.4g}", **kwargs)
+
+
+def _indent(text: str, n: int = 2) -> str:
+    return "\n".join(" " * n + line for line in text.splitlines())
+
+
+def format_result(result: Any) -> str:
+    """The plain-text summary ``knlens locate`` prints: prompts, neurons, completeness, interventions."""
+    s, fact = result.settings, result.fact
+    eff = result.effects().copy()
+    for col in ("relative", "relative_std", "delta"):
+        eff[col] = eff[col].map(lambda x: "" if x != x else f"{100 * x:+.1f}%")
+    for col in ("p_empirical", "p_wilcoxon_prompts"):
+        eff[col] = eff[col].map(lambda x: "" if x != x else f"{x:.3g}")
+    comp = result.completeness.copy()
+    lines = [
+        f"knlens locate: {fact.prompts[0]!r} -> {fact.target!r}"
+        + (f"  [{fact.name}]" if getattr(fact, "name", None) else ""),
+        f"model {s.model} ({s.n_layers} layers x {s.d_mlp} neurons, {s.dtype}); hook blocks.L.mlp.{s.hook_point}; "
+        f"IG {s.steps} steps, grid {s.grid}, engine {s.engine}; preset {s.preset}",
+        "",
+        "Prompts, P(target) and integrated-gradients completeness error (sum over layers of |sum IG - delta|):",
+        _indent(_fmt_frame(comp[["prompt", "p_target", "delta_sum", "ig_sum", "abs_error", "relative_error"]])),
+        "",
+    ]
+    if result.refined_empty:
+        lines.append(f"No refined knowledge neuron (preset {s.preset}): no neuron is coarse in enough prompts. "
+                     f"Top neurons by mean score below; the {len(result.tested)} best are tested.")
+    else:
+        lines.append(f"Knowledge neurons (refined): {len(result.neurons)}  "
+                     + " ".join(str(n) for n in result.neurons))
+    lines += [
+        f"Neurons (mean IG over {len(result.attributions)} prompts; n_coarse = prompts where coarse):",
+        _indent(_fmt_frame(result.table)),
+        "",
+        f"Interventions at the target position: {result.tested_label}, vs {s.n_random} random sets "
+        f"(same size and layers):",
+        _indent(_fmt_frame(eff)),
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- locate
+def _list_facts() -> int:
+    from .data import builtin_facts
+
+    import pandas as pd
+
+    rows = [{"name": f.name, "relation": f.relation, "prompts": len(f.prompts), "first prompt": f.prompts[0],
+             "target": repr(f.target)} for f in builtin_facts()]
+    print(_fmt_frame(pd.DataFrame(rows)))
+    return 0
+
+
+def _fact_from_args(args: argparse.Namespace) -> Any:
+    from .facts import Fact
+
+    if args.fact and (args.prompt or args.target is not None):
+        raise BadInput("give either --fact NAME or --prompt ... --target ..., not both")
+    if args.fact:
+        from .data import builtin_facts, get_fact
+
+        names = [f.name for f in builtin_facts()]
+        if args.fact not in names:
+            raise BadInput(f"unknown fact {args.fact!r}; built-in facts: {', '.join(names)} "
+                           f"(or pass --prompt ... --target ...)")
+        return get_fact(args.fact)
+    if not args.prompt:
+        raise BadInput("no fact given: use --fact NAME (see --list-facts) or --prompt P [--prompt P2 ...] "
+                       "--target T")
+    if args.target is None:
+        raise BadInput("--prompt needs --target (the expected continuation, usually with its leading space, "
+                       "e.g. --target ' Paris')")
+    return Fact(prompts=tuple(args.prompt), target=args.target)
+
+
+def _cmd_locate(args: argparse.Namespace) -> int:
+    if args.list_facts:
+        return _list_facts()
+    fact = _fact_from_args(args)
+    if args.steps < 1:
+        raise BadInput(f"--steps must be at least 1, got {args.steps}")
+    if args.n_random < 0:
+        raise BadInput(f"--n-random must be 0 or more, got {args.n_random}")
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # also silences the model loader's bars
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    from .locate import locate
+    from .models import load_model
+
+    say(f"loading model {args.model} ...")
+    model = load_model(args.model)
+    say(f"locating the knowledge neurons of {fact.prompts[0]!r} -> {fact.target!r} ({len(fact.prompts)} prompts)")
+    result = locate(model, fact, steps=args.steps, grid=args.grid, preset=args.preset, hook_point=args.hook_point,
+                    n_random=args.n_random, seed=args.seed, engine=args.engine, progress=not args.quiet)
+    print(format_result(result), flush=True)
+    if args.out:
+        from .report import write_html
+
+        out = Path(args.out)
+        paths = result.save(out)
+        page = write_html(result, out / "report.html")
+        print(f"\nwrote {', '.join(str(p) for p in [*paths.values(), page])}")
+    return 0
+
+
+def _add_locate_parser(sub: Any) -> None:
+    from .attribution import GRIDS
+    from .selection import PRESETS
+
+    p = sub.add_parser(
+        "locate", help="find a fact's knowledge neurons, check them causally, write a report",
+        description="Integrated gradients over MLP neurons for every prompt of a fact, refined neurons, "
+                    "suppress (x0) / enhance (x2) against a layer-matched random control, and an offline HTML "
+                    "report.")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="embedded model (smollm2-135m, gemma3-270m), tiny test model (tiny-llama, tiny-gpt2, "
+                        "tiny-bert), local folder or hub name (default: %(default)s)")
+    p.add_argument("--fact", metavar="NAME", help="a built-in fact (see --list-facts)")
+    p.add_argument("--list-facts", action="store_true", help="print the built-in facts and exit")
+    p.add_argument("--prompt", metavar="P", action="append", help="a prompt (repeat for paraphrases)")
+    p.add_argument("--target", metavar="T", help="the target continuation, e.g. ' Paris' (with --prompt)")
+    p.add_argument("--steps", type=int, default=20, help="integration steps (default: %(default)s)")
+    p.add_argument("--grid", default="right", choices=sorted(GRIDS), help="quadrature rule (default: %(default)s)")
+    p.add_argument("--preset", default="dai", choices=sorted(PRESETS),
+                   help="neuron selection thresholds (default: %(default)s)")
+    p.add_argument("--hook-point", default="hook_post", choices=["hook_post", "hook_pre", "hook_pre_linear"],
+                   help="what a neuron is: blocks.L.mlp.<hook point> (default: %(default)s)")
+    p.add_argument("--engine", default="fast", choices=["fast", "reference"],
+                   help="integrated-gradients engine (default: %(default)s)")
+    p.add_argument("--n-random", type=int, default=50, help="random control sets (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR",
+                   help="write result.json, neurons.csv, interventions.csv, completeness.csv, "
+                        "attributions.safetensors and report.html there")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status messages (tables still print)")
+    p.set_defaults(func=_cmd_locate)
+
+
+def _add_analyses(sub: Any) -> None:
+    """Subcommands from knlens.cli_analyses, when that module exists."""
+    import importlib
+
+    name = f"{__package__}.cli_analyses"
+    try:
+        cli_analyses = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:  # the module exists but something it imports is missing: show that
+            raise
+        return
+    for name in ("add_trace_parser", "add_consistency_parser"):
+        add = getattr(cli_analyses, name, None)
+        if add is not None:
+            add(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="knlens", description="Find, test and show the knowledge neurons of "
+                                     "transformer language models (TransformerLens 4).")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"knlens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_locate_parser(sub)
+    _add_analyses(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 success, 2 bad input)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
+    from .errors import KnlensError
+
+    try:
+        return int(func(args) or 0)
+    except (KnlensError, BadInput) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
