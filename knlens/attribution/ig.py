@@ -7,13 +7,23 @@ For layer ``l`` the whole activation row at the target position is moved along t
 
 with ``f`` = P(target) (or its log / logit) and quadrature ``(α_k, w_k)`` from :mod:`.grids`.
 
-Two engines give the same numbers:
+Three engines give the same numbers (up to float rounding):
 
 * ``"reference"`` — the per-layer loop of the published code: for each layer, the full sequence is run
-  for every step (in chunks of ``batch_size``).
-* ``"fast"`` (default) — every (layer, step) cell is one row of a batch. For a left-to-right model
-  the prefix before the target position is computed once and its key/value cache reused, so each
-  row runs a single token. Masked LMs (no causal structure) batch the full sequence.
+  for every step (in chunks of ``batch_size``); ``L·(m+1)`` sequence forwards per target token.
+* ``"batched"`` — every (layer, step) cell is one row of a batch through the whole model. For a
+  left-to-right model the prefix before the target position is computed once and its key/value cache
+  reused, so each row runs a single token.
+* ``"fast"`` (default) — as ``"batched"``, and a row patched at layer ``l`` starts at block ``l``: below
+  it the row equals the clean run, so the clean input of block ``l`` is taken from one clean pass and
+  blocks ``0..l-1`` are never run again (the batch grows block by block, a "staircase"). The prefix
+  keys/values are shared by all rows without copies, and a masked LM's head runs only at ``[MASK]``.
+  The blocks are driven with the exact arguments the model's own forward gave them, recorded in the
+  clean pass; the engine checks on that pass that its block loop reproduces the model's logits and
+  falls back to ``"batched"`` when it does not (an architecture it does not know).
+
+``dtype=torch.bfloat16`` runs the model under autocast (bf16 matmuls) while the path points, the
+gradients and their quadrature sum stay float32.
 
 >>> from knlens import load_model
 >>> model = load_model("tiny-llama")
@@ -26,12 +36,15 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -47,45 +60,225 @@ from .result import Attribution, AttributionSettings
 
 __all__ = ["integrated_gradients", "attribute", "Engine"]
 
-Engine = Literal["fast", "reference"]
+Engine = Literal["fast", "batched", "reference"]
+ENGINES: tuple[str, ...] = ("fast", "batched", "reference")
 Baseline = Union[Literal["zero"], Float[Tensor, "layer d"]]
 
+log = logging.getLogger(__name__)
 
-def _clean_state(model: Any, row: Queries, names: list[str], kv: Any, quantity: Quantity
-                 ) -> tuple[Float[Tensor, "layer d"], float]:
-    """Clean activations at the target position for every hook in ``names``, and the clean f."""
+
+# ---------------------------------------------------------------------------------------------------------
+# The staircase: re-running the model's blocks from any block on, with the arguments its forward used
+# ---------------------------------------------------------------------------------------------------------
+
+class _SharedPrefix:
+    """A duck-typed HF key/value cache holding the clean prefix of every layer once, for any batch size.
+
+    ``update`` (the only method attention layers call) returns the prefix broadcast to the batch with the
+    new token's keys/values appended; nothing is stored, so one object serves any number of forwards.
+    """
+
+    def __init__(self, prefix: list[tuple[Tensor, Tensor]]):
+        self.prefix = prefix
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        pk, pv = self.prefix[layer_idx]
+        n = key_states.shape[0]
+        keys = torch.cat([pk.to(key_states.dtype).expand(n, *pk.shape[1:]), key_states], dim=-2)
+        values = torch.cat([pv.to(value_states.dtype).expand(n, *pv.shape[1:]), value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.prefix[layer_idx][0].shape[-2])
+
+
+def _prefix_of(kv: Any) -> list[tuple[Tensor, Tensor]] | None:
+    layers = getattr(kv, "layers", None)
+    if not layers or not all(hasattr(l, "keys") and isinstance(l.keys, Tensor) for l in layers):
+        return None
+    return [(l.keys, l.values) for l in layers]
+
+
+def _tail(model: Any) -> Callable[[Tensor], Tensor] | None:
+    """The part of the model after its last block (final norm and unembedding), or None if unknown."""
+    hf = getattr(model, "original_model", None)
+    if is_masked_lm(model):
+        head = getattr(hf, "cls", None)
+        return head if callable(head) else None
+    if not (hasattr(model, "ln_final") and hasattr(model, "unembed")):
+        return None
+    cap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
+
+    def tail(h: Tensor) -> Tensor:
+        logits = model.unembed(model.ln_final(h))
+        return torch.tanh(logits / cap) * cap if cap else logits
+    return tail
+
+
+def _expand(x: Any, n: int, swap: dict[int, Any]) -> Any:
+    """Batch-1 call arguments made fit for ``n`` rows (tensors ``[1, ...]`` expanded, caches swapped)."""
+    if id(x) in swap:
+        return swap[id(x)]
+    if isinstance(x, Tensor):
+        return x.expand(n, *x.shape[1:]) if x.ndim >= 2 and x.shape[0] == 1 else x
+    if isinstance(x, tuple):
+        return tuple(_expand(v, n, swap) for v in x)
+    if isinstance(x, list):
+        return [_expand(v, n, swap) for v in x]
+    if isinstance(x, dict):
+        return {k: _expand(v, n, swap) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class _Stairs:
+    """What the staircase needs of one query row, recorded in its clean pass."""
+
+    calls: list[tuple[tuple, dict]]  # each block's (args, kwargs) in the clean pass, batch 1
+    cache: Any  # the cache object the clean pass handed to the blocks (swapped for ``shared``)
+    shared: _SharedPrefix | None
+    tail: Callable[[Tensor], Tensor]
+    read_at: int  # the position whose logits are read (-1 with a prefix cache)
+
+    def resid(self, block: int) -> Tensor:
+        args, kwargs = self.calls[block]
+        return args[0] if args else kwargs["hidden_states"]
+
+    def logits(self, model: Any, entry: Int[Tensor, "rows"]) -> Float[Tensor, "rows vocab"]:
+        """Logits of rows entering the model at blocks ``entry`` (ascending) with their clean input.
+
+        Rows that entered stay in the batch, so block ``k`` runs the rows with ``entry ≤ k``; the rows
+        entering at ``k`` are the last ones of the batch there. Hooks attached to the model fire as usual.
+        """
+        counts = torch.bincount(entry.cpu(), minlength=len(self.calls)).tolist()
+        h: Tensor | None = None
+        for k in range(int(entry.min()), len(self.calls)):
+            if counts[k]:
+                new = self.resid(k).expand(counts[k], *self.resid(k).shape[1:])
+                h = new if h is None else torch.cat([h, new.to(h.dtype)])
+            assert h is not None
+            swap = {id(self.cache): self.shared} if self.cache is not None else {}
+            args, kwargs = self.calls[k]
+            args = _expand(args, h.shape[0], swap)
+            kwargs = _expand(kwargs, h.shape[0], swap)
+            if args:
+                args = (h, *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": h}
+            out = model.blocks[k](*args, **kwargs)
+            h = out[0] if isinstance(out, (tuple, list)) else out
+        assert h is not None
+        return self.tail(h[:, self.read_at:][:, :1])[:, 0]
+
+
+@contextlib.contextmanager
+def _recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
+    """Record every block's call arguments during a forward (torch pre-hooks, removed on exit)."""
+    calls: list[tuple[tuple, dict] | None] = [None] * len(model.blocks)
+
+    def rec(k: int) -> Callable:
+        def pre(module: Any, args: tuple, kwargs: dict) -> None:
+            calls[k] = (args, dict(kwargs))
+        return pre
+
+    handles = [b.register_forward_pre_hook(rec(k), with_kwargs=True) for k, b in enumerate(model.blocks)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One query row
+# ---------------------------------------------------------------------------------------------------------
+
+def _clean_state(model: Any, row: Queries, names: list[str], kv: Any, quantity: Quantity, stairs: bool
+                 ) -> tuple[Float[Tensor, "layer d"], float, _Stairs | None]:
+    """Clean activations at the target position for every hook in ``names``, the clean f, and — when
+    ``stairs`` — the recorded block calls (checked to reproduce the model's logits)."""
     acts: dict[str, Tensor] = {}
 
     def saver(name: str):
         return lambda act, hook: acts.__setitem__(name, act[0, pos].detach())
 
-    with torch.no_grad():
+    recorder = _recording(model) if stairs and hasattr(model, "blocks") else contextlib.nullcontext(None)
+    with torch.no_grad(), recorder as calls:
         if kv is None:
             pos = int(row.position[0])
+            cache = None
             with hooked(model, [(n, saver(n)) for n in names]):
                 logits = model(row.tokens, attention_mask=row.attention_mask)[:, pos]
         else:
             pos = -1
+            cache = copy.deepcopy(kv)
             with hooked(model, [(n, saver(n)) for n in names]):
-                logits = model(row.tokens[:, -1:], past_key_values=copy.deepcopy(kv))[:, -1]
+                logits = model(row.tokens[:, -1:], past_key_values=cache)[:, -1]
     value = float(read_quantity(logits, row.target, quantity)[0])
-    return torch.stack([acts[n] for n in names]), value
+    plan = None
+    if calls is not None and all(c is not None for c in calls):
+        plan = _make_stairs(model, row, calls, cache, kv, logits)
+    return torch.stack([acts[n] for n in names]), value, plan
+
+
+def _make_stairs(model: Any, row: Queries, calls: list, cache: Any, kv: Any, logits: Tensor) -> _Stairs | None:
+    tail = _tail(model)
+    if tail is None:
+        return None
+    shared = None
+    if kv is not None:
+        prefix = _prefix_of(kv)
+        if prefix is None or len(prefix) != len(calls):
+            return None
+        shared = _SharedPrefix(prefix)
+    plan = _Stairs(calls=calls, cache=cache, shared=shared, tail=tail,
+                   read_at=-1 if kv is not None else int(row.position[0]))
+    try:
+        with torch.no_grad():
+            check = plan.logits(model, torch.zeros(1, dtype=torch.long))
+    except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit: use "batched"
+        log.debug("staircase unavailable (%s: %s); using the batched engine", type(err).__name__, err)
+        return None
+    tol = 1e-4 if logits.dtype == torch.float32 and check.dtype == torch.float32 else 2e-2
+    scale = float(logits.float().abs().max().clamp_min(1.0))
+    if check.shape != logits.shape or float((check.float() - logits.float()).abs().max()) > tol * scale:
+        log.debug("staircase does not reproduce the model's logits; using the batched engine")
+        return None
+    return plan
 
 
 def _run_cells(model: Any, row: Queries, names: list[str], cell_layer: Tensor, start: Tensor, span: Tensor,
-               alphas: Tensor, kv: Any, quantity: Quantity) -> tuple[Tensor, Tensor]:
-    """One batch of IG cells: cell ``r`` sets layer ``cell_layer[r]`` to ``start + alphas[r]·span``.
+               alphas: Tensor, kv: Any, quantity: Quantity, stairs: _Stairs | None = None,
+               entry: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One batch of IG cells: cell ``r`` sets ``names[cell_layer[r]]`` to ``start + alphas[r]·span``.
 
-    Returns ``(grads [cells, d], f [cells])``. With ``kv`` (a prefix cache) only the target token runs.
+    Returns ``(grads [cells, d], f [cells])``. With ``kv`` (a prefix cache) only the target token runs;
+    with ``stairs`` the cells (sorted by ``entry``, the block each starts at) skip the clean blocks.
     """
     n = len(cell_layer)
     values = (start[cell_layer] + alphas[:, None].to(span.dtype) * span[cell_layer]).detach().requires_grad_(True)
+    position: Any = -1 if kv is not None else row.position[0]
     hooks = []
-    for layer in cell_layer.unique().tolist():
-        rows = cell_layer == layer
-        hooks.append((names[layer], replace_rows(values[rows], rows, -1 if kv is not None else row.position[0])))
+    if stairs is not None:
+        assert entry is not None
+        # at the block where rows enter they are the last rows of the batch
+        for name in dict.fromkeys(names[i] for i in cell_layer.unique().tolist()):
+            sel = torch.tensor([names[i] == name for i in cell_layer.tolist()])
+            block = int(entry[sel][0])
+            n_here = int((entry <= block).sum())
+            rows = torch.zeros(n_here, dtype=torch.bool)
+            rows[n_here - int(sel.sum()):] = True
+            hooks.append((name, replace_rows(values[sel], rows.to(values.device), position)))
+    else:
+        for layer in cell_layer.unique().tolist():
+            rows = cell_layer == layer
+            hooks.append((names[layer], replace_rows(values[rows], rows, position)))
     with torch.enable_grad():
-        if kv is None:
+        if stairs is not None:
+            with hooked(model, hooks):
+                logits = stairs.logits(model, entry)
+        elif kv is None:
             batch = row.select(torch.zeros(n, dtype=torch.long))
             logits = target_logits(model, batch, hooks)
         else:
@@ -98,42 +291,63 @@ def _run_cells(model: Any, row: Queries, names: list[str], cell_layer: Tensor, s
     return grads.float(), f.detach()
 
 
+def _block_of(name: str) -> int:
+    return int(name.split(".")[1])
+
+
 def _ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights: Tensor, baseline: Baseline,
             quantity: Quantity, engine: Engine, batch_size: int) -> dict[str, Any]:
     """Integrated gradients of one query row, for all hook points ``names``."""
     causal = not is_masked_lm(model) and int(row.position[0]) > 0
     kv = None
-    if causal and engine == "fast":
+    if causal and engine != "reference":
         with torch.no_grad():
             _, kv = model(row.tokens[:, :-1], return_type="logits_and_cache")
-    acts, clean = _clean_state(model, row, names, kv, quantity)
+    acts, clean, stairs = _clean_state(model, row, names, kv, quantity, stairs=engine == "fast")
+    acts = acts.float()
     start = torch.zeros_like(acts) if isinstance(baseline, str) else baseline.to(acts)
     span = acts - start
     n_layers, m = len(names), len(alphas)
-    # every layer gets the m grid points plus α = 0 (the baseline value, for the completeness check)
-    grid = torch.cat([alphas, alphas.new_zeros(1)]).to(acts.device)
-    cell_layer = torch.arange(n_layers, device=acts.device).repeat_interleave(m + 1)
+    # every layer gets the m grid points plus α = 0 (the baseline value, for the completeness check),
+    # unless the grid has that point already
+    zero = (alphas == 0).nonzero()
+    grid = alphas.to(acts.device)
+    if len(zero) == 0:
+        grid = torch.cat([grid, grid.new_zeros(1)])
+    z = int(zero[0]) if len(zero) else m
+    g_n = len(grid)
+    cell_layer = torch.arange(n_layers, device=acts.device).repeat_interleave(g_n)
     cell_alpha = grid.repeat(n_layers)
     grads = torch.empty(len(cell_layer), acts.shape[-1])
     f = torch.empty(len(cell_layer), dtype=torch.float32)
-    groups = [torch.arange(len(cell_layer))] if engine == "fast" else \
-        [torch.arange(l * (m + 1), (l + 1) * (m + 1)) for l in range(n_layers)]
+    if engine == "reference":
+        groups = [torch.arange(l * g_n, (l + 1) * g_n) for l in range(n_layers)]
+    elif stairs is not None:  # rows sorted by the block they start at
+        blocks = torch.tensor([_block_of(n) for n in names])
+        groups = [torch.argsort(blocks[cell_layer.cpu()], stable=True)]
+    else:
+        groups = [torch.arange(len(cell_layer))]
     for group in groups:
         for s in chunks(len(group), batch_size):
             idx = group[s]
+            entry = blocks[cell_layer[idx].cpu()] if stairs is not None else None
             g, v = _run_cells(model, row, names, cell_layer[idx], start, span, cell_alpha[idx],
-                              kv if engine == "fast" else None, quantity)
+                              kv, quantity, stairs, entry)
             grads[idx], f[idx] = g.cpu(), v.float().cpu()
-    grads = grads.view(n_layers, m + 1, -1)[:, :m]
-    f = f.view(n_layers, m + 1)
-    scores = span.float().cpu() * torch.einsum("k,lkd->ld", weights.float(), grads)
-    delta = clean - f[:, m]
+    grads = grads.view(n_layers, g_n, -1)[:, :m]
+    f = f.view(n_layers, g_n)
+    scores = span.cpu() * torch.einsum("k,lkd->ld", weights.float(), grads)
+    delta = clean - f[:, z]
     if not torch.isfinite(scores).all():
         raise NonFiniteError("integrated gradients produced non-finite scores (check the model's dtype and "
                              "the target quantity; 'logprob' of a near-zero probability can overflow)")
-    return {"scores": scores, "activations": acts.float().cpu(), "delta": delta,
+    return {"scores": scores, "activations": acts.cpu(), "delta": delta,
             "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean}
 
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
 
 def _resolve_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     n = model.cfg.n_layers
@@ -145,16 +359,73 @@ def _resolve_layers(model: Any, layers: Sequence[int] | None) -> list[int]:
     return list(layers)
 
 
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "half": torch.float16}
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+    return _DTYPES[key]
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device(getattr(model.cfg, "device", None) or "cpu")
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    try:
+        return next(model.parameters()).dtype
+    except StopIteration:
+        return getattr(model.cfg, "dtype", torch.float32)
+
+
+@contextlib.contextmanager
+def _precision_and_place(model: Any, device: torch.device | None, dtype: torch.dtype | None
+                         ) -> Iterator[torch.device]:
+    """Run on ``device`` (moving the model there for the call, and back) in ``dtype`` (autocast)."""
+    home = _model_device(model)
+    target = home if device is None else torch.device(device)
+    moved = target != home and not (target.type == home.type and target.index is None)
+    if moved:
+        model.to(target)
+    try:
+        if dtype is None or dtype == _model_dtype(model):
+            yield target
+        else:
+            with torch.autocast(device_type=target.type, dtype=dtype):
+                yield target
+    finally:
+        if moved:
+            model.to(home)
+
+
 def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None = None, *,
               hook_point: str = "hook_post", layers: Sequence[int] | None = None, steps: int = 20,
               grid: Grid = "right", quantity: Quantity = "prob", baseline: Baseline = "zero",
               multi_token: MultiToken = "teacher_forcing", token_reduce: Literal["mean", "sum"] = "mean",
-              engine: Engine = "fast", batch_size: int = 64, progress: bool = False) -> list[Attribution]:
+              engine: Engine = "fast", batch_size: int = 64, progress: bool = False,
+              device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+              ) -> list[Attribution]:
     """Integrated-gradients attributions of every prompt of ``fact`` (one :class:`Attribution` each).
 
     ``fact`` is a :class:`~knlens.Fact`, or prompts with ``target``. A multi-token target is teacher-forced
     on its gold tokens and the per-token attributions are averaged (``token_reduce="mean"``) or summed.
     ``hook_point`` is ``"hook_post"`` (the input of ``W_out``; default), ``"hook_pre"`` or ``"hook_pre_linear"``.
+    ``engine`` is ``"fast"`` (default), ``"batched"`` or ``"reference"`` (same numbers; see the module
+    docstring); ``batch_size`` is the number of (layer, step) cells run together, which bounds memory.
+    ``device`` runs the computation there (the model is moved for the call and moved back); ``dtype``
+    (``torch.bfloat16``, ``"bf16"``, …) runs the model's matmuls in that precision under autocast, with
+    the path points, gradients and their sum in float32; it is recorded in ``settings.dtype``.
 
     >>> from knlens import load_model, Fact
     >>> model = load_model("tiny-gpt2")
@@ -168,8 +439,11 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
         prompts = [fact] if isinstance(fact, str) else list(fact)
         if target is None:
             raise ValueError("pass a target with prompts, or a Fact")
-    if engine not in ("fast", "reference"):
-        raise ValueError(f"unknown engine {engine!r}; use 'fast' or 'reference'")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    run_dtype = _resolve_dtype(dtype)
     layer_ids = _resolve_layers(model, layers)
     names = [hook_name(l, hook_point) for l in layer_ids]
     alphas, weights = quadrature(grid, steps)
@@ -179,16 +453,20 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
             from ..errors import HookShapeError
             raise HookShapeError(f"baseline has shape {tuple(baseline.shape)}, expected "
                                  f"[layers={len(layer_ids)}, d_mlp={model.cfg.d_mlp}]")
-    rows = [_ig_row(model, q.row(i), names, alphas, weights, baseline, quantity, engine, batch_size)
-            for i in tqdm(range(len(q)), desc="integrated gradients", disable=not progress, leave=False)]
+    with _precision_and_place(model, device, run_dtype) as where:
+        q = q.to(where)
+        base = baseline if isinstance(baseline, str) else baseline.to(where)
+        rows = [_ig_row(model, q.row(i), names, alphas, weights, base, quantity, engine, batch_size)
+                for i in tqdm(range(len(q)), desc="integrated gradients", disable=not progress, leave=False)]
     n_tokens = int(q.token_index.max()) + 1
     settings = AttributionSettings(
         method="integrated_gradients", model=str(getattr(model.cfg, "model_name", "?")), hook_point=hook_point,
         steps=steps, grid=grid, quantity=quantity,
         baseline=baseline if isinstance(baseline, str) else "custom tensor", engine=engine,
         multi_token="single" if n_tokens == 1 else f"teacher_forcing/{token_reduce}",
-        dtype=str(model.cfg.dtype).removeprefix("torch."), knlens_version=__version__)
+        dtype=str(run_dtype or _model_dtype(model)).removeprefix("torch."), knlens_version=__version__)
     out = []
+    q = q.to("cpu")
     for p_idx, prompt in enumerate(prompts):
         mine = [rows[i] for i in (q.prompt_index == p_idx).nonzero()[:, 0].tolist()]
         reduce = (lambda xs: torch.stack(xs).mean(0)) if token_reduce == "mean" else \
