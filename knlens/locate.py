@@ -417,13 +417,15 @@ def _completeness(attrs: Sequence[Attribution]) -> pd.DataFrame:
 def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
            preset: str | SelectionPreset = "dai", hook_point: str = "hook_post", n_random: int = 50, seed: int = 0,
            engine: str = "fast", progress: bool = True, top_k: int = 10, fallback_k: int = 3,
-           attributions: Sequence[Attribution] | None = None, batch_size: int = 64) -> LocateResult:
+           attributions: Sequence[Attribution] | None = None, batch_size: int = 512) -> LocateResult:
     """Knowledge neurons of ``fact`` on ``model``: attribute → refine → suppress/enhance vs random → activations.
 
     ``steps``/``grid``/``engine``/``hook_point`` go to :func:`knlens.attribute` (P(target), zero baseline,
     multi-token targets teacher-forced); ``preset`` to :func:`knlens.refined_neurons`; ``n_random``/``seed``
     to :func:`knlens.measure`. ``top_k`` best neurons by mean score join the table; ``fallback_k`` of them
-    are tested when no neuron is refined. ``progress`` shows tqdm bars (stderr).
+    are tested when no neuron is refined. ``progress`` shows tqdm bars (stderr). ``batch_size`` rows run
+    per forward pass (integrated gradients run all (layer, step) cells of a prompt at once up to this size,
+    which is much faster on a CPU than small chunks).
 
     ``attributions`` (one per prompt of ``fact``, from :func:`knlens.attribute`) skips step 1; ``steps``,
     ``grid``, ``engine`` and ``hook_point`` are then read from them. ``preset`` may also be a

@@ -22,6 +22,7 @@ import html
 import io
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .locate import LocateResult
+from .locate import LocateResult, TokenActivations
 
 __all__ = ["render_html", "write_html", "token_view", "remote_sources", "InlineHTML"]
 
@@ -156,19 +157,24 @@ def _prompt_heatmap(result: LocateResult) -> str:
     return _png(fig)
 
 
-def token_view(result: LocateResult) -> InlineHTML:
-    """circuitsvis ``colored_tokens_multi`` of the tested neurons' activations over all prompts.
+def token_view(activations: LocateResult | Sequence[TokenActivations]) -> InlineHTML:
+    """circuitsvis ``colored_tokens_multi`` of neurons' activations over the tokens of several prompts.
 
+    Takes a :class:`LocateResult` (its tested neurons) or :func:`~knlens.locate.token_activations`' list.
     The prompts follow each other (BOS dropped), separated by ``‖``; one button per neuron picks the
     colouring, hovering a token lists every neuron's value. The JavaScript is inlined (``local_src``).
     """
     from circuitsvis.tokens import colored_tokens_multi
 
+    acts = list(activations.activations if isinstance(activations, LocateResult) else activations)
+    if not acts:
+        raise ValueError("token_view needs the activations of at least one prompt")
+    neurons = acts[0].neurons
     tokens: list[str] = []
     rows: list[torch.Tensor] = []
-    k = len(result.tested)
+    k = len(neurons)
     bos = {"<|endoftext|>", "<s>", "[BOS]", "[CLS]", "<bos>", "<|im_start|>"}
-    for i, ta in enumerate(result.activations):
+    for i, ta in enumerate(acts):
         if i:
             tokens.append(SEPARATOR)
             rows.append(torch.zeros(1, k))
@@ -176,7 +182,7 @@ def token_view(result: LocateResult) -> InlineHTML:
         tokens += [ta.tokens[j] for j in keep]
         rows.append(ta.values[keep].float())
     values = torch.cat(rows) if rows else torch.zeros(0, k)
-    labels = [str(n) for n in result.tested]
+    labels = [str(n) for n in neurons]
     return InlineHTML(colored_tokens_multi(tokens, values, labels).local_src)
 
 
