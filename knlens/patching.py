@@ -531,10 +531,10 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     if isinstance(corruption, str) and corruption == "substitute" and other is None:
         raise ValueError("corruption='substitute' needs other=<another subject>")
     corruption = _as_corruption(corruption, other=other)
-    if True:
-        upd = {k: v for k, v in {"samples": samples, "seed": seed, "scale": noise_scale, "other": other}.items()
-               if v is not None}
-        corruption = replace(corruption, **upd) if upd else corruption
+    overrides = {k: v for k, v in {"samples": samples, "seed": seed, "scale": noise_scale, "other": other}.items()
+                 if v is not None}
+    if overrides:
+        corruption = replace(corruption, **overrides)
     for kind in kinds:
         if kind not in KIND_POINTS:
             raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")

@@ -151,3 +151,23 @@ def test_hooks_removed_after_failure(tiny_llama):
                 restored={"resid": torch.ones(1, 1, dtype=torch.bool)})
     after = tiny_llama(toks)
     assert torch.equal(before, after)
+
+
+def test_trace_command(tmp_path, capsys):
+    import argparse
+
+    from knlens.cli_analyses import add_trace_parser
+
+    parser = argparse.ArgumentParser()
+    add_trace_parser(parser.add_subparsers())
+    args = parser.parse_args(["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET,
+                              "--subject", SUBJECT, "--kinds", "mlp", "--samples", "1", "--window", "1",
+                              "--out", str(tmp_path), "--quiet"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "P clean" in out and "mlp (window 1)" in out and "last subject" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"trace.json", "trace.safetensors", "trace.csv", "trace.png"}
+    assert Trace.load(tmp_path / "trace").effects["mlp"].shape == (2, N_TOK)
+    bad = parser.parse_args(["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET])
+    with pytest.raises(KnlensError):
+        bad.func(bad)

@@ -186,3 +186,22 @@ def test_hooks_removed_after_failing_run(tiny_llama):
     with pytest.raises(knlens.PromptError):
         attention_patch(tiny_llama, PROMPTS[0], " paris", bad, source=Corruption("noise"))
     assert torch.equal(tiny_llama(toks), before)
+
+
+def test_consistency_command(tmp_path, capsys):
+    import argparse
+
+    from knlens.cli_analyses import add_consistency_parser
+
+    parser = argparse.ArgumentParser()
+    add_consistency_parser(parser.add_subparsers())
+    argv = ["consistency", "--model", "tiny-llama", "--target", " paris", "--all-facts", "--steps", "2",
+            "--mapping", "--out", str(tmp_path), "--quiet"]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "jaccard" in out and "share_inconsistent" in out and "intersection" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"consistency.json", "facts.csv", "summary.csv", "mapping.csv"}
+    assert len(ConsistencyStudy.load(tmp_path / "consistency.json").facts) == 1
