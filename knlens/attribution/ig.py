@@ -258,7 +258,7 @@ def _run_cells(model: Any, row: Queries, names: list[str], cell_layer: Tensor, s
     """
     n = len(cell_layer)
     values = (start[cell_layer] + alphas[:, None].to(span.dtype) * span[cell_layer]).detach().requires_grad_(True)
-    position: Any = -1 if kv is not None else row.position[0]
+    position: int = -1 if kv is not None else int(row.position[0])
     hooks = []
     if stairs is not None:
         assert entry is not None
@@ -390,7 +390,7 @@ def _model_dtype(model: Any) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def _precision_and_place(model: Any, device: torch.device | None, dtype: torch.dtype | None
+def _precision_and_place(model: Any, device: str | torch.device | None, dtype: torch.dtype | None
                          ) -> Iterator[torch.device]:
     """Run on ``device`` (moving the model there for the call, and back) in ``dtype`` (autocast)."""
     home = _model_device(model)
