@@ -104,8 +104,12 @@ def _fact_from_args(args: argparse.Namespace) -> Any:
 
         names = [f.name for f in builtin_facts()]
         if args.fact not in names:
-            raise BadInput(f"unknown fact {args.fact!r}; built-in facts: {', '.join(names)} "
-                           f"(or pass --prompt ... --target ...)")
+            import difflib
+
+            close = difflib.get_close_matches(args.fact, names, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise BadInput(f"unknown fact {args.fact!r}; {hint}`knlens locate --list-facts` lists the {len(names)} "
+                           f"built-in facts (or pass --prompt ... --target ...)")
         return get_fact(args.fact)
     if not args.prompt:
         raise BadInput("no fact given: use --fact NAME (see --list-facts) or --prompt P [--prompt P2 ...] "
@@ -149,6 +153,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
 
 def _add_locate_parser(sub: Any) -> None:
     from .attribution import GRIDS
+    from .attribution.ig import ENGINES
     from .selection import PRESETS
 
     p = sub.add_parser(
@@ -169,7 +174,7 @@ def _add_locate_parser(sub: Any) -> None:
                    help="neuron selection thresholds (default: %(default)s)")
     p.add_argument("--hook-point", default="hook_post", choices=["hook_post", "hook_pre", "hook_pre_linear"],
                    help="what a neuron is: blocks.L.mlp.<hook point> (default: %(default)s)")
-    p.add_argument("--engine", default="fast", choices=["fast", "reference"],
+    p.add_argument("--engine", default="fast", choices=list(ENGINES),
                    help="integrated-gradients engine (default: %(default)s)")
     p.add_argument("--n-random", type=int, default=50, help="random control sets (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control (default: %(default)s)")

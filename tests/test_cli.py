@@ -1,0 +1,94 @@
+"""The ``knlens`` command line on a tiny model: files, tables, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from knlens.cli import main
+from knlens.report import remote_sources
+
+TINY = ["locate", "--model", "tiny-llama", "--prompt", "the capital of france is",
+        "--prompt", "the capital city of france is", "--prompt", "france capital city is", "--target", " paris",
+        "--steps", "4", "--n-random", "5"]
+
+
+def test_locate_writes_the_files_and_prints_the_tables(tmp_path, capsys):
+    out = tmp_path / "tmp"
+    assert main([*TINY, "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    for name in ("result.json", "neurons.csv", "interventions.csv", "completeness.csv", "attributions.safetensors",
+                 "report.html"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["fact"]["prompts"][1] == "the capital city of france is" and meta["fact"]["target"] == " paris"
+    assert meta["settings"]["model"] == "tiny-llama" and meta["settings"]["steps"] == 4
+    assert meta["settings"]["n_random"] == 5 and meta["settings"]["hook_point"] == "hook_post"
+    neurons = pd.read_csv(out / "neurons.csv")
+    assert {"layer", "neuron", "mean_score", "n_coarse", "refined"} <= set(neurons.columns)
+    iv = pd.read_csv(out / "interventions.csv")
+    assert set(iv["action"]) == {"suppress", "enhance"} and set(iv["neurons"]) == {"knowledge", "random"}
+    page = (out / "report.html").read_text()
+    assert remote_sources(page) == [] and "unpkg.com" not in page
+    assert "ColoredTokensMulti" in page and "data:image/png;base64," in page
+    # the terminal shows the prompts, the neuron table and the interventions; --quiet: nothing on stderr
+    assert "the capital city of france is" in captured.out and "mean_score" in captured.out
+    assert "suppress" in captured.out and "p_empirical" in captured.out and "report.html" in captured.out
+    assert captured.err == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "no-such-model-anywhere"], "cannot load model"),
+    (["--target", " zebra"], "not in the model's vocabulary"),
+    (["--prompt", "  ", "--target", " paris"], "empty"),
+    (["--fact", "no-such-fact"], "unknown fact"),
+    (["--prompt", "the capital of france is"], "--target"),
+    (["--fact", "capital-france", "--prompt", "x", "--target", " y"], "not both"),
+    (["--steps", "0"], "--steps"),
+], ids=["model", "target", "empty-prompt", "fact", "no-target", "fact-and-prompt", "steps"])
+def test_bad_input_exits_2_with_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["locate", "--model", "tiny-llama", "--quiet"]
+    if "--prompt" not in argv and "--fact" not in argv:
+        base += ["--prompt", "the capital of france is", "--target", " paris"]
+    if "--target" in argv and "--prompt" not in argv:
+        base = ["locate", "--model", "tiny-llama", "--quiet", "--prompt", "the capital of france is"]
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "locate" in capsys.readouterr().err
+
+
+def test_list_facts(capsys):
+    pytest.importorskip("knlens.data", reason="the built-in facts (knlens.data) are not there yet")
+    assert main(["locate", "--list-facts"]) == 0
+    assert "capital-france" in capsys.readouterr().out
+
+
+def test_python_m_knlens_reports_bad_input_without_traceback(tmp_path):
+    """The real entry point: a separate process, exit status 2, one line on stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "knlens", "locate", "--model", "tiny-llama", "--prompt",
+                           "the capital of france is", "--target", " zebra", "--quiet"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert errors[-1].startswith("error: ") and "zebra" in errors[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_console_script_is_declared():
+    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert 'knlens = "knlens.cli:main"' in text
