@@ -78,6 +78,8 @@ def format_result(result: Any) -> str:
         f"Interventions at the target position: {result.tested_label}, vs {s.n_random} random sets "
         f"(same size and layers):",
         _indent(_fmt_frame(eff)),
+        "  (relative: mean of (P_after - P_before) / P_before; delta: mean change / mean P_before; p_empirical: "
+        "share of random sets at least as extreme, one-sided in the expected direction, >= 1/(1+N))",
     ]
     return "\n".join(lines)
 

@@ -216,8 +216,9 @@ def _verdict(result: LocateResult) -> str:
             continue
         kn = sub.loc["knowledge"]
         rnd = f"random sets {_pct(sub.loc['random', 'relative'])}" if "random" in sub.index else "no random control"
+        side = "a decrease" if action == "suppress" else "an increase"
         parts.append(f"{action} (×{2 if action == 'enhance' else 0}): P(target) {_pct(kn['relative'])} "
-                     f"({rnd}, p = {_fmt(kn['p_empirical'], 3)})")
+                     f"({rnd}; p = {_fmt(kn['p_empirical'], 3)}, one-sided for {side})")
     effects = "; ".join(parts)
     names = ", ".join(f"<code>{n}</code>" for n in result.tested)
     if result.refined_empty:
@@ -293,8 +294,10 @@ highlighted: refined knowledge neurons. The table also lists the top {s.top_k} n
 <p class="note">Tested: {esc(result.tested_label)}, scaled at the target position. Random control:
 {s.n_random} sets with the same number of neurons in each layer. <i>relative</i>: mean of
 (P<sub>after</sub> − P<sub>before</sub>) / P<sub>before</sub>; <i>delta</i>: Dai et al.'s
-mean change / mean P<sub>before</sub>; <i>p_empirical</i>: share of random sets at least as extreme,
-(1 + k) / (1 + N); <i>p_wilcoxon_prompts</i>: paired over prompts, tested vs mean random change.</p>
+mean change / mean P<sub>before</sub>; <i>p_empirical</i>: share of random sets whose change is at least as
+large in the expected direction (a decrease for suppress, an increase for enhance), (1 + k) / (1 + N), so it
+cannot go below 1 / (1 + N) and is near 1 when the effect goes the other way; <i>p_wilcoxon_prompts</i>:
+two-sided, paired over prompts, tested vs mean random change.</p>
 {_table(eff, formats={"relative": pct, "delta": pct, "relative_std": pct})}
 <img alt="interventions" src="{fig_iv}">
 <details><summary>per prompt</summary>{_table(per_prompt, left=("prompt", "action"))}</details>
