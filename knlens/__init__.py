@@ -5,6 +5,8 @@
 >>> fact = knlens.Fact(["the capital of france is", "the capital city of france is"], " paris")
 >>> attributions = knlens.attribute(model, fact, steps=8)
 >>> neurons = knlens.refined_neurons(attributions, preset="eleuther")
+
+Research analyses live in :mod:`knlens.analyses` (query localization, consistency of neurons).
 """
 
 __version__ = "0.1.0"
@@ -17,6 +19,11 @@ from .facts import Fact
 from .hooks import (add, compose, hook_name, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
                     set_value, zero_ablate)
 from .interventions import InterventionResult, intervene, measure, random_control
+from .known import answers, known_facts
+from .data import builtin_facts, get_fact, load_blimp, load_mpararel, load_pararel
+from .locate import LocateResult, LocateSettings, TokenActivations, locate, token_activations
+from .patching import Corruption, Trace, trace
+from .report import render_html, token_view, write_html
 from .models import EMBEDDED_MODELS, TINY_MODELS, load_model, tiny_model
 from .neurons import Neuron, NeuronSet
 from .prompts import Queries, encode, single_token, target_tokens
@@ -30,5 +37,7 @@ __all__ = [
     "hook_name", "hooked", "integrated_gradients", "intervene", "load_model", "mean_ablate", "measure",
     "neuron_hooks", "patch_from", "quadrature", "random_control", "refine", "refine_facts", "refined_neurons",
     "replace_rows", "scale", "set_value", "single_token", "target_probs", "target_tokens", "tiny_model",
-    "zero_ablate",
+    "zero_ablate", "answers", "known_facts", "builtin_facts", "get_fact", "load_blimp", "load_mpararel",
+    "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations",
+    "Corruption", "Trace", "trace", "render_html", "token_view", "write_html",
 ]
