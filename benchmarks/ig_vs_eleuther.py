@@ -66,7 +66,8 @@ def make_tokenizer(vocab_size: int, masked: bool):
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                      cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+                                      cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                      model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     else:
         tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
                                       bos_token="[BOS]", eos_token="[EOS]",
