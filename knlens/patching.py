@@ -255,7 +255,7 @@ def corruption_hook(corruption: Corruption, values: Float[Tensor, "sample n d"],
 
 # ---------------------------------------------------------------------------------------- restoring
 
-def restore_hooks(clean: Mapping[str, Float[Tensor, "1 pos d"]],
+def restore_hooks(clean: Mapping[str, Float[Tensor, "layer pos d"]],
                   masks: Mapping[str, Bool[Tensor, "batch layer pos"]], n_layers: int) -> list[Hook]:
     """Hooks that copy clean states back: row ``r`` restores ``(l, p)`` where ``masks[kind][r, l, p]``.
 
