@@ -22,20 +22,18 @@ subject, BOS nor the final token) or explicit positions.
 >>> t = trace(model, "the capital of france is", " paris", subject="france", samples=2)
 >>> t.effects["mlp"].shape, t.subject_span            # [layer, token]; tokens 4..5 are "france"
 (torch.Size([2, 6]), (4, 5))
->>> sorted(t.to_frame().columns)[:4]
-['indirect_effect', 'kind', 'layer', 'p_restored']
+>>> list(t.to_frame().columns)[:4]
+['kind', 'layer', 'position', 'token']
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int

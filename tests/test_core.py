@@ -11,7 +11,7 @@ import torch
 import knlens
 from knlens import (Fact, HookShapeError, KnlensError, Neuron, NeuronIndexError, NeuronSet, PromptError, TargetError,
                     UnknownModelError)
-from knlens.engine import activations_at, target_logits, target_probs
+from knlens.engine import activations_at, target_probs
 from knlens.hooks import (add, compose, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
                           set_value, zero_ablate)
 from knlens.interventions import intervene, measure, random_control

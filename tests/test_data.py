@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import doctest
 import json
 import re
 import warnings
@@ -11,9 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import knlens.data
-import knlens.data.builtin
-import knlens.facts
 from knlens.data import (BlimpPair, UnknownFactError, UnknownRelationError, blimp_phenomena, builtin_facts,
                          builtin_relations, default_data_dir, get_fact, load_blimp, load_mpararel, load_pararel,
                          mpararel_languages, mpararel_relations, pararel_relations)
@@ -354,12 +350,3 @@ def test_blimp_real(data_dir):
         two[0].as_fact()
     for ph in phenomena:
         assert load_blimp(ph, data_dir, max_items=1)
-
-
-# ---------------------------------------------------------------------------------------- doctests
-
-
-@pytest.mark.parametrize("module", [knlens.facts, knlens.data, knlens.data.builtin])
-def test_doctests(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0

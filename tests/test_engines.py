@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import knlens.attribution.ig as ig
+import knlens.staircase as staircase
 from knlens import load_model
 from knlens.attribution import GRIDS, attribute, quadrature
 from knlens.engine import read_quantity, target_logits
@@ -47,13 +47,13 @@ def assert_same(fast, ref, atol=1e-5):
 def stair_calls(monkeypatch):
     """Counts the staircase forwards, to make sure ``fast`` does not silently fall back."""
     calls = {"n": 0}
-    original = ig._Stairs.logits
+    original = staircase.Stairs.logits
 
     def counted(self, *args, **kwargs):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ig._Stairs, "logits", counted)
+    monkeypatch.setattr(staircase.Stairs, "logits", counted)
     return calls
 
 
@@ -118,7 +118,7 @@ def test_fallback_when_the_block_loop_is_unknown(models, monkeypatch, stair_call
     """An architecture the staircase cannot drive falls back to ``batched`` with the same numbers."""
     model = models["tiny-gpt2"]
     ref = attribute(model, PROMPTS[:2], " paris", steps=4, engine="reference")
-    monkeypatch.setattr(ig, "_tail", lambda model: None)
+    monkeypatch.setattr(staircase, "model_tail", lambda model: None)
     fast = attribute(model, PROMPTS[:2], " paris", steps=4, engine="fast")
     assert stair_calls["n"] == 0
     assert_same(fast, ref)
@@ -128,12 +128,12 @@ def test_staircase_reproduces_a_wrong_tail_is_rejected(models, monkeypatch, stai
     """The clean-pass check refuses a block loop whose logits differ from the model's."""
     model = models["tiny-llama"]
     ref = attribute(model, PROMPTS[:1], " paris", steps=4, engine="reference")
-    real = ig._tail
+    real = staircase.model_tail
 
     def off_by_one(model):
         tail = real(model)
         return lambda h: tail(h) + 1.0
-    monkeypatch.setattr(ig, "_tail", off_by_one)
+    monkeypatch.setattr(staircase, "model_tail", off_by_one)
     fast = attribute(model, PROMPTS[:1], " paris", steps=4, engine="fast")
     assert stair_calls["n"] == 1  # only the check ran
     assert_same(fast, ref)

@@ -48,12 +48,12 @@ from scipy import stats
 from torch import Tensor
 
 from ..attribution import Attribution, attribute
-from ..engine import activations_at, target_probs
+from ..engine import target_probs
 from ..errors import KnlensError, PromptError
 from ..hooks import Hook, HookFn, hook_name, hooked
 from ..interventions import intervene
 from ..neurons import NeuronSet
-from ..patching import (EMBED_HOOK, KIND_POINTS, Corruption, Trace, _n_prefix, corruption_hook,
+from ..patching import (EMBED_HOOK, Corruption, Trace, _n_prefix, corruption_hook,
                         subject_token_span, trace)
 from ..prompts import Queries, encode
 from ..selection import coarse
@@ -604,8 +604,8 @@ def scale_attention(alpha: float | Float[Tensor, "batch"], keys: Bool[Tensor, "b
 
     >>> import torch
     >>> pat = torch.tensor([[[[0.5, 0.25, 0.25]]]])          # [batch, head, query, key]
-    >>> scale_attention(3.0, [1])(pat, None)[0, 0, 0].tolist()
-    [0.3, 0.45, 0.15]
+    >>> [round(x, 4) for x in scale_attention(3.0, [1])(pat, None)[0, 0, 0].tolist()]   # renormalised
+    [0.3333, 0.5, 0.1667]
     """
     def hook(act: Float[Tensor, "batch head q k"], hook: Any = None) -> Float[Tensor, "batch head q k"]:
         b, h, nq, nk = act.shape
