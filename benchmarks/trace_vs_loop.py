@@ -1,13 +1,25 @@
-"""Causal tracing: batched cells vs one forward per cell (``knlens.patching.trace``, both engines).
+"""Causal tracing: knlens' engines vs one forward per cell (``knlens.patching.trace``), same numbers.
 
 Run::
 
-    .venv/bin/python benchmarks/trace_vs_loop.py [--threads 2] [--samples 10] [--model smollm2-135m]
+    .venv/bin/python benchmarks/trace_vs_loop.py [--threads 2] [--samples 10] [--fact capital-france]
+                                                 [--prompt-index 0] [--model smollm2-135m]
 
-Meng et al.'s loop runs one forward per (token, layer, kind) cell (each a batch of ``samples`` noised
-copies); knlens' ``engine="batched"`` puts the cells into the batch. Both engines run the same trace
-(three kinds: residual, MLP, attention; windows 1/10/10; the same seeded noise) on a built-in fact; the
-script prints wall times, the ratio and the largest difference of the effects (they must be identical).
+The reference is the per-cell loop of Meng et al. (the ROME code): one forward of the ``samples`` noised
+copies of the whole prompt for every (token, layer) cell of every kind. All engines run the same trace
+(three kinds: residual, MLP, attention; windows 1/10/10; the same seeded noise):
+
+* ``loop, every cell``  — the reference: one forward per cell, every token (``engine="loop"``,
+  ``skip_prefix=False``);
+* ``loop``              — one forward per cell, only the tokens from the first corrupted one on (earlier
+  cells cannot change anything: causal attention);
+* ``batched``           — those cells as batch rows of whole-model forwards;
+* ``fast`` (default)    — those cells as rows of a staircase: a cell restoring layers ``[a, b)`` at token
+  ``t`` starts at block ``a`` from the corrupted run and runs tokens ``t..`` only, reading the corrupted
+  keys/values of earlier tokens.
+
+The script prints wall times, the speed-ups over the reference and the largest difference of every
+engine's effects from the reference's.
 """
 
 from __future__ import annotations
@@ -18,7 +30,13 @@ import time
 import torch
 
 from knlens import load_model
+from knlens.data import get_fact
 from knlens.patching import trace
+
+ENGINES = (("loop, every cell", dict(engine="loop", skip_prefix=False)),
+           ("loop", dict(engine="loop")),
+           ("batched", dict(engine="batched")),
+           ("fast", dict(engine="fast")))
 
 
 def main() -> None:
@@ -26,28 +44,38 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--fact", default="capital-france", help="a built-in fact (knlens.data.get_fact)")
+    ap.add_argument("--prompt-index", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=64, help="rows (cells × samples) per forward")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
-    prompt, target, subject = "The capital of France is", " Paris", "France"
+    fact = get_fact(args.fact)
+    prompt, target, subject = fact.prompts[args.prompt_index], fact.target, fact.subject
     if args.model.startswith("tiny"):
-        prompt, target, subject = "the capital of france is", " paris", "france"
+        prompt, target, subject = prompt.lower(), target.lower(), subject.lower()
     out, times = {}, {}
-    for engine in ("batched", "loop"):
+    for name, kw in ENGINES:
         t = time.perf_counter()
-        out[engine] = trace(model, prompt, target, subject=subject, samples=args.samples, seed=0,
-                            engine=engine, batch_size=args.batch_size)
-        times[engine] = time.perf_counter() - t
-        print(f"  {engine:8s} {times[engine]:.2f} s", flush=True)
-    diff = max(float((out["batched"].effects[k] - out["loop"].effects[k]).abs().max()) for k in out["loop"].kinds)
-    n_cells = sum(int(e.numel()) for e in out["loop"].effects.values())
-    print(f"\n{args.model}, prompt {len(out['loop'].tokens)} tokens, {n_cells} cells (3 kinds), "
-          f"{args.samples} noise samples, {args.threads} threads")
-    print("| engine | wall s | speed-up | max |effect difference| |")
-    print("|---|---|---|---|")
-    print(f"| loop (one forward per cell) | {times['loop']:.2f} | 1.0x | — |")
-    print(f"| batched | {times['batched']:.2f} | {times['loop'] / times['batched']:.1f}x | {diff:.1e} |")
+        out[name] = trace(model, prompt, target, subject=subject, samples=args.samples, seed=0,
+                          batch_size=args.batch_size, **kw)
+        times[name] = time.perf_counter() - t
+        assert out[name].settings["engine"] == kw["engine"], "the engine fell back"
+        print(f"  {name:17s} {times[name]:7.2f} s", flush=True)
+    ref = out[ENGINES[0][0]]
+    n_tok = len(ref.tokens)
+    first = min(ref.corrupted)
+    n_cells = {name: ref.effects["resid"].shape[0] * (n_tok if not kw.get("skip_prefix", True) else n_tok - first)
+               * len(ref.kinds) for name, kw in ENGINES}
+    print(f"\n{args.model}, {prompt!r} → {target!r} (subject {subject!r}), {n_tok} tokens, first corrupted "
+          f"token {first}; 3 kinds, windows 1/10/10, {args.samples} noise samples, {args.threads} threads; "
+          f"P clean {ref.p_clean:.4f}, corrupted {ref.p_corrupted:.4f}")
+    print("| engine | cells run | wall s | speed-up vs loop, every cell | vs loop | max abs effect difference |")
+    print("|---|---|---|---|---|---|")
+    for name, _ in ENGINES:
+        diff = max(float((out[name].effects[k] - ref.effects[k]).abs().max()) for k in ref.kinds)
+        print(f"| {name} | {n_cells[name]} | {times[name]:.2f} | {times[ENGINES[0][0]] / times[name]:.1f}x | "
+              f"{times['loop'] / times[name]:.1f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":

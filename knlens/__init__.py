@@ -24,7 +24,7 @@ from .data import builtin_facts, get_fact, load_blimp, load_mpararel, load_parar
 from .locate import LocateResult, LocateSettings, TokenActivations, locate, token_activations
 from .patching import Corruption, Trace, trace
 from .report import render_html, token_view, write_html
-from .models import EMBEDDED_MODELS, TINY_MODELS, load_model, tiny_model
+from .models import EMBEDDED_MODELS, TINY_MODELS, load_model, random_model, tiny_model
 from .neurons import Neuron, NeuronSet
 from .prompts import Queries, encode, single_token, target_tokens
 from .selection import PRESETS, coarse, drop_generic, generic_neurons, refine, refine_facts, refined_neurons
@@ -36,7 +36,7 @@ __all__ = [
     "activations_at", "add", "attribute", "coarse", "compose", "drop_generic", "encode", "generic_neurons",
     "hook_name", "hooked", "integrated_gradients", "intervene", "load_model", "mean_ablate", "measure",
     "neuron_hooks", "patch_from", "quadrature", "random_control", "refine", "refine_facts", "refined_neurons",
-    "replace_rows", "scale", "set_value", "single_token", "target_probs", "target_tokens", "tiny_model",
+    "replace_rows", "scale", "set_value", "single_token", "target_probs", "target_tokens", "tiny_model", "random_model",
     "zero_ablate", "answers", "known_facts", "builtin_facts", "get_fact", "load_blimp", "load_mpararel",
     "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations",
     "Corruption", "Trace", "trace", "render_html", "token_view", "write_html",

@@ -96,7 +96,8 @@ def add_trace_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--window", type=int, help="layers restored around each cell (default: 1 resid, 10 mlp/attn)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward (default: %(default)s)")
-    p.add_argument("--engine", default="batched", choices=["batched", "loop"], help=argparse.SUPPRESS)
+    p.add_argument("--engine", default="fast", choices=["fast", "batched", "loop"],
+                   help="fast (default), batched, or loop (one forward per cell: the reference)")
     p.set_defaults(func=trace_command)
     return p
 

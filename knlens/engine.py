@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .errors import NonFiniteError
-from .hooks import Hook, hooked
+from .hooks import Hook, capture, hooked
 from .prompts import Queries
 
 __all__ = ["Quantity", "HookSpec", "target_logits", "read_quantity", "target_probs", "activations_at",
@@ -84,11 +84,6 @@ def activations_at(model: Any, q: Queries, names: Sequence[str], hooks: HookSpec
     store: dict[str, list[Tensor]] = {n: [] for n in names}
     for s in chunks(len(q), batch_size):
         sub = q.select(torch.arange(len(q))[s])
-        rows = torch.arange(len(sub), device=sub.position.device)
-
-        def saver(name: str, rows: Tensor = rows, pos: Tensor = sub.position) -> Callable[[Tensor, Any], None]:
-            return lambda act, hook: store[name].append(act[rows, pos].detach())
-
-        with hooked(model, [*resolve_hooks(hooks, sub), *[(n, saver(n)) for n in names]]):
+        with hooked(model, [*resolve_hooks(hooks, sub), *[(n, capture(store[n], sub.position)) for n in names]]):
             model(sub.tokens, attention_mask=sub.attention_mask)
     return {n: torch.cat(v) for n, v in store.items()}

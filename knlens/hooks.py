@@ -32,7 +32,7 @@ from .neurons import NeuronSet
 __all__ = [
     "HookFn", "Hook", "Position", "NeuronSelector",
     "zero_ablate", "mean_ablate", "scale", "set_value", "add", "patch_from", "replace_rows",
-    "compose", "neuron_hooks", "hook_name", "hooked", "position_mask",
+    "capture", "compose", "neuron_hooks", "hook_name", "hooked", "position_mask",
 ]
 
 HookFn = Callable[[Tensor, Any], Union[Tensor, None]]
@@ -162,6 +162,28 @@ def replace_rows(values: Float[Tensor, "rows d"], rows: Bool[Tensor, "batch"], p
         full = act.new_zeros(act.shape[0], act.shape[-1]).index_put((rows.nonzero()[:, 0],), values.to(act.dtype))
         sel = rows[:, None, None] & position_mask(act, position)[:, :, None]
         return torch.where(sel, full[:, None, :], act)
+    return hook
+
+
+def capture(into: list[Tensor], position: Position = None, neurons: Sequence[int] | None = None) -> HookFn:
+    """A hook that appends a detached copy of what it sees to ``into`` and changes nothing.
+
+    With ``position`` (an int, or one position per row) it keeps ``act[row, position[row]]`` → ``[batch, d]``;
+    without, every position → ``[batch, pos, d]``. ``neurons`` keeps only those columns.
+
+    >>> import torch
+    >>> seen = []
+    >>> capture(seen, position=torch.tensor([0, 2]), neurons=[1])(torch.arange(12.).view(2, 3, 2), None)
+    >>> seen[0].tolist()
+    [[1.0], [11.0]]
+    """
+    def hook(act: Float[Tensor, "batch pos d"], hook: Any = None) -> None:
+        x = act.detach()
+        if neurons is not None:
+            x = x[..., torch.as_tensor(list(neurons), dtype=torch.long, device=x.device)]
+        if position is not None:
+            x = x[position_mask(act, position)]  # one position per row, in row order
+        into.append(x)
     return hook
 
 

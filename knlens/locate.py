@@ -46,7 +46,7 @@ from . import __version__
 from .attribution import Attribution, AttributionSettings, attribute
 from .engine import chunks
 from .facts import Fact
-from .hooks import hook_name, hooked
+from .hooks import capture, hook_name, hooked
 from .interventions import InterventionResult, measure
 from .neurons import NeuronSet
 from .prompts import encode
@@ -133,18 +133,12 @@ def token_activations(model: Any, fact: Fact, neurons: NeuronSet, *, hook_point:
     values = torch.zeros(len(q), q.tokens.shape[1], len(neurons))
     for s in chunks(len(q), batch_size):
         sub = q.select(torch.arange(len(q))[s])
-
-        def saver(layer: int, rows: slice = s) -> Any:
-            idx = torch.tensor(by_layer[layer])
-            cols = torch.tensor([columns[(layer, i)] for i in by_layer[layer]])
-
-            def hook(act: Float[Tensor, "batch pos d"], hook: Any = None) -> None:
-                n_pos = act.shape[1]
-                values[rows, :n_pos, cols] = act[..., idx.to(act.device)].detach().float().cpu()
-            return hook
-
-        with hooked(model, [(hook_name(l, hook_point), saver(l)) for l in by_layer]):
+        seen: dict[int, list[Tensor]] = {l: [] for l in by_layer}
+        with hooked(model, [(hook_name(l, hook_point), capture(seen[l], neurons=idx)) for l, idx in by_layer.items()]):
             model(sub.tokens, attention_mask=sub.attention_mask)
+        for l, idx in by_layer.items():
+            act = seen[l][0]  # [rows, pos, len(idx)]
+            values[s, :act.shape[1], [columns[(l, i)] for i in idx]] = act.float().cpu()
     out = []
     for i in range(len(q)):
         n = int(q.attention_mask[i].sum())

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -120,31 +120,52 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model
     >>> m.cfg.n_layers, m.cfg.d_mlp
     (3, 48)
     """
-    from transformers import (BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import BertConfig, GPT2Config, LlamaConfig
 
     kind = kind.removeprefix("tiny-")
     vocab = len(TINY_VOCAB)
-    torch.manual_seed(seed)
     if kind == "llama":
-        hf = LlamaForCausalLM(LlamaConfig(
+        config = LlamaConfig(
             vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
             num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2), max_position_embeddings=128,
-            bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False, initializer_range=init))
+            bos_token_id=2, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False, initializer_range=init)
     elif kind == "gpt2":
-        hf = GPT2LMHeadModel(GPT2Config(
+        config = GPT2Config(
             vocab_size=vocab, n_embd=d_model, n_inner=d_mlp, n_layer=n_layers, n_head=n_heads, n_positions=128,
             bos_token_id=2, eos_token_id=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            initializer_range=init))
+            initializer_range=init)
     elif kind == "bert":
-        hf = BertForMaskedLM(BertConfig(
+        config = BertConfig(
             vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
             num_attention_heads=n_heads, max_position_embeddings=128, pad_token_id=0,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=init))
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=init)
     else:
         raise UnknownModelError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_MODELS)}")
-    hf = hf.to(dtype).eval()
-    return _boot(f"tiny-{kind}", hf, _tiny_tokenizer(f"tiny-{kind}"), device=None, dtype=dtype)
+    return random_model(config, seed=seed, dtype=dtype, name=f"tiny-{kind}")
+
+
+def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 name: str | None = None) -> TransformerBridge:
+    """A randomly initialised model of any Hugging Face ``config`` (causal LM, or masked LM for a BERT
+    config), built in memory with the word-level tokenizer of :func:`tiny_model` — for benchmarks at the
+    shapes of real models without downloading them (the vocabulary must hold :data:`TINY_VOCAB`).
+
+    >>> from transformers import LlamaConfig
+    >>> m = random_model(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                              num_attention_heads=4, num_key_value_heads=2))
+    >>> m.cfg.d_mlp, m.cfg.d_vocab
+    (128, 1000)
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if config.vocab_size < len(TINY_VOCAB):
+        raise ValueError(f"vocab_size {config.vocab_size} is smaller than the {len(TINY_VOCAB)} words of the "
+                         f"built-in tokenizer")
+    name = name or f"random-{config.model_type}"
+    torch.manual_seed(seed)
+    auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
+    hf = auto.from_config(config, torch_dtype=dtype).eval()
+    return _boot(name, hf, _tiny_tokenizer(name), device=None, dtype=dtype)
 
 
 def _boot(name: str, hf, tokenizer, *, device, dtype) -> TransformerBridge:

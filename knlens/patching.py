@@ -11,9 +11,16 @@ Three runs of one prompt:
   residual stream (``blocks.{l}.hook_resid_post``), the MLP output (``hook_mlp_out``) or the attention
   output (``hook_attn_out``); for MLP and attention a window of layers around ``l`` (10, as Meng et al.).
 
-Indirect effect of a cell = P_restored − P_corrupted; total effect = P_clean − P_corrupted. Every cell of a
-kind is one batch row carrying its own restoration (``engine="batched"``); ``engine="loop"`` runs one
-forward per cell and is kept as the reference the tests compare with. The corruption can target the
+Indirect effect of a cell = P_restored − P_corrupted; total effect = P_clean − P_corrupted. Engines (same
+numbers up to float rounding):
+
+* ``"fast"`` (default) — cells are rows of a :mod:`~knlens.staircase`: a cell restoring layers ``[a, b)`` at
+  token ``t`` equals the corrupted run below block ``a`` and, by causal attention, at every token before
+  ``t``; so it starts at block ``a`` with the corrupted run's input there and runs tokens ``t..`` only,
+  reading the corrupted keys/values of earlier tokens. Falls back to ``"batched"`` for a model whose
+  blocks it cannot drive (checked on every run).
+* ``"batched"`` — every cell is one batch row of whole-model forwards carrying its own restoration;
+* ``"loop"`` — one forward per cell (Meng et al.'s schedule), the reference the tests compare with. The corruption can target the
 subject (default), the relation tokens (``corrupt="relation"``: the prompt tokens that are neither the
 subject, BOS nor the final token) or explicit positions.
 
@@ -42,9 +49,10 @@ from torch import Tensor
 
 from .engine import chunks, read_quantity
 from .errors import KnlensError, PromptError
-from .hooks import Hook, HookFn, hook_name, hooked
+from .hooks import Hook, HookFn, capture, hook_name, hooked, replace_rows
 from .models import is_masked_lm
 from .prompts import encode
+from .staircase import Stairs, build_stairs, cache_layers, recording
 
 __all__ = [
     "Kind", "KINDS", "KIND_POINTS", "DEFAULT_WINDOWS", "EMBED_HOOK", "Corruption", "Trace",
@@ -57,7 +65,8 @@ KINDS: tuple[str, ...] = ("resid", "mlp", "attn")
 KIND_POINTS: dict[str, str] = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 DEFAULT_WINDOWS: dict[str, int] = {"resid": 1, "mlp": 10, "attn": 10}
 EMBED_HOOK = "hook_embed"  # token embeddings on every TransformerBridge decoder (alias of embed.hook_out)
-Engine = Literal["batched", "loop"]
+Engine = Literal["fast", "batched", "loop"]
+ENGINES: tuple[str, ...] = ("fast", "batched", "loop")
 Quantity = Literal["prob", "logprob", "logit"]
 
 
@@ -340,14 +349,10 @@ def _prepare(model: Any, prompt: str, target: str, corruption: Corruption, corru
 def _clean_cache(model: Any, setup: _Setup, kinds: Sequence[str], quantity: Quantity
                  ) -> tuple[float, dict[str, Tensor]]:
     store: dict[str, list[Tensor]] = {k: [] for k in kinds}
-    hooks = []
-    for kind in kinds:
-        for layer in range(model.cfg.n_layers):
-            def save(act: Tensor, hook: Any = None, kind: str = kind) -> None:
-                store[kind].append(act[0].detach())
-            hooks.append((hook_name(layer, KIND_POINTS[kind]), save))
+    hooks = [(hook_name(layer, KIND_POINTS[kind]), capture(store[kind]))
+             for kind in kinds for layer in range(model.cfg.n_layers)]
     p = _read(model, setup.tokens, setup.position, setup.target, hooks, quantity)
-    return float(p[0]), {k: torch.stack(v) for k, v in store.items()}  # hooks run in layer order
+    return float(p[0]), {k: torch.cat(v) for k, v in store.items()}  # hooks run in layer order: [layer, pos, d]
 
 
 def _resolve(fact_or_prompt: Any, target: str | None, subject: str | None, prompt_index: int
@@ -366,6 +371,74 @@ def _as_corruption(c: str | Corruption, **kw: Any) -> Corruption:
     if isinstance(c, Corruption):
         return c
     return Corruption(c, **{k: v for k, v in kw.items() if v is not None})
+
+
+# ------------------------------------------------------------------------------------- fast engine
+
+def _stairs_from(model: Any, setup: _Setup, t: int) -> Stairs | None:
+    """The staircase of the corrupted run over positions ``t..position`` (all noise samples as rows),
+    with the corrupted keys/values of positions ``< t`` as the shared prefix; None if unavailable."""
+    k = setup.corruption.samples
+    samples = torch.arange(k)
+    tokens = setup.tokens[:, :setup.position + 1].expand(k, -1)
+    before = [i for i, p in enumerate(setup.positions) if p < t]
+    after = [i for i, p in enumerate(setup.positions) if p >= t]
+
+    def corrupt(idx: list[int], offset: int) -> list[Hook]:
+        if not idx:
+            return []
+        return [(EMBED_HOOK, corruption_hook(setup.corruption, setup.values[:, idx],
+                                             [setup.positions[i] - offset for i in idx], samples))]
+    cache = None
+    if t > 0:
+        with hooked(model, corrupt(before, 0)):
+            _, cache = model(tokens[:, :t], return_type="logits_and_cache")
+    with recording(model) as calls, hooked(model, corrupt(after, t)):
+        logits = model(tokens[:, t:], past_key_values=cache)[:, -1]
+    prefix = cache_layers(cache, t) if cache is not None else None
+    return build_stairs(model, calls, cache=cache, prefix=prefix, read_at=-1, reference=logits)
+
+
+def _fast_cells(model: Any, setup: _Setup, kind: str, cells: Sequence[tuple[int, int]], window: int,
+                clean: Mapping[str, Tensor], quantity: Quantity, batch_size: int) -> Tensor | None:
+    """P of each cell (averaged over the noise samples) by the staircase, or None when the model's blocks
+    cannot be driven directly.
+
+    A cell restoring ``kind`` at token ``t`` over layers ``[a, b)`` equals the corrupted run below block
+    ``a`` and at positions before ``t`` (causal attention), so it enters at block ``a`` with the corrupted
+    input there and runs positions ``t..`` only, reading keys/values of earlier positions from the
+    corrupted run. Cells of one token share one staircase, sorted by the block they enter at.
+    """
+    k, n_layers = setup.corruption.samples, model.cfg.n_layers
+    out = torch.empty(len(cells))
+    by_token: dict[int, list[int]] = {}
+    for i, (_, t) in enumerate(cells):
+        by_token.setdefault(t, []).append(i)
+    for t, idx in by_token.items():
+        if t > setup.position:
+            return None  # a position after the read-out (only with padding; rare): whole forwards
+        stairs = _stairs_from(model, setup, t)
+        if stairs is None:
+            return None
+        span = {i: window_layers(cells[i][0], window, n_layers) for i in idx}
+        idx = sorted(idx, key=lambda i: span[i][0])
+        src = clean[kind][:, t]  # [layer, d]
+        for s in chunks(len(idx), max(1, batch_size // k)):
+            part = idx[s]
+            entry = torch.tensor([span[i][0] for i in part])
+            end = torch.tensor([span[i][-1] + 1 for i in part])
+            hooks = []
+            for layer in range(int(entry.min()), int(end.max())):
+                present = int((entry <= layer).sum())  # units in the batch at this block (sorted by entry)
+                restore = (end[:present] > layer).repeat_interleave(k)
+                if bool(restore.any()):
+                    values = src[layer].expand(int(restore.sum()), -1)
+                    hooks.append((hook_name(layer, KIND_POINTS[kind]), replace_rows(values, restore, 0)))
+            with hooked(model, hooks):
+                logits = stairs.logits(model, entry)
+            target = torch.full((logits.shape[0],), setup.target, device=logits.device)
+            out[torch.tensor(part)] = read_quantity(logits, target, quantity).cpu().view(len(part), k).mean(1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -506,7 +579,7 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
           subject_span: tuple[int, int] | None = None, window: int | Mapping[str, int] | None = None,
           samples: int | None = None, seed: int | None = None, noise_scale: float | None = None,
           other: str | None = None, positions: Sequence[int] | None = None, layers: Sequence[int] | None = None,
-          prompt_index: int = 0, quantity: Quantity = "prob", engine: Engine = "batched",
+          prompt_index: int = 0, quantity: Quantity = "prob", engine: Engine = "fast",
           batch_size: int = 64, skip_prefix: bool = True) -> Trace:
     """Causal trace of one prompt: the indirect effect of restoring every (layer, token) cell per kind.
 
@@ -519,7 +592,11 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
         subject / subject_span: the subject as text in the prompt, or its ``[start, end)`` token span.
         window: layers restored around each cell (default 1 for resid, 10 for mlp/attn), int or per kind.
         positions / layers: restrict the traced cells (default all tokens and layers); others stay 0.
-        engine: ``"batched"`` (cells as batch rows, ``batch_size`` rows per forward) or ``"loop"``.
+        engine: ``"fast"`` (default: cells as batch rows of a staircase that starts each cell at its first
+            restored layer and runs only the tokens from the restored one on; falls back to ``"batched"``
+            for a model whose blocks it cannot drive), ``"batched"`` (cells as rows of whole-model
+            forwards) or ``"loop"`` (one forward per cell). ``batch_size`` bounds the rows (cells ×
+            noise samples) of one forward, and so the memory.
         skip_prefix: do not run cells before the first corrupted token of a left-to-right model: their
             states are the same in the clean and the corrupted run, so their effect is 0 by causality.
 
@@ -536,8 +613,8 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     for kind in kinds:
         if kind not in KIND_POINTS:
             raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
-    if engine not in ("batched", "loop"):
-        raise ValueError(f"unknown engine {engine!r}; use 'batched' or 'loop'")
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
     windows = {k: (window.get(k, DEFAULT_WINDOWS[k]) if isinstance(window, Mapping)
                    else DEFAULT_WINDOWS[k] if window is None else int(window)) for k in kinds}
     setup = _prepare(model, prompt, target, corruption, corrupt, subject, subject_span)
@@ -551,12 +628,18 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     layer_list = list(range(n_layers)) if layers is None else [int(l) for l in layers]
     cells = [(l, t) for l in layer_list for t in pos_list]
     effects = {}
+    used = engine
     for kind in kinds:
-        p = torch.empty(len(cells))
-        size = 1 if engine == "loop" else max(1, batch_size // corruption.samples)
-        for s in chunks(len(cells), size):
-            m = _cell_masks(kind, cells[s], windows[kind], n_layers, n_pos)
-            p[s] = _run_rows(model, setup, {kind: m}, clean, quantity)
+        p = None
+        if engine == "fast" and cells and not is_masked_lm(model):
+            p = _fast_cells(model, setup, kind, cells, windows[kind], clean, quantity, batch_size)
+            used = "fast" if p is not None else "batched"
+        if p is None:
+            p = torch.empty(len(cells))
+            size = 1 if engine == "loop" else max(1, batch_size // corruption.samples)
+            for s in chunks(len(cells), size):
+                m = _cell_masks(kind, cells[s], windows[kind], n_layers, n_pos)
+                p[s] = _run_rows(model, setup, {kind: m}, clean, quantity)
         eff = torch.zeros(n_layers, n_pos)
         for (l, t), v in zip(cells, p.tolist()):
             eff[l, t] = v - p_corr
@@ -566,7 +649,7 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     settings = {"model": getattr(model.cfg, "model_name", "?"), "kinds": list(kinds), "windows": windows,
                 "corrupt": corrupt if isinstance(corrupt, str) else "positions",
                 "corruption": corruption.describe(model), "embed_hook": EMBED_HOOK,
-                "hook_points": {k: KIND_POINTS[k] for k in kinds}, "quantity": quantity, "engine": engine,
+                "hook_points": {k: KIND_POINTS[k] for k in kinds}, "quantity": quantity, "engine": used,
                 "target_token": model.tokenizer.convert_ids_to_tokens([setup.target])[0],
                 "position": setup.position, "n_prefix": setup.n_prefix, "skip_prefix": skip,
                 "samples": corruption.samples, "knlens_version": __version__}

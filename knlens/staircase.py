@@ -197,7 +197,8 @@ def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, c
     if (cache is None) != (prefix is None) or (prefix is not None and len(prefix) != len(calls)):
         return None
     if cache is None:  # a cache the forward made for itself is dropped (no earlier positions to read)
-        cache = next((v for v in calls[0][1].values() if hasattr(v, "update") and hasattr(v, "get_seq_length")),
+        args, kwargs = calls[0]
+        cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")),
                      None)
     plan = Stairs(calls=calls, cache=cache, shared=SharedPrefix(prefix) if prefix is not None else None,
                   tail=tail, read_at=read_at)  # type: ignore[arg-type]

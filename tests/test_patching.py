@@ -69,15 +69,17 @@ def test_restore_everything_and_nothing(model):
     assert p == pytest.approx(p_corr, abs=1e-7, rel=0)
 
 
+@pytest.mark.parametrize("engine", ["fast", "batched"])
 @pytest.mark.parametrize("method", ["noise", "replace", "substitute"])
-def test_trace_batched_equals_loop(model, method):
+def test_trace_engines_equal_loop(model, method, engine):
     kinds = ("resid", "mlp", "attn") if method == "noise" else ("attn",)
-    kw = dict(subject=SUBJECT, corruption=method, window=2, positions=[3, 4, 5], kinds=kinds, skip_prefix=False)
+    kw = dict(subject=SUBJECT, corruption=method, window=2, positions=[0, 3, 4, 5], kinds=kinds, skip_prefix=False)
     if method == "noise":
         kw["samples"] = 2
     if method == "substitute":
         kw["other"] = "germany"
-    batched = trace(model, PROMPT, TARGET, **kw)
+    batched = trace(model, PROMPT, TARGET, engine=engine, batch_size=3, **kw)
+    assert batched.settings["engine"] == engine  # no silent fallback
     loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
     assert batched.p_corrupted == pytest.approx(loop.p_corrupted, abs=1e-7)
     for kind in kinds:
@@ -86,10 +88,32 @@ def test_trace_batched_equals_loop(model, method):
         assert batched.effects[kind][:, :4].abs().max() < 1e-7
     if method == "noise":  # resid at the last layer, last token = the total effect
         assert batched.effects["resid"][-1, -1] == pytest.approx(batched.total_effect, abs=1e-6)
-        skipped = trace(model, PROMPT, TARGET, **{**kw, "skip_prefix": True})
+        skipped = trace(model, PROMPT, TARGET, engine=engine, **{**kw, "skip_prefix": True})
         assert torch.all(skipped.effects["resid"][:, 3] == 0)  # not run: exactly zero by causality
         torch.testing.assert_close(skipped.effects["resid"][:, 4:], batched.effects["resid"][:, 4:],
                                    atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("corrupt", ["subject", "relation"])
+def test_fast_trace_default_windows_relation_and_multi_token(model, corrupt):
+    """The default engine (fast) equals the loop with the default windows (wider than the model), relation
+    corruption, a multi-token target (traced on its first token) and any batch size."""
+    kw = dict(subject=SUBJECT, samples=3, corrupt=corrupt)
+    loop = trace(model, PROMPT, " paris is", engine="loop", **kw)
+    for batch_size in (1, 1000):
+        fast = trace(model, PROMPT, " paris is", batch_size=batch_size, **kw)
+        assert fast.settings["engine"] == "fast"
+        for kind in loop.kinds:
+            torch.testing.assert_close(fast.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
+
+
+def test_fast_trace_falls_back_when_blocks_cannot_be_driven(model, monkeypatch):
+    import knlens.staircase as staircase
+    ref = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",), engine="batched")
+    monkeypatch.setattr(staircase, "model_tail", lambda model: None)
+    fast = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",))
+    assert fast.settings["engine"] == "batched"
+    torch.testing.assert_close(fast.effects["mlp"], ref.effects["mlp"], atol=0, rtol=0)
 
 
 def test_trace_matches_restore_of_window(model):

@@ -51,7 +51,7 @@ from .. import __version__
 from ..engine import Quantity, chunks, read_quantity, target_logits
 from ..errors import NeuronIndexError, NonFiniteError
 from ..facts import Fact
-from ..hooks import hook_name, hooked, replace_rows
+from ..hooks import capture, hook_name, hooked, replace_rows
 from ..models import is_masked_lm
 from ..prompts import MultiToken, Queries, encode
 from ..staircase import Stairs, build_stairs, cache_layers, recording
@@ -75,29 +75,23 @@ def _clean_state(model: Any, row: Queries, names: list[str], kv: Any, quantity: 
                  ) -> tuple[Float[Tensor, "layer d"], float, Stairs | None]:
     """Clean activations at the target position for every hook in ``names``, the clean f, and — when
     ``stairs`` — the recorded block calls (checked to reproduce the model's logits)."""
-    acts: dict[str, Tensor] = {}
-
-    def saver(name: str):
-        return lambda act, hook: acts.__setitem__(name, act[0, pos].detach())
-
+    acts: dict[str, list[Tensor]] = {n: [] for n in names}
+    pos = int(row.position[0]) if kv is None else -1
+    savers = [(n, capture(acts[n], pos)) for n in names]
     recorder = recording(model) if stairs and hasattr(model, "blocks") else contextlib.nullcontext(None)
-    with torch.no_grad(), recorder as calls:
+    with torch.no_grad(), recorder as calls, hooked(model, savers):
         if kv is None:
-            pos = int(row.position[0])
             cache = None
-            with hooked(model, [(n, saver(n)) for n in names]):
-                logits = model(row.tokens, attention_mask=row.attention_mask)[:, pos]
+            logits = model(row.tokens, attention_mask=row.attention_mask)[:, pos]
         else:
-            pos = -1
             cache = copy.deepcopy(kv)
-            with hooked(model, [(n, saver(n)) for n in names]):
-                logits = model(row.tokens[:, -1:], past_key_values=cache)[:, -1]
+            logits = model(row.tokens[:, -1:], past_key_values=cache)[:, -1]
     value = float(read_quantity(logits, row.target, quantity)[0])
     plan = None
     if calls is not None:
         plan = build_stairs(model, calls, cache=cache, prefix=cache_layers(kv) if kv is not None else None,
                             read_at=pos, reference=logits)
-    return torch.stack([acts[n] for n in names]), value, plan
+    return torch.stack([acts[n][0][0] for n in names]), value, plan
 
 
 def _run_cells(model: Any, row: Queries, names: list[str], cell_layer: Tensor, start: Tensor, span: Tensor,
