@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="+", default=[10, 30])
     ap.add_argument("--repeat", type=int, default=1, help="best of this many runs")
-    ap.add_argument("--batch-size", type=int, default=64, help="knlens cells per chunk")
+    ap.add_argument("--batch-size", type=int, default=256, help="knlens cells per chunk (its default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bert", action="store_true", help="also the BERT-base-shaped masked LM")
     ap.add_argument("--bert-layers", type=int, default=12)

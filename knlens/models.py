@@ -145,10 +145,12 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, d_model
 
 
 def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                 name: str | None = None) -> TransformerBridge:
+                 name: str | None = None, device: str | torch.device | None = None) -> TransformerBridge:
     """A randomly initialised model of any Hugging Face ``config`` (causal LM, or masked LM for a BERT
     config), built in memory with the word-level tokenizer of :func:`tiny_model` — for benchmarks at the
     shapes of real models without downloading them (the vocabulary must hold :data:`TINY_VOCAB`).
+    ``device`` builds the weights there directly (a GPU initialises a multi-billion-parameter model in
+    seconds).
 
     >>> from transformers import LlamaConfig
     >>> m = random_model(LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -164,8 +166,9 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     name = name or f"random-{config.model_type}"
     torch.manual_seed(seed)
     auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
-    hf = auto.from_config(config, torch_dtype=dtype).eval()
-    return _boot(name, hf, _tiny_tokenizer(name), device=None, dtype=dtype)
+    with torch.device(device or "cpu"):
+        hf = auto.from_config(config, torch_dtype=dtype).eval()
+    return _boot(name, hf, _tiny_tokenizer(name), device=device, dtype=dtype)
 
 
 def _boot(name: str, hf, tokenizer, *, device, dtype) -> TransformerBridge:

@@ -122,6 +122,7 @@ def test_fallback_when_the_block_loop_is_unknown(models, monkeypatch, stair_call
     fast = attribute(model, PROMPTS[:2], " paris", steps=4, engine="fast")
     assert stair_calls["n"] == 0
     assert_same(fast, ref)
+    assert fast[0].settings.engine == "batched"  # what ran is recorded, not what was asked for
 
 
 def test_staircase_reproduces_a_wrong_tail_is_rejected(models, monkeypatch, stair_calls):
@@ -137,6 +138,7 @@ def test_staircase_reproduces_a_wrong_tail_is_rejected(models, monkeypatch, stai
     fast = attribute(model, PROMPTS[:1], " paris", steps=4, engine="fast")
     assert stair_calls["n"] == 1  # only the check ran
     assert_same(fast, ref)
+    assert fast[0].settings.engine == "batched"
 
 
 @pytest.mark.parametrize("kind", KINDS)

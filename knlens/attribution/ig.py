@@ -188,7 +188,8 @@ def _ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights:
         raise NonFiniteError("integrated gradients produced non-finite scores (check the model's dtype and "
                              "the target quantity; 'logprob' of a near-zero probability can overflow)")
     return {"scores": scores, "activations": acts.cpu(), "delta": delta,
-            "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean}
+            "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean,
+            "engine": "fast" if engine == "fast" and stairs is not None else "batched" if engine == "fast" else engine}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
               hook_point: str = "hook_post", layers: Sequence[int] | None = None, steps: int = 20,
               grid: Grid = "right", quantity: Quantity = "prob", baseline: Baseline = "zero",
               multi_token: MultiToken = "teacher_forcing", token_reduce: Literal["mean", "sum"] = "mean",
-              engine: Engine = "fast", batch_size: int = 64, progress: bool = False,
+              engine: Engine = "fast", batch_size: int = 256, progress: bool = False,
               device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
               ) -> list[Attribution]:
     """Integrated-gradients attributions of every prompt of ``fact`` (one :class:`Attribution` each).
@@ -268,7 +269,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     on its gold tokens and the per-token attributions are averaged (``token_reduce="mean"``) or summed.
     ``hook_point`` is ``"hook_post"`` (the input of ``W_out``; default), ``"hook_pre"`` or ``"hook_pre_linear"``.
     ``engine`` is ``"fast"`` (default), ``"batched"`` or ``"reference"`` (same numbers; see the module
-    docstring); ``batch_size`` is the number of (layer, step) cells run together, which bounds memory.
+    docstring); ``batch_size`` is the number of (layer, step) cells run together, which bounds memory (a
+    full scan of a 1 B-parameter model needs about 1 GiB above its weights at 256; see benchmarks/memory.py).
     ``device`` runs the computation there (the model is moved for the call and moved back); ``dtype``
     (``torch.bfloat16``, ``"bf16"``, …) runs the model's matmuls in that precision under autocast, with
     the path points, gradients and their sum in float32; it is recorded in ``settings.dtype``.
@@ -308,7 +310,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     settings = AttributionSettings(
         method="integrated_gradients", model=str(getattr(model.cfg, "model_name", "?")), hook_point=hook_point,
         steps=steps, grid=grid, quantity=quantity,
-        baseline=baseline if isinstance(baseline, str) else "custom tensor", engine=engine,
+        baseline=baseline if isinstance(baseline, str) else "custom tensor",
+        engine="+".join(dict.fromkeys(r["engine"] for r in rows)),
         multi_token="single" if n_tokens == 1 else f"teacher_forcing/{token_reduce}",
         dtype=str(run_dtype or _model_dtype(model)).removeprefix("torch."), knlens_version=__version__)
     out = []
