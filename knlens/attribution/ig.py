@@ -270,7 +270,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     ``hook_point`` is ``"hook_post"`` (the input of ``W_out``; default), ``"hook_pre"`` or ``"hook_pre_linear"``.
     ``engine`` is ``"fast"`` (default), ``"batched"`` or ``"reference"`` (same numbers; see the module
     docstring); ``batch_size`` is the number of (layer, step) cells run together, which bounds memory (a
-    full scan of a 1 B-parameter model needs about 1 GiB above its weights at 256; see benchmarks/memory.py).
+    full scan of a 1 B-parameter model needed 1.4 GiB above its 4.6 GiB of float32 weights at 256, 0.5 GiB
+    at 64; see benchmarks/memory.py).
     ``device`` runs the computation there (the model is moved for the call and moved back); ``dtype``
     (``torch.bfloat16``, ``"bf16"``, …) runs the model's matmuls in that precision under autocast, with
     the path points, gradients and their sum in float32; it is recorded in ``settings.dtype``.
