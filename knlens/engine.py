@@ -1,6 +1,8 @@
-"""The one place where knlens runs the model: batched, chunked forwards with hooks attached.
+"""Whole-model forwards: batched, chunked, with hooks attached.
 
-Every method builds hooks and calls these functions; none opens its own loop over the model.
+Every method builds hooks and calls these functions (or, for the fast IG and tracing engines, the
+block-by-block re-runs of :mod:`knlens.staircase`, with the same hooks); none opens its own loop over
+the model.
 Hooks are given either as a list or as a function of the chunk of :class:`~knlens.prompts.Queries`
 being run (for hooks that need each row's position), and are always removed afterwards.
 
