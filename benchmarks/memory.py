@@ -6,9 +6,9 @@ Run::
 
 Every configuration runs in a fresh Python process, which builds its model, resets the kernel's peak-RSS
 counter (``/proc/self/clear_refs``), runs ``knlens.attribute`` over every layer (engine ``"fast"``, m
-steps) on one prompt, and reads the peak resident set (``VmHWM``). Printed per configuration: resident
-memory with the model loaded, peak during the scan, their difference (the scan's working memory) and
-the wall time. Models:
+steps) on one prompt, and reads the peak resident set (``VmHWM``). Printed per configuration: the peak
+while building the model, resident memory with it loaded, the peak during the scan, their difference
+(the scan's working memory), the completeness error and the wall time. Models:
 
 * ``smollm2-135m`` — the embedded model (30 layers, d_mlp 1536, vocab 49152);
 * ``llama-1b`` — a random model of Llama-3.2-1B's shape (16 layers, d 2048, d_mlp 8192, 32 heads / 8
@@ -69,7 +69,8 @@ def child(spec: dict) -> dict:
     attr = attribute(model, [prompt], target, steps=spec["steps"], batch_size=spec["batch_size"])[0]
     dt = time.perf_counter() - t
     peak = _status("VmHWM")
-    return {**spec, "params": n_params, "cells": len(attr.layers) * (spec["steps"] + 1), "loaded": loaded, "build_peak": build_peak,
+    return {**spec, "params": n_params, "cells": len(attr.layers) * (spec["steps"] + 1),
+            "loaded": loaded, "build_peak": build_peak,
             "peak": peak, "wall": dt, "completeness": attr.relative_completeness_error}
 
 

@@ -20,9 +20,10 @@ numbers up to float rounding):
   reading the corrupted keys/values of earlier tokens. Falls back to ``"batched"`` for a model whose
   blocks it cannot drive (checked on every run).
 * ``"batched"`` — every cell is one batch row of whole-model forwards carrying its own restoration;
-* ``"loop"`` — one forward per cell (Meng et al.'s schedule), the reference the tests compare with. The corruption can target the
-subject (default), the relation tokens (``corrupt="relation"``: the prompt tokens that are neither the
-subject, BOS nor the final token) or explicit positions.
+* ``"loop"`` — one forward per cell (Meng et al.'s schedule), the reference the tests compare with.
+
+The corruption can target the subject (default), the relation tokens (``corrupt="relation"``: the prompt
+tokens that are neither the subject, BOS nor the final token) or explicit positions.
 
 >>> from knlens import load_model
 >>> model = load_model("tiny-llama")
@@ -399,10 +400,24 @@ def _stairs_from(model: Any, setup: _Setup, t: int) -> Stairs | None:
     return build_stairs(model, calls, cache=cache, prefix=prefix, read_at=-1, reference=logits)
 
 
+def _token_stairs(model: Any, setup: _Setup, tokens: Sequence[int]) -> dict[int, Stairs] | None:
+    """One staircase per restored token (shared by every kind), or None when the model's blocks cannot be
+    driven directly or a token lies after the read-out position (only with padding; rare)."""
+    if max(tokens) > setup.position:
+        return None
+    out = {}
+    for t in sorted(set(tokens)):
+        stairs = _stairs_from(model, setup, t)
+        if stairs is None:
+            return None
+        out[t] = stairs
+    return out
+
+
 def _fast_cells(model: Any, setup: _Setup, kind: str, cells: Sequence[tuple[int, int]], window: int,
-                clean: Mapping[str, Tensor], quantity: Quantity, batch_size: int) -> Tensor | None:
-    """P of each cell (averaged over the noise samples) by the staircase, or None when the model's blocks
-    cannot be driven directly.
+                clean: Mapping[str, Tensor], quantity: Quantity, batch_size: int,
+                stairs_at: Mapping[int, Stairs]) -> Tensor:
+    """P of each cell (averaged over the noise samples) by the staircases of :func:`_token_stairs`.
 
     A cell restoring ``kind`` at token ``t`` over layers ``[a, b)`` equals the corrupted run below block
     ``a`` and at positions before ``t`` (causal attention), so it enters at block ``a`` with the corrupted
@@ -415,11 +430,7 @@ def _fast_cells(model: Any, setup: _Setup, kind: str, cells: Sequence[tuple[int,
     for i, (_, t) in enumerate(cells):
         by_token.setdefault(t, []).append(i)
     for t, idx in by_token.items():
-        if t > setup.position:
-            return None  # a position after the read-out (only with padding; rare): whole forwards
-        stairs = _stairs_from(model, setup, t)
-        if stairs is None:
-            return None
+        stairs = stairs_at[t]
         span = {i: window_layers(cells[i][0], window, n_layers) for i in idx}
         idx = sorted(idx, key=lambda i: span[i][0])
         src = clean[kind][:, t]  # [layer, d]
@@ -628,13 +639,14 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     layer_list = list(range(n_layers)) if layers is None else [int(l) for l in layers]
     cells = [(l, t) for l in layer_list for t in pos_list]
     effects = {}
-    used = engine
+    stairs_at = None
+    if engine == "fast" and cells and not is_masked_lm(model):
+        stairs_at = _token_stairs(model, setup, [t for _, t in cells])
+    used = "fast" if stairs_at is not None else "batched" if engine == "fast" else engine
     for kind in kinds:
-        p = None
-        if engine == "fast" and cells and not is_masked_lm(model):
-            p = _fast_cells(model, setup, kind, cells, windows[kind], clean, quantity, batch_size)
-            used = "fast" if p is not None else "batched"
-        if p is None:
+        if stairs_at is not None:
+            p = _fast_cells(model, setup, kind, cells, windows[kind], clean, quantity, batch_size, stairs_at)
+        else:
             p = torch.empty(len(cells))
             size = 1 if engine == "loop" else max(1, batch_size // corruption.samples)
             for s in chunks(len(cells), size):

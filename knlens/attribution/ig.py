@@ -189,7 +189,7 @@ def _ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights:
                              "the target quantity; 'logprob' of a near-zero probability can overflow)")
     return {"scores": scores, "activations": acts.cpu(), "delta": delta,
             "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean,
-            "engine": "fast" if engine == "fast" and stairs is not None else "batched" if engine == "fast" else engine}
+            "engine": "batched" if engine == "fast" and stairs is None else engine}  # what ran
 
 
 # ---------------------------------------------------------------------------------------------------------
