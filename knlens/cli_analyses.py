@@ -74,7 +74,8 @@ def add_trace_parser(subparsers: Any) -> argparse.ArgumentParser:
         "trace", help="causal tracing: which (layer, token) states of MLP / attention carry a fact",
         description="Corrupt the subject (or relation) tokens' embeddings, restore one clean state per "
                     "(layer, token) and kind, and report the indirect effect P_restored - P_corrupted "
-                    "(Meng et al., 2022). All cells of a kind run as rows of one batch.")
+                    "(Meng et al., 2022). Cells run as batch rows; the default fast engine starts each at "
+                    "its first restored layer and runs only the tokens from the restored one on.")
     _common(p)
     p.add_argument("--fact", metavar="NAME", help="a built-in fact (its first prompt unless --prompt-index)")
     p.add_argument("--prompt", metavar="P", help="the prompt to trace (with --target and --subject)")
