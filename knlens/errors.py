@@ -33,3 +33,8 @@ class HookShapeError(KnlensError, ValueError):
 
 class NonFiniteError(KnlensError, FloatingPointError):
     """NaN or infinite values where finite numbers are required."""
+
+
+class EngineFallbackWarning(UserWarning):
+    """A fast engine disagreed with a plain forward of the model and was replaced by a slower one that
+    agrees; the result's settings record the engine that actually ran."""
