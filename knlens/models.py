@@ -196,6 +196,8 @@ def _load_gguf(spec: EmbeddedModel, name: str, *, device, dtype) -> TransformerB
     hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    if not hf.config.architectures:  # a GGUF config has none; TransformerLens picks its adapter by it
+        hf.config.architectures = [type(hf).__name__]
     _mark_in_memory(tokenizer, spec.hub_name)
     return _boot(spec.hub_name, hf.eval(), tokenizer, device=device, dtype=dtype)
 
