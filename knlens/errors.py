@@ -38,3 +38,16 @@ class NonFiniteError(KnlensError, FloatingPointError):
 class EngineFallbackWarning(UserWarning):
     """A fast engine disagreed with a plain forward of the model and was replaced by a slower one that
     agrees; the result's settings record the engine that actually ran."""
+
+
+class EngineCheckError(KnlensError, RuntimeError):
+    """Even the slowest engine disagrees with a plain forward of the model: no number can be trusted."""
+
+
+class SelectionError(KnlensError, ValueError):
+    """An unknown selection preset, or selection settings that cannot select anything."""
+
+
+class ControlError(KnlensError, ValueError):
+    """A control or held-out evaluation that cannot be built from the given input (no facts of other
+    relations, too few prompts to hold one out, bad bin counts, one neuron set per fact missing)."""

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .models import is_masked_lm
 
-__all__ = ["SharedPrefix", "Stairs", "recording", "model_tail", "cache_layers", "build_stairs", "reproduces"]
+__all__ = ["SharedPrefix", "Stairs", "recording", "model_tail", "cache_layers", "build_stairs", "reproduces",
+           "disagreement"]
 
 log = logging.getLogger(__name__)
 
@@ -220,3 +221,25 @@ def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "row
     if not ok:
         log.debug("staircase does not reproduce the model's logits; using whole-model forwards")
     return ok
+
+
+def disagreement(check: Tensor, reference: Tensor, what: str, *, rtol: float | None = None) -> str | None:
+    """``None`` when ``check`` equals ``reference`` (a plain forward's numbers) to ``rtol`` of the largest
+    reference value (default 1e-3 in float32, 5e-2 in half precision); else a sentence saying how far off.
+
+    >>> disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), "logits") is None
+    True
+    >>> disagreement(torch.tensor([3e-8]), torch.tensor([0.75]), "P(target)")
+    'P(target) differ from a plain forward by 0.75 (largest value 0.75)'
+    """
+    if rtol is None:
+        half = check.dtype != torch.float32 or reference.dtype != torch.float32
+        rtol = 5e-2 if half else 1e-3
+    if check.shape != reference.shape:
+        return f"{what} have shape {tuple(check.shape)}, a plain forward's {tuple(reference.shape)}"
+    ref = reference.float()
+    err = float((check.float() - ref).abs().max()) if ref.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if err == err and err <= rtol * scale + 1e-12:  # err == err: NaN never agrees
+        return None
+    return f"{what} differ from a plain forward by {err:.3g} (largest value {scale:.3g})"

@@ -22,6 +22,12 @@ Three engines give the same numbers (up to float rounding):
   clean pass; the engine checks on that pass that its block loop reproduces the model's logits and
   falls back to ``"batched"`` when it does not (an architecture it does not know).
 
+Every row is checked against one plain whole-prompt forward (no cache, no staircase): the faster
+engines' clean logits and activations at the target position must equal it, and so must ``f`` at the
+α = 1 cell of every layer (an extra cell when the grid lacks it, as α = 0 is for completeness). A row that
+fails is recomputed by ``"reference"`` with an :class:`~knlens.errors.EngineFallbackWarning`; the
+result's ``settings.engine`` is the engine that ran and ``settings.engine_note`` says why.
+
 ``dtype=torch.bfloat16`` runs the model under autocast (bf16 matmuls) while the path points, the
 gradients and their quadrature sum stay float32.
 
@@ -39,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Union
 
@@ -48,13 +55,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..versions import environment
 from ..engine import Quantity, chunks, read_quantity, target_logits
-from ..errors import NeuronIndexError, NonFiniteError
+from ..compat import cache_keyword_fix
+from ..errors import EngineCheckError, EngineFallbackWarning, NeuronIndexError, NonFiniteError
 from ..facts import Fact
 from ..hooks import capture, hook_name, hooked, replace_rows
 from ..models import is_masked_lm
 from ..prompts import MultiToken, Queries, encode
-from ..staircase import Stairs, build_stairs, cache_layers, recording
+from ..staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 from .grids import Grid, quadrature
 from .result import Attribution, AttributionSettings
 
@@ -71,27 +80,33 @@ log = logging.getLogger(__name__)
 # One query row
 # ---------------------------------------------------------------------------------------------------------
 
-def _clean_state(model: Any, row: Queries, names: list[str], kv: Any, quantity: Quantity, stairs: bool
-                 ) -> tuple[Float[Tensor, "layer d"], float, Stairs | None]:
-    """Clean activations at the target position for every hook in ``names``, the clean f, and — when
-    ``stairs`` — the recorded block calls (checked to reproduce the model's logits)."""
+def _plain_state(model: Any, row: Queries, names: list[str]
+                 ) -> tuple[Float[Tensor, "1 vocab"], Float[Tensor, "layer d"], list]:
+    """One plain whole-prompt forward (no cache): the logits and activations at the target position that
+    every faster path is checked against, and the block calls it made (for a staircase without a prefix)."""
     acts: dict[str, list[Tensor]] = {n: [] for n in names}
-    pos = int(row.position[0]) if kv is None else -1
-    savers = [(n, capture(acts[n], pos)) for n in names]
-    recorder = recording(model) if stairs and hasattr(model, "blocks") else contextlib.nullcontext(None)
-    with torch.no_grad(), recorder as calls, hooked(model, savers):
-        if kv is None:
-            cache = None
-            logits = model(row.tokens, attention_mask=row.attention_mask)[:, pos]
-        else:
-            cache = copy.deepcopy(kv)
-            logits = model(row.tokens[:, -1:], past_key_values=cache)[:, -1]
-    value = float(read_quantity(logits, row.target, quantity)[0])
-    plan = None
-    if calls is not None:
-        plan = build_stairs(model, calls, cache=cache, prefix=cache_layers(kv) if kv is not None else None,
-                            read_at=pos, reference=logits)
-    return torch.stack([acts[n][0][0] for n in names]), value, plan
+    savers = [(n, capture(acts[n], row.position)) for n in names]
+    with torch.no_grad(), recording(model) as calls:
+        logits = target_logits(model, row, savers)
+    return logits, torch.stack([acts[n][0][0] for n in names]), calls
+
+
+def _cached_state(model: Any, row: Queries, names: list[str], kv: Any
+                  ) -> tuple[Float[Tensor, "1 vocab"], Float[Tensor, "layer d"], Any, list]:
+    """The target token run on the prefix cache ``kv``: its logits and activations, the cache object the
+    blocks got, and the block calls it made."""
+    acts: dict[str, list[Tensor]] = {n: [] for n in names}
+    cache = copy.deepcopy(kv)
+    with torch.no_grad(), recording(model) as calls, hooked(model, [(n, capture(acts[n], -1)) for n in names]):
+        logits = model(row.tokens[:, -1:], past_key_values=cache)[:, -1]
+    return logits, torch.stack([acts[n][0][0] for n in names]), cache, calls
+
+
+def _fallback(engine: str, why: str) -> str:
+    warnings.warn(f"integrated gradients: engine {engine!r} fell back to 'reference': {why}",
+                  EngineFallbackWarning, stacklevel=4)
+    log.warning("engine %r fell back to 'reference': %s", engine, why)
+    return f"{engine} -> reference: {why}"
 
 
 def _run_cells(model: Any, row: Queries, names: list[str], cell_layer: Tensor, start: Tensor, span: Tensor,
@@ -143,30 +158,70 @@ def _block_of(name: str) -> int:
 
 def _ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights: Tensor, baseline: Baseline,
             quantity: Quantity, engine: Engine, batch_size: int) -> dict[str, Any]:
-    """Integrated gradients of one query row, for all hook points ``names``."""
+    """Integrated gradients of one query row, for all hook points ``names``.
+
+    A plain whole-prompt forward gives the clean logits and activations. The ``fast`` and ``batched``
+    engines are used only when their own clean pass (on the prefix cache, through the staircase) agrees
+    with it, and when their α = 1 cells give the clean value again; otherwise the row is recomputed by
+    the ``reference`` engine with a warning, and the returned ``engine`` / ``note`` say so.
+    """
+    with cache_keyword_fix(model):
+        plain_logits, plain_acts, plain_calls = _plain_state(model, row, names)
+        clean = float(read_quantity(plain_logits, row.target, quantity)[0])
+        out, why = _ig_cells(model, row, names, alphas, weights, baseline, quantity, engine, batch_size,
+                             plain_logits, plain_acts, plain_calls, clean)
+        if why is None:
+            return out
+        note = _fallback(engine, why)
+        out, again = _ig_cells(model, row, names, alphas, weights, baseline, quantity, "reference", batch_size,
+                               plain_logits, plain_acts, plain_calls, clean)
+        if again is not None:
+            raise EngineCheckError(f"integrated gradients: even the reference engine disagrees with a plain "
+                                   f"forward of the model ({again}); its hooks do not reproduce its own output")
+        return {**out, "note": note}
+
+
+def _ig_cells(model: Any, row: Queries, names: list[str], alphas: Tensor, weights: Tensor, baseline: Baseline,
+              quantity: Quantity, engine: Engine, batch_size: int, plain_logits: Tensor, plain_acts: Tensor,
+              plain_calls: list, clean: float) -> tuple[dict[str, Any], str | None]:
+    """The IG cells of one row on ``engine``; the second value says why the engine cannot be trusted
+    (its clean pass or its α = 1 cells disagree with the plain forward), or is None."""
     causal = not is_masked_lm(model) and int(row.position[0]) > 0
-    kv = None
+    kv, stairs, ran = None, None, engine
+    acts = plain_acts
     if causal and engine != "reference":
         with torch.no_grad():
             _, kv = model(row.tokens[:, :-1], return_type="logits_and_cache")
-    acts, clean, stairs = _clean_state(model, row, names, kv, quantity, stairs=engine == "fast")
+        logits, acts, cache, calls = _cached_state(model, row, names, kv)
+        why = (disagreement(logits, plain_logits, "the cached clean logits")
+               or disagreement(acts, plain_acts, "the cached clean activations"))
+        if why is not None:
+            return {}, f"{why} (the key/value cache is not honoured)"
+        if engine == "fast":
+            stairs = build_stairs(model, calls, cache=cache, prefix=cache_layers(kv), read_at=-1,
+                                  reference=plain_logits)
+    elif engine == "fast":
+        pos = int(row.position[0])
+        stairs = build_stairs(model, plain_calls, cache=None, prefix=None, read_at=pos, reference=plain_logits)
+    if engine == "fast" and stairs is None:
+        ran = "batched"
+        log.info("the staircase does not reproduce this model's logits; running the batched engine")
     acts = acts.float()
     start = torch.zeros_like(acts) if isinstance(baseline, str) else baseline.to(acts)
     span = acts - start
     n_layers, m = len(names), len(alphas)
-    # every layer gets the m grid points plus α = 0 (the baseline value, for the completeness check),
-    # unless the grid has that point already
-    zero = (alphas == 0).nonzero()
+    # every layer gets the m grid points plus α = 0 (the baseline value, for the completeness check) and
+    # α = 1 (the clean value, checked against the plain forward), unless the grid has them already
     grid = alphas.to(acts.device)
-    if len(zero) == 0:
-        grid = torch.cat([grid, grid.new_zeros(1)])
-    z = int(zero[0]) if len(zero) else m
+    extra = [a for a in (0.0, 1.0) if not bool((grid == a).any())]
+    grid = torch.cat([grid, grid.new_tensor(extra)])
+    z, one = int((grid == 0).nonzero()[0]), int((grid == 1).nonzero()[0])
     g_n = len(grid)
     cell_layer = torch.arange(n_layers, device=acts.device).repeat_interleave(g_n)
     cell_alpha = grid.repeat(n_layers)
     grads = torch.empty(len(cell_layer), acts.shape[-1])
     f = torch.empty(len(cell_layer), dtype=torch.float32)
-    if engine == "reference":
+    if ran == "reference":
         groups = [torch.arange(l * g_n, (l + 1) * g_n) for l in range(n_layers)]
     elif stairs is not None:  # rows sorted by the block they start at
         blocks = torch.tensor([_block_of(n) for n in names])
@@ -182,14 +237,16 @@ def _ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights:
             grads[idx], f[idx] = g.cpu(), v.float().cpu()
     grads = grads.view(n_layers, g_n, -1)[:, :m]
     f = f.view(n_layers, g_n)
+    why = disagreement(f[:, one], torch.full((n_layers,), clean), f"the α = 1 cells' {quantity}")
+    if why is not None:
+        return {}, why
     scores = span.cpu() * torch.einsum("k,lkd->ld", weights.float(), grads)
     delta = clean - f[:, z]
     if not torch.isfinite(scores).all():
         raise NonFiniteError("integrated gradients produced non-finite scores (check the model's dtype and "
                              "the target quantity; 'logprob' of a near-zero probability can overflow)")
     return {"scores": scores, "activations": acts.cpu(), "delta": delta,
-            "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean,
-            "engine": "batched" if engine == "fast" and stairs is None else engine}  # what ran
+            "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean, "engine": ran, "note": ""}, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,6 +370,7 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
         steps=steps, grid=grid, quantity=quantity,
         baseline=baseline if isinstance(baseline, str) else "custom tensor",
         engine="+".join(dict.fromkeys(r["engine"] for r in rows)),
+        engine_note="; ".join(dict.fromkeys(r["note"] for r in rows if r["note"])), versions=environment(),
         multi_token="single" if n_tokens == 1 else f"teacher_forcing/{token_reduce}",
         dtype=str(run_dtype or _model_dtype(model)).removeprefix("torch."), knlens_version=__version__)
     out = []

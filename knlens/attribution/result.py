@@ -29,10 +29,12 @@ class AttributionSettings:
     grid: str
     quantity: str  # "prob" | "logprob" | "logit"
     baseline: str  # "zero" or a description
-    engine: str  # "fast" | "reference"
+    engine: str  # the engine that ran: "fast" | "batched" | "reference", "+"-joined when prompts differed
     multi_token: str  # "single" | "teacher_forcing/mean" | "teacher_forcing/sum"
     dtype: str  # dtype the model ran in; gradients are accumulated in float32
     knlens_version: str
+    engine_note: str = ""  # why an engine fell back to a slower one ("" when the one asked for ran)
+    versions: dict[str, str] = field(default_factory=dict)  # knlens.versions.environment() of the run
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""The fast IG engines check themselves against a plain forward and fall back loudly.
+
+The breakages here are the ones that happened or could: a key/value cache that the attention layers
+ignore (TransformerLens 4.3 under transformers 5.24), and a staircase whose cells are wrong although
+its build check passed. Each must give the reference engine's numbers, a warning, and a record of the
+engine that actually ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+
+import knlens
+from knlens.attribution import ig
+from knlens.errors import EngineCheckError, EngineFallbackWarning
+from knlens.staircase import SharedPrefix
+
+PROMPTS = ["the capital of france is", "paris is the capital city of"]
+
+
+@contextlib.contextmanager
+def _cache_ignored(model):
+    """What TransformerLens 4.3 did under transformers 5.24: attention never sees the cache."""
+    def drop(module, args, kwargs):
+        return args, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+    handles = [b.attn.register_forward_pre_hook(drop, with_kwargs=True) for b in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _attribute(model, engine, **kw):
+    return knlens.attribute(model, PROMPTS, " paris", steps=6, engine=engine, **kw)
+
+
+def _assert_same_scores(got, want):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-6, rtol=1e-4)
+        assert a.clean_value == pytest.approx(b.clean_value, rel=1e-6)
+
+
+def test_fast_engine_runs_unwarned_on_this_environment(tiny_llama):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)
+        attrs = _attribute(tiny_llama, "fast")
+    assert attrs[0].settings.engine == "fast" and attrs[0].settings.engine_note == ""
+    assert attrs[0].settings.versions["transformers"] != "missing"
+
+
+@pytest.mark.parametrize("engine", ["fast", "batched"])
+def test_ignored_cache_falls_back_to_reference_with_a_warning(tiny_llama, monkeypatch, engine):
+    want = _attribute(tiny_llama, "reference")
+    monkeypatch.setattr(ig, "cache_keyword_fix", _cache_ignored)
+    with pytest.warns(EngineFallbackWarning, match="cache is not honoured"):
+        got = _attribute(tiny_llama, engine)
+    _assert_same_scores(got, want)
+    assert got[0].settings.engine == "reference"
+    assert got[0].settings.engine_note.startswith(f"{engine} -> reference")
+
+
+def test_ignored_cache_would_have_given_wrong_numbers(tiny_llama):
+    """The breakage is real: without the check, the cached clean logits are far from the plain ones."""
+    q = knlens.encode(tiny_llama, PROMPTS[:1], " paris")
+    with torch.no_grad(), _cache_ignored(tiny_llama):
+        _, kv = tiny_llama(q.tokens[:, :-1], return_type="logits_and_cache")
+        cached = tiny_llama(q.tokens[:, -1:], past_key_values=kv)[:, -1]
+    plain = tiny_llama(q.tokens)[:, -1]
+    assert (cached - plain).abs().max() > 0.1
+
+
+def test_wrong_staircase_cells_are_caught_by_the_alpha_one_check(tiny_llama, monkeypatch):
+    want = _attribute(tiny_llama, "reference")
+    build = ig.build_stairs
+
+    def corrupted(*args, **kwargs):  # passes its own build check, then serves wrong prefix keys
+        plan = build(*args, **kwargs)
+        if plan is not None and plan.shared is not None:
+            plan.shared = SharedPrefix([(k * 1.5, v) for k, v in plan.shared.prefix])
+        return plan
+    monkeypatch.setattr(ig, "build_stairs", corrupted)
+    with pytest.warns(EngineFallbackWarning, match="α = 1"):
+        got = _attribute(tiny_llama, "fast")
+    _assert_same_scores(got, want)
+    assert got[0].settings.engine == "reference"
+
+
+def test_a_model_whose_hooks_change_its_output_is_refused(tiny_llama, monkeypatch):
+    plain = ig._plain_state
+
+    def shifted(*args, **kwargs):  # the "plain forward" no longer matches what any engine computes
+        logits, acts, calls = plain(*args, **kwargs)
+        return logits + torch.linspace(0, 3, logits.shape[-1]), acts, calls
+    monkeypatch.setattr(ig, "_plain_state", shifted)
+    with pytest.raises(EngineCheckError), warnings.catch_warnings():
+        warnings.simplefilter("ignore", EngineFallbackWarning)
+        _attribute(tiny_llama, "fast")
+
+
+@pytest.mark.integration
+def test_ignored_cache_on_the_embedded_model_gives_reference_numbers(real_model, monkeypatch):
+    kw = dict(steps=2, layers=[0, 14, 29])
+    fact = knlens.Fact(["The capital of France is"], " Paris")
+    want = knlens.attribute(real_model, fact, engine="reference", **kw)
+    monkeypatch.setattr(ig, "cache_keyword_fix", _cache_ignored)
+    with pytest.warns(EngineFallbackWarning):
+        got = knlens.attribute(real_model, fact, engine="fast", **kw)
+    assert got[0].settings.engine == "reference"
+    torch.testing.assert_close(got[0].scores, want[0].scores, atol=1e-7, rtol=1e-4)
+    assert got[0].clean_value == pytest.approx(0.75, abs=0.05)  # P(Paris) of the plain forward
