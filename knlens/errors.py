@@ -51,3 +51,13 @@ class SelectionError(KnlensError, ValueError):
 class ControlError(KnlensError, ValueError):
     """A control or held-out evaluation that cannot be built from the given input (no facts of other
     relations, too few prompts to hold one out, bad bin counts, one neuron set per fact missing)."""
+
+
+class TracingSettingError(KnlensError, ValueError):
+    """A causal-tracing setting that cannot work: a window below 1, an unknown kind, engine or corruption,
+    fewer than one noise sample, a non-positive noise scale or batch size."""
+
+
+class NotKnownError(KnlensError, ValueError):
+    """A fact the model does not know (its clean top prediction is not the target) where a method traces
+    only known facts, as Meng et al. did; the message names the override."""
