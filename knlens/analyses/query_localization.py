@@ -1,313 +1,67 @@
-"""Query localization (Chen et al., ICLR 2025; methods.md §4, §6, §9, §10): is a fact's set of knowledge
-neurons a property of the fact, or of the query that asks for it?
+"""Query localization (Chen et al., ICLR 2025; methods.md §4, §9): is a fact's set of knowledge neurons a
+property of the fact, or of the query that asks for it? The consistency of neurons across paraphrases is
+in :mod:`knlens.analyses.consistency`; this module holds the causal instruments, each one hook composition
+run in batch:
 
-Instruments, each one hook composition run in batch:
-
-* **consistency of neurons across paraphrases** — per fact, one neuron set per paraphrase (the coarse
-  neurons of that prompt: IG score ≥ ``threshold`` × the prompt's maximum, optionally only the ``top_k``
-  best); consistency = mean pairwise Jaccard of those sets (:func:`jaccard_consistency`); and Niu et al.'s
-  similarity of the paraphrases' attribution vectors (:func:`niu_similarity`). Facts are split into
-  consistent (score ≥ threshold) and inconsistent ones by Otsu's threshold (:func:`otsu_threshold`) and by
-  a static 0.3, with a Welch t-test between the groups (:func:`consistency_study`);
-* **query-KN mapping** — suppress a query's own neurons, a paraphrase's neurons, or their intersection,
-  and compare ΔP on the query (:func:`query_kn_mapping`);
+* **query-KN mapping** — suppress on query i its own neurons S_i, a paraphrase's S_j, S_i ∩ S_j, and random
+  sets with the layers and size of S_j, optionally after removing the relation's generic neurons from
+  every set (:func:`query_kn_mapping`); per-fact permutation tests of own versus paraphrase and of each
+  against its random control (:func:`mapping_tests`);
 * **consistency-aware selection** — neurons with a high mean and a low spread of normalised attribution
-  across paraphrases (β₁·mean − β₂·std), compared with the query's own set and the union / intersection
-  on reliability, generality and locality (:func:`consistency_aware_neurons`, :func:`compare_selections`);
+  across paraphrases (β₁·mean − β₂·std), against the query's own top neurons and the top mean attribution
+  at the same set size (:func:`equal_size_selections`), on reliability, generality (prompts used for the
+  selection and held-out ones) and locality (:func:`compare_selections`);
 * **attention versus MLP at the neuron level** — patch attention outputs at the last token from a
   paraphrase or a corrupted run and measure the neurons' activations and P(target)
   (:func:`attention_patch`); scale the attention weights on the most-attended positions ("knowledge
-  synapses") by α, with least-attended positions as control (:func:`synapse_scaling`, :func:`scale_attention`);
+  synapses") by α, with random other positions as control and the attention mass of both recorded
+  (:func:`synapse_scaling`, :func:`scale_attention`, :func:`attended_positions`);
 * **entity versus relation** — causal traces with the corruption on the subject or on the relation
   tokens (:func:`entity_vs_relation`).
 
 >>> import torch
->>> from knlens import NeuronSet
->>> jaccard_consistency([NeuronSet([(0, 1)]), NeuronSet([(0, 1)]), NeuronSet([(1, 2)])])  # (1 + 0 + 0) / 3
-0.3333333333333333
->>> round(niu_similarity(torch.eye(3)), 6)
-0.0
->>> otsu_threshold([0.1, 0.12, 0.15, 0.8, 0.82, 0.9]) == (0.15 + 0.8) / 2
-True
+>>> v = torch.zeros(3, 2, 4)
+>>> v[:, 0, 1] = 1.0                        # high on every paraphrase
+>>> v[0, 1, 2] = 2.0                        # highest, but on one paraphrase only
+>>> sorted(consistency_aware_neurons(v, 1)), sorted(equal_size_selections(v, 1)["query"])
+([Neuron(layer=0, index=1)], [Neuron(layer=1, index=2)])
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
-from scipy import stats
 from torch import Tensor
 
-from ..attribution import Attribution, attribute
+from ..attribution import Attribution
 from ..engine import target_probs
 from ..errors import KnlensError, PromptError
 from ..hooks import Hook, HookFn, hook_name, hooked
-from ..interventions import intervene
+from ..interventions import intervene, random_control
 from ..neurons import NeuronSet
-from ..patching import (EMBED_HOOK, Corruption, Trace, _n_prefix, corruption_hook,
-                        subject_token_span, trace)
+from ..patching import EMBED_HOOK, Corruption, Trace, _n_prefix, corruption_hook, subject_token_span, trace
 from ..prompts import Queries, encode
-from ..selection import coarse
+from .stats import InsufficientDataError, paired_permutation_test
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..facts import Fact
 
 __all__ = [
-    "jaccard_consistency", "niu_similarity", "otsu_threshold", "welch_test", "per_prompt_neurons",
-    "FactConsistency", "fact_consistency", "ConsistencyStudy", "consistency_study", "query_kn_mapping",
-    "mapping_summary", "consistency_aware_scores", "consistency_aware_neurons", "compare_selections",
-    "AttentionPatch", "attention_patch", "scale_attention", "attended_positions", "synapse_scaling",
-    "EntityRelation", "entity_vs_relation", "STATIC_THRESHOLD",
+    "MAPPING_RELATIONS", "query_kn_mapping", "mapping_summary", "mapping_tests", "consistency_aware_scores",
+    "consistency_aware_neurons", "equal_size_selections", "compare_selections", "AttentionPatch",
+    "attention_patch", "scale_attention", "attended_positions", "synapse_scaling", "EntityRelation",
+    "entity_vs_relation",
 ]
 
-STATIC_THRESHOLD = 0.3
-Vectors = Union[Float[Tensor, "n d"], Float[Tensor, "n layer neuron"], Sequence[Attribution]]
-
-
-# ------------------------------------------------------------------------------------ scores & stats
-
-def jaccard_consistency(sets: Sequence[NeuronSet]) -> float:
-    """Mean pairwise Jaccard index of neuron sets (1 = all identical, 0 = pairwise disjoint).
-
-    Two empty sets count as identical (Jaccard 1). Needs at least two sets.
-    """
-    if len(sets) < 2:
-        raise ValueError(f"consistency needs at least two neuron sets, got {len(sets)}")
-    pairs = list(itertools.combinations(sets, 2))
-    return float(sum(a.jaccard(b) for a, b in pairs) / len(pairs))
-
-
-def _matrix(vectors: Vectors) -> Tensor:
-    if isinstance(vectors, Tensor):
-        m = vectors.detach().float()
-    else:
-        m = torch.stack([a.scores.detach().float() for a in vectors])
-    return m.reshape(m.shape[0], -1)
-
-
-def niu_similarity(vectors: Vectors) -> float:
-    """Niu et al.'s localisation similarity of n attribution vectors: (σ₁² − 1) / (n − 1).
-
-    The rows of the ``n × (L·d_mlp)`` matrix are normalised to unit length and σ₁ is its largest singular
-    value: 1 for identical (parallel) rows, 0 for mutually orthogonal rows. Zero rows stay zero.
-
-    >>> import torch
-    >>> niu_similarity(torch.ones(4, 10))
-    1.0
-    """
-    m = _matrix(vectors).double()
-    n = m.shape[0]
-    if n < 2:
-        raise ValueError(f"similarity needs at least two vectors, got {n}")
-    norms = m.norm(dim=1, keepdim=True)
-    m = torch.where(norms > 0, m / norms.clamp_min(1e-300), m)
-    sigma1 = float(torch.linalg.matrix_norm(m, ord=2))
-    return float(round((sigma1 ** 2 - 1.0) / (n - 1), 12))
-
-
-def otsu_threshold(values: Sequence[float] | np.ndarray) -> float:
-    """Otsu's threshold of a 1-D sample: the cut between consecutive sorted values that maximises the
-    between-class variance w₀·w₁·(μ₀ − μ₁)², returned as the midpoint of the cut (exact, no histogram).
-
-    >>> otsu_threshold([0.0, 0.1, 1.0, 1.1])
-    0.55
-    """
-    x = np.sort(np.asarray(values, dtype=float).ravel())
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
-        raise ValueError("Otsu's threshold needs at least two finite values")
-    if x[0] == x[-1]:
-        return float(x[0])
-    n = len(x)
-    csum = np.cumsum(x)
-    k = np.arange(1, n)  # cut after k values
-    cuts = x[k - 1] < x[k]  # only between distinct values
-    w0, w1 = k / n, (n - k) / n
-    mu0 = csum[k - 1] / k
-    mu1 = (csum[-1] - csum[k - 1]) / (n - k)
-    between = np.where(cuts, w0 * w1 * (mu0 - mu1) ** 2, -np.inf)
-    i = int(np.argmax(between))
-    return float((x[i] + x[i + 1]) / 2)
-
-
-def welch_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Welch's unequal-variance t-test (scipy); NaN statistics when a group has fewer than two values."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    out = {"n_a": len(a), "n_b": len(b), "mean_a": float(a.mean()) if len(a) else float("nan"),
-           "mean_b": float(b.mean()) if len(b) else float("nan"), "t": float("nan"), "p": float("nan")}
-    if len(a) >= 2 and len(b) >= 2 and (a.std() > 0 or b.std() > 0):
-        res = stats.ttest_ind(a, b, equal_var=False)
-        out["t"], out["p"] = float(res.statistic), float(res.pvalue)
-    return out
-
-
-# ---------------------------------------------------------------------------- consistency per fact
-
-def per_prompt_neurons(attributions: Sequence[Attribution], *, threshold: float = 0.2, strict: bool = False,
-                       top_k: int | None = None) -> list[NeuronSet]:
-    """The neurons of each prompt: coarse (score ≥ ``threshold`` × max), best first, at most ``top_k``."""
-    out = []
-    for a in attributions:
-        s = coarse(a, threshold, strict=strict)
-        out.append(NeuronSet(list(s)[:top_k]) if top_k is not None else s)
-    return out
-
-
-@dataclass(frozen=True)
-class FactConsistency:
-    """Per-paraphrase neuron sets of one fact and their consistency scores."""
-
-    name: str
-    prompts: tuple[str, ...]
-    target: str
-    sets: tuple[NeuronSet, ...]
-    jaccard: float
-    niu: float
-    p_clean: tuple[float, ...]
-    vectors: Float[Tensor, "prompt layer neuron"] | None = None  # the attribution scores (kept for selection)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "prompts": list(self.prompts), "target": self.target,
-                "sets": [json.loads(s.to_json()) for s in self.sets], "jaccard": self.jaccard,
-                "niu": self.niu, "p_clean": list(self.p_clean)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FactConsistency:
-        return cls(d["name"], tuple(d["prompts"]), d["target"],
-                   tuple(NeuronSet.from_json(json.dumps(s)) for s in d["sets"]), d["jaccard"], d["niu"],
-                   tuple(d["p_clean"]))
-
-
-def fact_consistency(model: Any, fact: Fact, *, attributions: Sequence[Attribution] | None = None,
-                     steps: int = 20, threshold: float = 0.2, strict: bool = False, top_k: int | None = None,
-                     batch_size: int = 64, **attribute_kw: Any) -> FactConsistency:
-    """Attribute every paraphrase of ``fact`` (or reuse ``attributions``) and score the consistency.
-
-    >>> from knlens import load_model, Fact
-    >>> model = load_model("tiny-llama")
-    >>> fc = fact_consistency(model, Fact(["the capital of france is", "the capital city of france is"],
-    ...                                   " paris"), steps=4)
-    >>> 0.0 <= fc.jaccard <= 1.0 and len(fc.sets) == 2
-    True
-    """
-    if len(fact.prompts) < 2:
-        raise PromptError(f"fact {fact.name or fact.target!r} has {len(fact.prompts)} prompt(s); consistency "
-                          f"needs at least two paraphrases")
-    attrs = list(attributions) if attributions is not None else attribute(
-        model, fact, steps=steps, batch_size=batch_size, **attribute_kw)
-    sets = per_prompt_neurons(attrs, threshold=threshold, strict=strict, top_k=top_k)
-    vec = torch.stack([a.scores.detach().float() for a in attrs])
-    return FactConsistency(fact.name or f"{fact.prompts[0]} →{fact.target}", tuple(fact.prompts), fact.target,
-                           tuple(sets), jaccard_consistency(sets), niu_similarity(vec),
-                           tuple(float(a.clean_value) for a in attrs), vec)
-
-
-@dataclass(frozen=True)
-class ConsistencyStudy:
-    """Consistency of many facts, their split into consistent (K_I) and inconsistent (K_II) facts.
-
-    A fact is *consistent* when its score is ≥ the threshold. Thresholds: Otsu's (computed on the
-    sample of scores) and a static one (0.3), for both scores (``jaccard`` and ``niu``).
-    """
-
-    facts: tuple[FactConsistency, ...]
-    static_threshold: float = STATIC_THRESHOLD
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def thresholds(self) -> dict[tuple[str, str], float]:
-        out = {}
-        for score in ("jaccard", "niu"):
-            vals = [getattr(f, score) for f in self.facts]
-            out[(score, "otsu")] = otsu_threshold(vals) if len(vals) >= 2 else float("nan")
-            out[(score, "static")] = self.static_threshold
-        return out
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per fact: scores, mean set size and the consistent flags under every threshold."""
-        th = self.thresholds()
-        rows = []
-        for f in self.facts:
-            r = {"fact": f.name, "n_prompts": len(f.prompts), "mean_neurons": float(np.mean([len(s) for s in f.sets])),
-                 "union_neurons": len(NeuronSet.union(f.sets)),
-                 "intersection_neurons": len(NeuronSet.intersection(f.sets)),
-                 "jaccard": f.jaccard, "niu": f.niu, "mean_p_clean": float(np.mean(f.p_clean))}
-            for (score, kind), t in th.items():
-                r[f"consistent_{score}_{kind}"] = bool(getattr(f, score) >= t)
-            rows.append(r)
-        return pd.DataFrame(rows)
-
-    def summary(self) -> pd.DataFrame:
-        """Per (score, threshold): the threshold, group sizes, share of inconsistent facts and Welch tests.
-
-        ``welch_t/p``: the score itself between the groups; ``cross_t/p``: the *other* score between the
-        same groups (does the Jaccard split also separate Niu similarity, and vice versa?).
-        """
-        frame = self.to_frame()
-        rows = []
-        for (score, kind), t in self.thresholds().items():
-            flag = frame[f"consistent_{score}_{kind}"]
-            other = "niu" if score == "jaccard" else "jaccard"
-            w = welch_test(frame.loc[flag, score], frame.loc[~flag, score])
-            c = welch_test(frame.loc[flag, other], frame.loc[~flag, other])
-            rows.append({"score": score, "threshold": kind, "value": t, "n_facts": len(frame),
-                         "n_consistent": int(flag.sum()), "n_inconsistent": int((~flag).sum()),
-                         "share_inconsistent": float((~flag).mean()) if len(frame) else float("nan"),
-                         "welch_t": w["t"], "welch_p": w["p"], "cross_mean_consistent": c["mean_a"],
-                         "cross_mean_inconsistent": c["mean_b"], "cross_t": c["t"], "cross_p": c["p"]})
-        return pd.DataFrame(rows)
-
-    def plot(self) -> Any:
-        """Histograms of both scores with the Otsu and static thresholds."""
-        import matplotlib.pyplot as plt
-
-        frame, th = self.to_frame(), self.thresholds()
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, score in zip(axes, ("jaccard", "niu")):
-            ax.hist(frame[score], bins=min(20, max(5, len(frame))), range=(0, 1), color="0.6")
-            ax.axvline(th[(score, "otsu")], color="C3", label=f"Otsu {th[(score, 'otsu')]:.2f}")
-            ax.axvline(th[(score, "static")], color="C0", ls="--", label=f"static {th[(score, 'static')]:.2f}")
-            ax.set_xlabel({"jaccard": "mean pairwise Jaccard", "niu": "Niu similarity"}[score])
-            ax.set_ylabel("facts")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
-
-    def save(self, path: str | Path) -> None:
-        """JSON (facts with their neuron sets, settings)."""
-        Path(path).write_text(json.dumps({"facts": [f.to_dict() for f in self.facts],
-                                          "static_threshold": self.static_threshold,
-                                          "settings": self.settings}, indent=1, default=str))
-
-    @classmethod
-    def load(cls, path: str | Path) -> ConsistencyStudy:
-        d = json.loads(Path(path).read_text())
-        return cls(tuple(FactConsistency.from_dict(f) for f in d["facts"]), d["static_threshold"], d["settings"])
-
-
-def consistency_study(model: Any, facts: Sequence[Fact], *, steps: int = 20, threshold: float = 0.2,
-                      top_k: int | None = None, static_threshold: float = STATIC_THRESHOLD,
-                      batch_size: int = 64, progress: bool = False, **attribute_kw: Any) -> ConsistencyStudy:
-    """:func:`fact_consistency` of every fact (≥ 2 prompts each), gathered in a :class:`ConsistencyStudy`."""
-    it: Any = facts
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(facts, desc="consistency")
-    out = tuple(fact_consistency(model, f, steps=steps, threshold=threshold, top_k=top_k, batch_size=batch_size,
-                                 **attribute_kw) for f in it)
-    from .. import __version__
-    return ConsistencyStudy(out, static_threshold,
-                            {"model": getattr(model.cfg, "model_name", "?"), "steps": steps, "threshold": threshold,
-                             "top_k": top_k, "per_prompt_set": "coarse", "knlens_version": __version__,
-                             **{k: str(v) for k, v in attribute_kw.items()}})
+Vectors = Union[Float[Tensor, "n layer neuron"], Sequence[Attribution]]
+MAPPING_RELATIONS = ("own", "own-random", "paraphrase", "paraphrase-random", "intersection")
 
 
 # ------------------------------------------------------------------------------- query-KN mapping
@@ -321,46 +75,100 @@ def _per_prompt(p: Tensor, q: Queries) -> Tensor:
 
 
 def query_kn_mapping(model: Any, fact: Fact, sets: Sequence[NeuronSet], *, factor: float = 0.0,
+                     exclude: NeuronSet | None = None, n_random: int = 0, seed: int = 0,
                      batch_size: int = 64) -> pd.DataFrame:
     """Suppress (``factor=0``) on query i its own set S_i, each paraphrase's set S_j and S_i ∩ S_j.
 
-    Returns one row per (query, neuron source): ``query, source, relation`` (``own``, ``paraphrase``,
-    ``intersection``), ``n_neurons, p_before, p_after, change, relative`` (= change / p_before).
-    All (set, prompt) pairs run as rows of one batch (:func:`knlens.interventions.intervene`).
+    ``exclude`` (e.g. the relation's :func:`~knlens.selection.generic_neurons`) is removed from every set
+    first. ``n_random`` draws of :func:`~knlens.interventions.random_control` per set S_j (same number of
+    neurons in each layer) give the rows ``own-random`` (j = i) and ``paraphrase-random`` (j ≠ i), one per
+    draw (``draw`` column). Returns one row per (query, source, relation, draw) with ``n_neurons, p_before,
+    p_after, change, relative`` (= change / p_before). All (set, prompt) pairs run as rows of one batch
+    (:func:`knlens.interventions.intervene`).
+
+    >>> from knlens import load_model, Fact, NeuronSet
+    >>> fact = Fact(["the capital of france is", "the capital city of france is"], " paris")
+    >>> m = query_kn_mapping(load_model("tiny-llama"), fact, [NeuronSet([(1, 3)]), NeuronSet([(0, 2)])],
+    ...                      n_random=2)
+    >>> sorted(m.relation.value_counts().items())
+    [('intersection', 2), ('own', 2), ('own-random', 4), ('paraphrase', 2), ('paraphrase-random', 4)]
     """
     n = len(fact.prompts)
     if len(sets) != n:
-        raise ValueError(f"{len(sets)} neuron sets for {n} prompts: give one set per prompt")
+        raise KnlensError(f"{len(sets)} neuron sets for {n} prompts: give one set per prompt")
+    if n_random < 0:
+        raise KnlensError(f"n_random must be >= 0, got {n_random}")
+    sets = [s - exclude for s in sets] if exclude is not None else list(sets)
     q = encode(model, list(fact.prompts), fact.target)
     pairs = list(itertools.permutations(range(n), 2))
-    all_sets = [*sets, *[sets[i] & sets[j] for i, j in pairs]]
+    randoms = [random_control(sets[j], model.cfg.d_mlp, seed=seed + 1000 * j + d)
+               for j in range(n) for d in range(n_random)]
+    all_sets = [*sets, *[sets[i] & sets[j] for i, j in pairs], *randoms]
     before = _per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q)
     after = _per_prompt(intervene(model, q, all_sets, factor, batch_size=batch_size), q)  # [set, prompt]
     rows = []
 
-    def rec(i: int, j: int, rel: str, s_idx: int) -> None:
+    def rec(i: int, j: int, rel: str, s_idx: int, draw: int = 0) -> None:
         b, a = float(before[i]), float(after[s_idx, i])
-        rows.append({"fact": fact.name, "query": i, "source": j, "relation": rel, "n_neurons": len(all_sets[s_idx]),
-                     "p_before": b, "p_after": a, "change": a - b,
+        rows.append({"fact": fact.name, "query": i, "source": j, "relation": rel, "draw": draw,
+                     "n_neurons": len(all_sets[s_idx]), "p_before": b, "p_after": a, "change": a - b,
                      "relative": (a - b) / b if b > 0 else float("nan")})
     for i in range(n):
         rec(i, i, "own", i)
     for k, (i, j) in enumerate(pairs):
         rec(i, j, "paraphrase", j)
         rec(i, j, "intersection", n + k)
+    first_random = n + len(pairs)
+    for i in range(n):
+        for j in range(n):
+            for d in range(n_random):
+                rec(i, j, "own-random" if i == j else "paraphrase-random", first_random + j * n_random + d, d)
     return pd.DataFrame(rows)
 
 
 def mapping_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean relative change, mean |set| and count per relation (own / paraphrase / intersection)."""
+    """Mean relative change, mean |set|, rows and share of empty sets per relation (own, paraphrase, ...)."""
     g = frame.groupby("relation")
     return pd.DataFrame({"relative": g["relative"].mean(), "change": g["change"].mean(),
                          "n_neurons": g["n_neurons"].mean(), "n": g.size(),
                          "share_empty": g["n_neurons"].apply(lambda s: float((s == 0).mean()))}).reindex(
-        ["own", "paraphrase", "intersection"]).dropna(how="all").reset_index()
+        list(MAPPING_RELATIONS)).dropna(how="all").reset_index()
+
+
+def mapping_tests(frame: pd.DataFrame, *, n_permutations: int = 10000, seed: int = 0) -> pd.DataFrame:
+    """Per-fact sign-flip permutation tests on the relative change of P(target), rows with empty sets left out.
+
+    For each comparison A − B, a fact contributes mean(relative | A) − mean(relative | B) over its queries
+    (and draws); facts lacking either are skipped. Query-KN mapping predicts ``own − paraphrase`` < 0 under
+    suppression; ``own − own-random`` and ``paraphrase − paraphrase-random`` say whether each set does more
+    than arbitrary neurons of its layers.
+    """
+    rows = []
+    ok = frame[frame.n_neurons > 0]
+    means = ok.groupby(["fact", "relation"])["relative"].mean().unstack("relation")
+    for a, b in (("own", "paraphrase"), ("own", "own-random"), ("paraphrase", "paraphrase-random"),
+                 ("intersection", "paraphrase")):
+        if a not in means or b not in means:
+            continue
+        d = (means[a] - means[b]).dropna()
+        if d.empty:
+            continue
+        t = paired_permutation_test(d.to_numpy(), n_permutations=n_permutations, seed=seed)
+        rows.append({"comparison": f"{a} − {b}", "n_facts": t["n"], "mean_a": float(means.loc[d.index, a].mean()),
+                     "mean_b": float(means.loc[d.index, b].mean()), "difference": t["mean"],
+                     "share_a_above_b": t["share_positive"], "p": t["p"], "p_floor": t["p_floor"]})
+    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------------ consistency-aware selection
+
+def _values(values: Vectors) -> Float[Tensor, "n layer neuron"]:
+    v = values.detach().float() if isinstance(values, Tensor) else torch.stack(
+        [a.scores.detach().float() for a in values])
+    if v.ndim != 3 or v.shape[0] < 2:
+        raise KnlensError(f"expected [paraphrase ≥ 2, layer, neuron] values, got shape {tuple(v.shape)}")
+    return v
+
 
 def consistency_aware_scores(values: Vectors, *, beta1: float = 1.0, beta2: float = 1.0
                              ) -> Float[Tensor, "layer neuron"]:
@@ -369,42 +177,73 @@ def consistency_aware_scores(values: Vectors, *, beta1: float = 1.0, beta2: floa
     ``values`` are per-paraphrase attribution scores (``[n, layer, neuron]`` or Attributions); each
     paraphrase's values are divided by its largest absolute value first, so every paraphrase counts alike.
     """
-    if isinstance(values, Tensor):
-        v = values.detach().float()
-    else:
-        v = torch.stack([a.scores.detach().float() for a in values])
-    if v.ndim != 3 or v.shape[0] < 2:
-        raise ValueError(f"expected [paraphrase ≥ 2, layer, neuron] values, got shape {tuple(v.shape)}")
-    peak = v.flatten(1).abs().amax(1).clamp_min(1e-30)[:, None, None]
-    v = v / peak
+    v = _values(values)
+    v = v / v.flatten(1).abs().amax(1).clamp_min(1e-30)[:, None, None]
     return beta1 * v.mean(0) - beta2 * v.std(0, unbiased=False)
 
 
+def _top(scores: Float[Tensor, "layer neuron"], k: int, *, layers: Sequence[int] | None,
+         exclude: NeuronSet | None, exact: bool) -> NeuronSet:
+    """The ``k`` neurons with the highest positive score, best first, skipping ``exclude``; with ``exact``,
+    fewer than ``k`` raises :class:`InsufficientDataError`."""
+    layer_ids = list(layers) if layers is not None else list(range(scores.shape[0]))
+    d, flat = scores.shape[1], scores.flatten()
+    picked = []
+    for i in flat.argsort(descending=True).tolist():
+        nr = (layer_ids[i // d], i % d)
+        if len(picked) == k or float(flat[i]) <= 0:
+            break
+        if exclude is None or nr not in exclude:
+            picked.append(nr)
+    if exact and len(picked) < k:
+        raise InsufficientDataError(f"only {len(picked)} neurons have a positive score; {k} were asked for")
+    return NeuronSet(picked)
+
+
 def consistency_aware_neurons(values: Vectors, k: int, *, beta1: float = 1.0, beta2: float = 1.0,
-                              layers: Sequence[int] | None = None) -> NeuronSet:
-    """The ``k`` neurons with the highest positive consistency-aware score, best first."""
-    s = consistency_aware_scores(values, beta1=beta1, beta2=beta2)
-    layer_ids = list(layers) if layers is not None else list(range(s.shape[0]))
-    flat = s.flatten()
-    order = flat.argsort(descending=True)[:k]
-    keep = [int(i) for i in order if float(flat[i]) > 0]
-    return NeuronSet((layer_ids[i // s.shape[1]], i % s.shape[1]) for i in keep)
+                              layers: Sequence[int] | None = None, exclude: NeuronSet | None = None) -> NeuronSet:
+    """The ``k`` neurons with the highest positive consistency-aware score, best first (fewer if fewer
+    are positive), skipping ``exclude``."""
+    return _top(consistency_aware_scores(values, beta1=beta1, beta2=beta2), k, layers=layers, exclude=exclude,
+                exact=False)
+
+
+def equal_size_selections(values: Vectors, k: int, *, query: int = 0, beta1: float = 1.0, beta2: float = 1.0,
+                          layers: Sequence[int] | None = None, exclude: NeuronSet | None = None
+                          ) -> dict[str, NeuronSet]:
+    """Three selections of exactly ``k`` neurons from the paraphrases' attributions ``values``:
+
+    ``query`` — the query's own top ``k``; ``mean`` — top ``k`` of the mean normalised attribution (β₂ = 0);
+    ``consistency-aware`` — top ``k`` of β₁·mean − β₂·std. Raises :class:`InsufficientDataError` when a
+    selection has fewer than ``k`` neurons with a positive score.
+    """
+    v = _values(values)
+    if not 0 <= query < v.shape[0]:
+        raise KnlensError(f"query {query} outside the {v.shape[0]} paraphrases")
+    scores = {"query": v[query], "mean": consistency_aware_scores(v, beta1=1.0, beta2=0.0),
+              "consistency-aware": consistency_aware_scores(v, beta1=beta1, beta2=beta2)}
+    return {name: _top(s, k, layers=layers, exclude=exclude, exact=True) for name, s in scores.items()}
 
 
 def compare_selections(model: Any, fact: Fact, sets: Mapping[str, NeuronSet], *, query: int = 0,
-                       others: Sequence[Fact] = (), factor: float = 0.0, batch_size: int = 64) -> pd.DataFrame:
+                       held_out: Sequence[int] = (), others: Sequence[Fact] = (), factor: float = 0.0,
+                       batch_size: int = 64) -> pd.DataFrame:
     """Reliability, generality and locality of each neuron set under an intervention (default suppress).
 
     reliability: relative ΔP on the query ``fact.prompts[query]``; generality: mean relative ΔP on the
-    fact's other prompts; locality: mean |relative ΔP| on the prompts of ``others`` (smaller is more local).
-    For suppression a *more negative* reliability / generality means a stronger effect.
+    fact's other prompts except ``held_out``; held_out: mean relative ΔP on the ``held_out`` prompts (those
+    not used to select the neurons); locality: mean |relative ΔP| on the prompts of ``others`` (smaller is
+    more local). For suppression a *more negative* reliability / generality means a stronger effect.
     """
     names = list(sets)
+    n = len(fact.prompts)
+    if not 0 <= query < n or any(not 0 <= h < n or h == query for h in held_out):
+        raise KnlensError(f"query {query} and held_out {list(held_out)} must be distinct prompts of the {n}")
     q = encode(model, list(fact.prompts), fact.target)
     before = _per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q)
     after = _per_prompt(intervene(model, q, [sets[k] for k in names], factor, batch_size=batch_size), q)
     rel = (after - before) / before.clamp_min(1e-30)  # [set, prompt]
-    other_prompts = [i for i in range(len(fact.prompts)) if i != query]
+    used = [i for i in range(n) if i != query and i not in held_out]
     loc = torch.zeros(len(names))
     n_loc = 0
     for o in others:
@@ -417,7 +256,8 @@ def compare_selections(model: Any, fact: Fact, sets: Mapping[str, NeuronSet], *,
     for s_i, name in enumerate(names):
         rows.append({"fact": fact.name, "query": query, "set": name, "n_neurons": len(sets[name]),
                      "reliability": float(rel[s_i, query]),
-                     "generality": float(rel[s_i, other_prompts].mean()) if other_prompts else float("nan"),
+                     "generality": float(rel[s_i, used].mean()) if used else float("nan"),
+                     "held_out": float(rel[s_i, list(held_out)].mean()) if held_out else float("nan"),
                      "locality": float(loc[s_i] / n_loc) if n_loc else float("nan")})
     return pd.DataFrame(rows)
 
@@ -630,54 +470,82 @@ def scale_attention(alpha: float | Float[Tensor, "batch"], keys: Bool[Tensor, "b
         return out
     return hook
 
+def _attention_from(model: Any, tokens: Tensor, query: int, layers: Sequence[int]) -> Float[Tensor, "key"]:
+    """Attention weight from position ``query`` to every position, mean over heads and ``layers``."""
+    store: list[Tensor] = []
+    saves = [(hook_name(l, "attn.hook_pattern"),
+              lambda act, hook: store.append(act[0, :, query].detach().float().mean(0).cpu())) for l in layers]
+    with torch.no_grad(), hooked(model, saves):
+        model(tokens[:1])
+    return torch.stack(store).mean(0)
+
 
 def attended_positions(model: Any, prompt: str, *, k: int = 1, layers: Sequence[int] | None = None,
-                       exclude_bos: bool = True) -> tuple[list[int], list[int]]:
-    """The ``k`` positions the last token attends to most (mean over heads and ``layers``) and the ``k``
-    it attends to least (the irrelevant-position control); BOS and the last token itself are excluded."""
+                       exclude_bos: bool = True, n_controls: int = 1, seed: int = 0
+                       ) -> tuple[list[int], list[list[int]]]:
+    """The ``k`` positions the last token attends to most (mean over heads and ``layers``: the "knowledge
+    synapses"), and ``n_controls`` random draws of ``k`` other positions (the control; uniform among the
+    positions that are not top, so they are neither chosen for low nor for high attention). BOS (with
+    ``exclude_bos``) and the last token itself are never candidates.
+
+    >>> from knlens import load_model
+    >>> top, controls = attended_positions(load_model("tiny-gpt2"), "the capital of france is", n_controls=2)
+    >>> len(top), [len(c) for c in controls], any(set(top) & set(c) for c in controls)
+    (1, [1, 1], False)
+    """
     tokens = model.to_tokens(prompt)
     n = tokens.shape[1]
     layer_list = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    store: list[Tensor] = []
-    saves = [(hook_name(l, "attn.hook_pattern"),
-              lambda act, hook: store.append(act[0, :, -1].detach().float().mean(0))) for l in layer_list]
-    with torch.no_grad(), hooked(model, saves):
-        model(tokens)
-    mean = torch.stack(store).mean(0)
+    mean = _attention_from(model, tokens, n - 1, layer_list)
     _, n_pre = _n_prefix(model, prompt)
-    cand = [p for p in range(n_pre if exclude_bos else 0, n - 1)]
-    if len(cand) < 2 * k:
-        raise PromptError(f"{prompt!r} has {len(cand)} candidate positions; need {2 * k} for top and control")
+    cand = list(range(n_pre if exclude_bos else 0, n - 1))
+    if len(cand) < k + 1 or k < 1:
+        raise PromptError(f"{prompt!r} has {len(cand)} candidate positions; k = {k} synapses need at least "
+                          f"{k + 1} (one left for the control)")
     ranked = sorted(cand, key=lambda p: float(mean[p]), reverse=True)
-    return sorted(ranked[:k]), sorted(ranked[-k:])
+    top, rest = sorted(ranked[:k]), ranked[k:]
+    gen = torch.Generator().manual_seed(seed)
+    controls = [sorted(rest[int(i)] for i in torch.randperm(len(rest), generator=gen)[:k]) for _ in range(n_controls)]
+    return top, controls
 
 
 @torch.no_grad()
 def synapse_scaling(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
                     alphas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0), k: int = 1,
-                    layers: Sequence[int] | None = None) -> pd.DataFrame:
-    """Scale the last token's attention to its ``k`` most-attended positions ("knowledge synapses") and, as
-    a control, to its ``k`` least-attended ones, by each α, in every layer of ``layers`` (default all).
+                    layers: Sequence[int] | None = None, n_controls: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Scale the last token's attention to its ``k`` most-attended positions ("knowledge synapses") by each
+    α in every layer of ``layers`` (default all), and, as control, to ``n_controls`` random draws of ``k``
+    other positions (:func:`attended_positions`).
 
-    Returns one row per (group, α): ``group`` (``synapse``/``control``), ``alpha``, ``positions``,
-    ``p_target``, ``relative_p`` and the mean relative change of the neurons' activations at the last
-    token. All rows run as one batch.
+    Returns one row per (group, draw, α): ``group`` (``synapse``/``control``), ``draw``, ``alpha``,
+    ``positions``, ``mass`` (the positions' clean attention weight from the last token, mean over heads and
+    ``layers``: scaling by α moves about ``|α − 1|·mass`` of attention), ``p_target``, ``relative_p`` and the
+    mean (absolute) relative change of the neurons' activations at the last token. All rows run as one batch.
+
+    >>> from knlens import load_model, NeuronSet
+    >>> r = synapse_scaling(load_model("tiny-gpt2"), "the capital of france is", " paris", NeuronSet([(1, 3)]),
+    ...                     alphas=(0.0, 1.0), n_controls=2)
+    >>> r.groupby("group").size().to_dict()
+    {'control': 4, 'synapse': 2}
     """
     tokens, pos, tgt = _single(model, prompt, target)
-    top, low = attended_positions(model, prompt, k=k, layers=layers)
     layer_list = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    configs = [("synapse", a, top) for a in alphas] + [("control", a, low) for a in alphas]
+    top, controls = attended_positions(model, prompt, k=k, layers=layer_list, n_controls=n_controls, seed=seed)
+    weight = _attention_from(model, tokens, pos, layer_list)
+    groups = [("synapse", 0, top)] + [("control", d, c) for d, c in enumerate(controls)]
+    configs = [(g, d, a, ps) for g, d, ps in groups for a in alphas]
     n_rows = 1 + len(configs)
-    alpha_t = torch.tensor([1.0] + [a for _, a, _ in configs])
+    alpha_t = torch.tensor([1.0] + [a for _, _, a, _ in configs])
     km = torch.zeros(n_rows, tokens.shape[1], dtype=torch.bool)
-    for r, (_, _, ps) in enumerate(configs, start=1):
+    for r, (_, _, _, ps) in enumerate(configs, start=1):
         km[r, ps] = True
     hooks = [(hook_name(l, "attn.hook_pattern"), scale_attention(alpha_t, km, query=pos)) for l in layer_list]
     p, acts = _read_run(model, tokens.expand(n_rows, -1), pos, tgt, neurons, hooks)
     rows = []
-    for r, (group, a, ps) in enumerate(configs, start=1):
+    for r, (group, d, a, ps) in enumerate(configs, start=1):
         rel = ((acts[r] - acts[0]) / acts[0].abs().clamp_min(1e-12)) if acts.numel() else torch.zeros(0)
-        rows.append({"group": group, "alpha": a, "positions": ps, "p_clean": float(p[0]), "p_target": float(p[r]),
+        rows.append({"group": group, "draw": d, "alpha": a, "positions": ps, "mass": float(weight[ps].sum()),
+                     "p_clean": float(p[0]), "p_target": float(p[r]),
                      "relative_p": float((p[r] - p[0]) / p[0]) if float(p[0]) > 0 else float("nan"),
                      "activation_relative": float(rel.mean()) if rel.numel() else float("nan"),
                      "activation_abs_relative": float(rel.abs().mean()) if rel.numel() else float("nan")})
