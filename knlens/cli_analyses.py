@@ -171,8 +171,9 @@ def add_consistency_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "consistency", help="consistency of knowledge neurons across paraphrases (query localization)",
         description="Per fact: integrated gradients for every paraphrase, the coarse neurons of each, their "
-                    "mean pairwise Jaccard and Niu's similarity; facts split into consistent / inconsistent by "
-                    "Otsu's threshold and a static one, with Welch t-tests (Chen et al., ICLR 2025).")
+                    "mean pairwise Jaccard and Niu's similarity; the share of inconsistent facts under Otsu's threshold "
+                    "and a static one; within- versus between-fact similarity (facts of one relation) and a "
+                    "bimodality test of the scores (Chen et al., ICLR 2025).")
     _common(p)
     p.add_argument("--fact", metavar="NAME", action="append", help="a built-in fact (repeat for several)")
     p.add_argument("--prompt", metavar="P", action="append", help="a prompt of one fact (repeat for paraphrases)")
@@ -226,7 +227,7 @@ def consistency_command(args: argparse.Namespace) -> int:
     """Run ``knlens consistency``: per-fact and summary tables; consistency.json, facts.csv, summary.csv."""
     import pandas as pd
 
-    from .analyses.query_localization import consistency_study, mapping_summary, query_kn_mapping
+    from .analyses import InsufficientDataError, consistency_study, mapping_summary, query_kn_mapping
 
     if args.steps < 1:
         raise KnlensError(f"--steps must be at least 1, got {args.steps}")
@@ -241,9 +242,19 @@ def consistency_command(args: argparse.Namespace) -> int:
     print("per fact (jaccard = mean pairwise Jaccard of the prompts' coarse neurons; niu = Niu similarity)")
     print(_table(frame[["fact", "n_prompts", "mean_neurons", "intersection_neurons", "jaccard", "niu",
                         "consistent_jaccard_otsu", "consistent_jaccard_static"]]))
-    print("\nsplit into consistent (score >= threshold) and inconsistent facts, Welch t-tests between groups")
-    print(_table(summary[["score", "threshold", "value", "n_consistent", "n_inconsistent", "share_inconsistent",
-                          "welch_p", "cross_p"]]))
+    print("\nconsistent (score >= threshold) and inconsistent facts")
+    print(_table(summary[["score", "threshold", "value", "n_consistent", "n_inconsistent", "share_inconsistent"]]))
+    tests = []
+    for score in ("jaccard", "niu"):
+        for name, test in (("within - between fact", study.within_between_test), ("bimodality", study.bimodality)):
+            try:
+                tests.append({"test": name, **test(score)})
+            except InsufficientDataError as err:
+                _say(args, f"no {name} test of {score}: {err}")
+    if tests:
+        print("\nwithin-fact vs between-fact similarity (paired permutation test); unimodality of the scores")
+        print(_table(pd.DataFrame(tests).reindex(columns=["test", "score", "n", "within", "between", "mean",
+                                                          "h_crit", "p"])))
     mapping = None
     if args.mapping:
         parts = [query_kn_mapping(model, fact, list(fc.sets)) for fact, fc in zip(facts, study.facts)]
