@@ -91,20 +91,26 @@ def add_trace_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--corruption", default="noise", choices=["noise", "replace", "substitute"],
                    help="noise: + nu*N(0,I); replace: mean embedding; substitute: --other's tokens")
     p.add_argument("--other", metavar="S2", help="substitute subject (same number of tokens)")
-    p.add_argument("--samples", type=int, default=3, help="noise samples averaged (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=10,
+                   help="noise samples averaged (default: %(default)s, as Meng et al.)")
     p.add_argument("--noise-factor", type=float, default=3.0,
                    help="nu = factor x std of the token embeddings (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--window", type=int, help="layers restored around each cell (default: 1 resid, 10 mlp/attn)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward (default: %(default)s)")
     p.add_argument("--engine", default="fast", choices=["fast", "batched", "loop"],
-                   help="fast (default), batched, or loop (one forward per cell: the reference)")
+                   help="fast (default), batched, or loop (one forward per cell: the reference); an engine that "
+                        "disagrees with plain forwards of the model is replaced by the next one, with a warning")
+    p.add_argument("--allow-unknown", action="store_true",
+                   help="trace even when the model's top prediction is not the target (default: refuse, as "
+                        "Meng et al. trace only known facts)")
     p.set_defaults(func=trace_command)
     return p
 
 
 def trace_command(args: argparse.Namespace) -> int:
     """Run ``knlens trace``: print the trace's summary tables, write trace.{json,safetensors,csv,png}."""
+    from .errors import TracingSettingError
     from .patching import Corruption, trace
 
     if args.fact and (args.prompt or args.target):
@@ -124,17 +130,26 @@ def trace_command(args: argparse.Namespace) -> int:
         raise KnlensError(f"--samples must be at least 1, got {args.samples}")
     if args.corruption == "substitute" and not args.other:
         raise KnlensError("--corruption substitute needs --other (another subject with as many tokens)")
-    model = _load(args)
+    for flag, value in (("--window", args.window), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise TracingSettingError(f"{flag} must be at least 1, got {value}")
     corruption = Corruption(args.corruption, factor=args.noise_factor, seed=args.seed,
                             samples=args.samples if args.corruption == "noise" else 1, other=args.other)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise KnlensError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from err
+        if not os.access(out, os.W_OK):
+            raise KnlensError(f"cannot write to --out {str(out)!r}: permission denied")
+    model = _load(args)
     _say(args, f"tracing {prompt!r} -> {target!r} (corrupting the {args.corrupt}, kinds {', '.join(args.kinds)})")
     t = trace(model, prompt, target, kinds=args.kinds, corruption=corruption, corrupt=args.corrupt,
               subject=subject, subject_span=tuple(args.subject_span) if args.subject_span else None,
-              window=args.window, batch_size=args.batch_size, engine=args.engine)
+              window=args.window, batch_size=args.batch_size, engine=args.engine, known_only=not args.allow_unknown)
     print(format_trace(t), flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         t.save(out / "trace")
         t.to_frame().to_csv(out / "trace.csv", index=False)
         fig = t.plot()
@@ -149,6 +164,8 @@ def format_trace(t: Any) -> str:
 
     lines = [f"prompt   {t.prompt!r} -> {t.target!r}",
              f"P clean {t.p_clean:.4f}   P corrupted {t.p_corrupted:.4f}   total effect {t.total_effect:+.4f}",
+             f"engine {t.settings['engine']}" + (f" ({t.settings['engine_note']})" if t.settings.get("engine_note")
+                                                  else "") + f"   noise samples {t.settings['samples']}",
              f"corrupted tokens {[t.tokens[i] for i in t.corrupted]} (positions {list(t.corrupted)})", ""]
     groups = t.groups()
     for kind, eff in t.effects.items():

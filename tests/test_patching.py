@@ -1,17 +1,28 @@
-"""Causal tracing: exact recovery, windows, batched == loop, spans, corruptions, hook hygiene."""
+"""Causal tracing: exact recovery, windows, engines == loop, engines that check themselves, embeddings as the
+model adds them, known facts only, spans, corruptions, hook hygiene, the CLI."""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import warnings
 
 import pytest
 import torch
 
 import knlens
-from knlens.errors import KnlensError, PromptError
+import knlens.patching as patching
+from knlens.errors import EngineFallbackWarning, KnlensError, NotKnownError, PromptError, TracingSettingError
+from knlens.hooks import capture, hooked
 from knlens.patching import (Corruption, Trace, group_effects, relation_positions, restore, subject_token_span,
-                             token_groups, trace, window_layers)
+                             token_groups, trace_facts, window_layers)
 
 PROMPT, TARGET, SUBJECT = "the capital of france is", " paris", "france"
 N_TOK = 6  # [BOS] the capital of france is
+
+# random tiny models know no fact: trace them all (the known-only rule has its own tests below)
+trace = functools.partial(patching.trace, known_only=False)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -27,7 +38,7 @@ def test_window_layers_clamped():
     assert window_layers(5, 1, 30) == [5]
     assert window_layers(1, 3, 3) == [0, 1, 2]
     assert window_layers(2, 4, 3) == [0, 1, 2]
-    with pytest.raises(ValueError):
+    with pytest.raises(TracingSettingError):
         window_layers(0, 0, 3)
     with pytest.raises(KnlensError):
         window_layers(3, 2, 3)
@@ -111,8 +122,9 @@ def test_fast_trace_falls_back_when_blocks_cannot_be_driven(model, monkeypatch):
     import knlens.staircase as staircase
     ref = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",), engine="batched")
     monkeypatch.setattr(staircase, "model_tail", lambda model: None)
-    fast = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",))
-    assert fast.settings["engine"] == "batched"
+    with pytest.warns(EngineFallbackWarning, match="staircase cannot be built"):
+        fast = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",))
+    assert fast.settings["engine"] == "batched" and fast.settings["engine_requested"] == "fast"
     torch.testing.assert_close(fast.effects["mlp"], ref.effects["mlp"], atol=0, rtol=0)
 
 
@@ -122,7 +134,7 @@ def test_trace_matches_restore_of_window(model):
     for layer in range(model.cfg.n_layers):
         m = torch.zeros(model.cfg.n_layers, N_TOK, dtype=torch.bool)
         m[window_layers(layer, 2, model.cfg.n_layers), 4] = True
-        p = restore(model, PROMPT, TARGET, subject=SUBJECT, restored={"mlp": m})
+        p = restore(model, PROMPT, TARGET, subject=SUBJECT, restored={"mlp": m}, corruption=Corruption(samples=1))
         assert t.effects["mlp"][layer, 4] + t.p_corrupted == pytest.approx(p, abs=1e-6)
 
 
@@ -177,21 +189,184 @@ def test_hooks_removed_after_failure(tiny_llama):
     assert torch.equal(before, after)
 
 
+CLI = ["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET, "--subject", SUBJECT, "--quiet"]
+
+
 def test_trace_command(tmp_path, capsys):
-    import argparse
+    from knlens.cli import main
 
-    from knlens.cli_analyses import add_trace_parser
-
-    parser = argparse.ArgumentParser()
-    add_trace_parser(parser.add_subparsers())
-    args = parser.parse_args(["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET,
-                              "--subject", SUBJECT, "--kinds", "mlp", "--samples", "1", "--window", "1",
-                              "--out", str(tmp_path), "--quiet"])
-    assert args.func(args) == 0
+    assert main([*CLI, "--kinds", "mlp", "--samples", "1", "--window", "1", "--allow-unknown",
+                 "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "P clean" in out and "mlp (window 1)" in out and "last subject" in out
+    assert "engine fast   noise samples 1" in out
     assert {p.name for p in tmp_path.iterdir()} >= {"trace.json", "trace.safetensors", "trace.csv", "trace.png"}
     assert Trace.load(tmp_path / "trace").effects["mlp"].shape == (2, N_TOK)
-    bad = parser.parse_args(["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET])
-    with pytest.raises(KnlensError):
-        bad.func(bad)
+
+
+@pytest.mark.parametrize("misuse", [
+    ["--window", "0"], ["--window", "-3"], ["--samples", "0"], ["--batch-size", "0"], ["--noise-factor", "0"],
+    ["--subject", "germany"], ["--subject-span", "3", "9"], ["--corruption", "substitute", "--other", "the capital"],
+    ["--target", " ugh"], [],  # [] : a random model does not know the fact, and --allow-unknown is not given
+    ["--out", "FILE/sub"]])
+def test_trace_command_misuse_is_one_error_line(misuse, tmp_path, capsys):
+    from knlens.cli import main
+
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    misuse = [str(tmp_path / m) if m == "FILE/sub" else m for m in misuse]
+    assert main([*CLI, "--kinds", "mlp", "--samples", "1", *misuse]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+# ------------------------------------------------------------------- engines that check themselves
+
+@contextlib.contextmanager
+def _cache_ignored(model):
+    """What transformers 5.24 did to TransformerLens 4.3's attention: it never sees the key/value cache."""
+    def drop(module, args, kwargs):
+        return args, {**kwargs, **{k: None for k in ("past_key_values", "cache") if k in kwargs}}
+    handles = [block.attn.register_forward_pre_hook(drop, with_kwargs=True) for block in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _break_prefix(monkeypatch):
+    """Wrong keys and values in the corrupted prefix cache. The staircase recorded on that cache reproduces
+    the cached forward it was recorded from (its own check passes); only a plain forward can tell."""
+    original = patching._corrupted_prefix
+
+    def wrong(model, tokens, hooks):
+        cache = original(model, tokens, hooks)
+        for layer in cache.layers:
+            layer.keys.mul_(-1.0)
+            layer.values.mul_(0.0)
+        return cache
+    monkeypatch.setattr(patching, "_corrupted_prefix", wrong)
+
+
+@contextlib.contextmanager
+def _no_keyword_fix(model):
+    yield
+
+
+@pytest.mark.parametrize("breakage", ["wrong prefix", "cache ignored"])
+def test_broken_cache_falls_back_to_numbers_equal_to_the_loop(model, breakage, monkeypatch, tmp_path):
+    kw = dict(subject=SUBJECT, samples=2, window=2)
+    loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
+    monkeypatch.setattr(patching, "cache_keyword_fix", _no_keyword_fix)  # as if compat missed a renamed keyword
+    if breakage == "wrong prefix":
+        _break_prefix(monkeypatch)
+    why = "P_corrupted through the cached prefix" if breakage == "wrong prefix" else "staircase cannot be built"
+    with _cache_ignored(model) if breakage == "cache ignored" else contextlib.nullcontext():
+        with pytest.warns(EngineFallbackWarning, match=why):
+            t = trace(model, PROMPT, TARGET, **kw)
+    assert t.settings["engine"] == "batched" and t.settings["engine_requested"] == "fast"
+    assert t.settings["engine_note"].startswith("fast -> batched: ")
+    assert t.p_clean == loop.p_clean and t.p_corrupted == loop.p_corrupted
+    for kind in loop.kinds:
+        torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
+    t.save(tmp_path / "t")
+    assert json.loads((tmp_path / "t.json").read_text())["settings"]["engine"] == "batched"
+
+
+def test_broken_prefix_is_reported_by_the_command(monkeypatch, capsys):
+    from knlens.cli import main
+
+    _break_prefix(monkeypatch)
+    with pytest.warns(EngineFallbackWarning):
+        assert main([*CLI, "--kinds", "mlp", "--samples", "2", "--allow-unknown"]) == 0
+    assert "engine batched (fast -> batched: P_corrupted through the cached prefix" in capsys.readouterr().out
+
+
+def test_broken_cache_and_batching_fall_back_to_the_loop(model, monkeypatch):
+    kw = dict(subject=SUBJECT, samples=2, window=2, kinds=("mlp", "attn"))
+    loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
+    _break_prefix(monkeypatch)
+    original = patching.restore_hooks
+
+    def shifted(clean, masks, n_layers):  # each batch row gets its neighbour's restoration
+        return original(clean, {k: m.roll(1, 0) for k, m in masks.items()}, n_layers)
+    monkeypatch.setattr(patching, "restore_hooks", shifted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = trace(model, PROMPT, TARGET, **kw)
+    notes = [str(w.message) for w in caught if issubclass(w.category, EngineFallbackWarning)]
+    assert len(notes) == 2 and "'fast'" in notes[0] and "'batched'" in notes[1] and "rows of one batch" in notes[1]
+    assert t.settings["engine"] == "loop"
+    for kind in loop.kinds:
+        torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=0, rtol=0)
+
+
+def test_sound_engines_do_not_warn(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)
+        for engine in ("fast", "batched"):
+            t = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, kinds=("mlp",), engine=engine)
+            assert t.settings["engine"] == engine and t.settings["engine_note"] == ""
+
+
+# ------------------------------------------------------------ the embeddings as the model adds them
+
+@pytest.fixture(scope="module")
+def tiny_gemma3():
+    """A random Gemma-3: its embedding layer multiplies W_E's rows by √d_model = 8 inside hook_embed."""
+    from transformers import Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=len(knlens.models.TINY_VOCAB), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=2,
+        eos_token_id=3, pad_token_id=0, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        initializer_range=0.25, architectures=["Gemma3ForCausalLM"])
+    return knlens.models.random_model(config)
+
+
+def test_noise_and_replacements_come_from_hook_embed(tiny_gemma3):
+    model = tiny_gemma3
+    seen = []  # the embeddings as an ordinary forward adds them, over the whole vocabulary
+    with hooked(model, [("hook_embed", capture(seen))]):
+        model(torch.arange(model.cfg.d_vocab)[None])
+    added = seen[0][0]
+    assert float(added.std()) == pytest.approx(8 * float(model.W_E.std()), rel=1e-4)  # what W_E would miss
+    assert Corruption().noise_scale(model) == pytest.approx(3 * float(added.std()), rel=1e-4)
+    torch.testing.assert_close(Corruption("replace").values(model, [4, 5]), added.mean(0).expand(1, 2, -1),
+                               atol=1e-5, rtol=0)
+    # the subject substituted by itself: no corruption at all
+    same = trace(model, PROMPT, TARGET, subject=SUBJECT, corruption="substitute", other=SUBJECT, kinds=("mlp",))
+    assert same.p_corrupted == pytest.approx(same.p_clean, abs=1e-6, rel=0)
+    t = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1)
+    assert t.settings["corruption"]["scale"] == pytest.approx(3 * float(added.std()), rel=1e-4)
+    loop = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1, engine="loop")
+    assert t.settings["engine"] == "fast"
+    for kind in loop.kinds:
+        torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
+
+
+def test_default_noise_is_meng_et_al(tiny_gpt2):
+    t = trace(tiny_gpt2, PROMPT, TARGET, subject=SUBJECT, kinds=("resid",))
+    assert t.settings["samples"] == t.settings["corruption"]["samples"] == 10
+    assert t.settings["corruption"]["statistics_from"] == "hook_embed"
+
+
+# ------------------------------------------------------------------------------ known facts only
+
+def _top_word(model, prompt):
+    return " " + model.tokenizer.decode([int(model(model.to_tokens(prompt))[0, -1].argmax())]).strip()
+
+
+def test_only_known_facts_are_traced(tiny_llama):
+    with pytest.raises(NotKnownError, match="known_only=False"):
+        patching.trace(tiny_llama, PROMPT, TARGET, subject=SUBJECT, samples=1)
+    known = _top_word(tiny_llama, PROMPT)
+    t = patching.trace(tiny_llama, PROMPT, known, subject=SUBJECT, samples=1, kinds=("resid",))
+    assert t.settings["known"] and t.settings["clean_top_token"] == t.settings["target_token"]
+    facts = [knlens.Fact([PROMPT], TARGET, subject=SUBJECT, name="not-known"),
+             knlens.Fact([PROMPT], known, subject=SUBJECT, name="known")]
+    with pytest.warns(UserWarning, match="skipped 1 of 2 facts the model does not know .*not-known"):
+        traces = trace_facts(tiny_llama, facts, samples=1, kinds=("resid",))
+    assert [t.target for t in traces] == [known]
+    everything = trace_facts(tiny_llama, facts, known_only=False, samples=1, kinds=("resid",))
+    assert [t.settings["known"] for t in everything] == [False, True]
