@@ -3,10 +3,10 @@
 Results record :func:`environment` so that a number can be traced to the libraries that produced it.
 Run as a script (standard library only):
 
-* ``python -m knlens.versions``: the versions of the libraries knlens' numbers depend on;
-* ``python -m knlens.versions --check requirements.lock``: exit 1, naming each package, when the
+* ``python knlens/versions.py``: the versions of the libraries knlens' numbers depend on;
+* ``python knlens/versions.py --check requirements.lock``: exit 1, naming each package, when the
   installed set differs from the lock (``make setup`` runs it);
-* ``python -m knlens.versions --freeze``: the installed set in the lock's format (``make lock``);
+* ``python knlens/versions.py --freeze``: the installed set in the lock's format (``make lock``);
 * ``python knlens/versions.py --direct``: knlens' direct dependencies by name (``make test-latest``).
 
 >>> env = environment()
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         print("  ".join(f"{k} {v}" for k, v in environment().items()))
         return 0
-    print("usage: python -m knlens.versions [--check LOCK | --freeze | --direct]", file=sys.stderr)
+    print("usage: python knlens/versions.py [--check LOCK | --freeze | --direct]", file=sys.stderr)
     return 2
 
 
