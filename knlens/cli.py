@@ -46,23 +46,46 @@ def _indent(text: str, n: int = 2) -> str:
     return "\n".join(" " * n + line for line in text.splitlines())
 
 
+def _pct(frame: Any, cols: Sequence[str]) -> Any:
+    out = frame.copy()
+    for col in cols:
+        out[col] = out[col].map(lambda x: "" if x != x else f"{100 * x:+.1f}%")
+    return out
+
+
+def _effects_text(effects: Any) -> str:
+    eff = effects.assign(control=effects["control"].replace("", "-"))
+    return _indent(_fmt_frame(_pct(eff, ["relative", "relative_std", "delta"])))
+
+
+def _selection_text(result: Any) -> str:
+    sel, n = result.selection, len(result.attributions)
+    if not sel:
+        return ""
+    adapted = f" after {sel['rounds']} rounds of adaptation for this fact alone" if sel["rounds"] else ""
+    need = (f"coarse in >= {sel['min_prompts']} of {n} prompts" if sel["min_prompts"] <= n else
+            f"coarse in {sel['min_prompts']} prompts, more than the fact's {n}: no neuron can be refined")
+    return f"Selection: preset {sel['preset']}, p = {sel['p']:.2f}{adapted}; a neuron had to be {need}."
+
+
 def format_result(result: Any) -> str:
-    """The plain-text summary ``knlens locate`` prints: prompts, neurons, completeness, interventions."""
+    """The plain-text summary ``knlens locate`` prints: prompts, neurons, completeness, interventions, held-out
+    prompts, specificity, and every test with the smallest p-value it can reach."""
     s, fact = result.settings, result.fact
-    eff = result.effects().copy()
-    for col in ("relative", "relative_std", "delta"):
-        eff[col] = eff[col].map(lambda x: "" if x != x else f"{100 * x:+.1f}%")
-    for col in ("p_empirical", "p_wilcoxon_prompts"):
-        eff[col] = eff[col].map(lambda x: "" if x != x else f"{x:.3g}")
-    comp = result.completeness.copy()
+    multi = s.multi_token != "single"
+    comp_cols = ["prompt", "p_target", *(["ig_value"] if multi else []), "delta_sum", "ig_sum", "abs_error",
+                 "relative_error"]
     lines = [
         f"knlens locate: {fact.prompts[0]!r} -> {fact.target!r}"
         + (f"  [{fact.name}]" if getattr(fact, "name", None) else ""),
         f"model {s.model} ({s.n_layers} layers x {s.d_mlp} neurons, {s.dtype}); hook blocks.L.mlp.{s.hook_point}; "
-        f"IG {s.steps} steps, grid {s.grid}, engine {s.engine}; preset {s.preset}",
+        f"IG {s.steps} steps, grid {s.grid}, engine {s.engine_label}; preset {s.preset}",
+        *([f"engine note: {s.engine_note}"] if s.engine_note else []),
         "",
         "Prompts, P(target) and integrated-gradients completeness error (sum over layers of |sum IG - delta|):",
-        _indent(_fmt_frame(comp[["prompt", "p_target", "delta_sum", "ig_sum", "abs_error", "relative_error"]])),
+        _indent(_fmt_frame(result.completeness[comp_cols])),
+        *(["  (p_target: P of the whole target, the product of its teacher-forced per-token probabilities; "
+           "ig_value: the mean per-token probability that IG integrates)"] if multi else []),
         "",
     ]
     if result.refined_empty:
@@ -72,15 +95,39 @@ def format_result(result: Any) -> str:
         lines.append(f"Knowledge neurons (refined): {len(result.neurons)}  "
                      + " ".join(str(n) for n in result.neurons))
     lines += [
+        _selection_text(result),
         f"Neurons (mean IG over {len(result.attributions)} prompts; n_coarse = prompts where coarse):",
         _indent(_fmt_frame(result.table)),
         "",
-        f"Interventions at the target position: {result.tested_label}, vs {s.n_random} random sets "
-        f"(same size and layers):",
-        _indent(_fmt_frame(eff)),
-        "  (relative: mean of (P_after - P_before) / P_before; delta: mean change / mean P_before; p_empirical: "
-        "share of random sets at least as extreme, one-sided in the expected direction, >= 1/(1+N))",
+        f"Interventions at the target position, in-sample (selected and measured on the same "
+        f"{len(result.attributions)} prompts): {result.tested_label}, vs {s.n_random} random sets of each control "
+        f"({s.controls}; uniform: any neurons of the same layers; matched: same layers and same {s.n_bins}-quantile "
+        f"bin of |activation| at the target):",
+        _effects_text(result.effects()),
+        "  (suppress: a -> b, enhance: a -> b + 2(a - b), b = 0: the neuron's write into the residual stream "
+        "removed / doubled; relative: mean of (P_after - P_before) / P_before; delta: mean change / mean P_before)",
     ]
+    if result.heldout is not None:
+        ho = result.heldout
+        lines += ["", f"Held-out paraphrases: {ho.note}",
+                  _indent(_fmt_frame(ho.folds[["fold", "held_out", "n_neurons", "neurons", "p", "min_prompts",
+                                               "fallback", "jaccard_all"]])),
+                  _effects_text(ho.effects())]
+    if result.specificity is not None:
+        sp = result.specificity
+        summary = sp.summary().drop(columns=["p_specific", "p_specific_floor"])
+        lines += ["", f"Specificity (Dai et al.): the tested neurons on {sp.basis}; Dai's delta per action:",
+                  _indent(_fmt_frame(_pct(summary, ["own_delta", "others_delta", "others_mean_delta",
+                                                    "others_max_abs_delta"]))),
+                  "  by relation (delta):",
+                  _indent(_fmt_frame(_pct(sp.by_relation(), [c for c in sp.by_relation().columns
+                                                             if c != "relation"])))]
+    lines += ["", "Tests (p_empirical: share of random draws at least as extreme, one-sided in the expected "
+                  "direction, (1+k)/(1+N); p_wilcoxon: two-sided, paired; p_specific: share of other facts moved at "
+                  "least as much; p_floor: the smallest p the test can give):",
+              _indent(_fmt_frame(result.tests()))]
+    if result.notes:
+        lines += ["", "Notes:", *(f"  - {n}" for n in result.notes)]
     return "\n".join(lines)
 
 
@@ -130,6 +177,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
         raise BadInput(f"--steps must be at least 1, got {args.steps}")
     if args.n_random < 0:
         raise BadInput(f"--n-random must be 0 or more, got {args.n_random}")
+    if args.n_bins < 1:
+        raise BadInput(f"--n-bins must be 1 or more, got {args.n_bins}")
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # also silences the model loader's bars
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -141,7 +190,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     say(f"locating the knowledge neurons of {fact.prompts[0]!r} -> {fact.target!r} ({len(fact.prompts)} prompts)")
     result = locate(model, fact, steps=args.steps, grid=args.grid, preset=args.preset, hook_point=args.hook_point,
-                    n_random=args.n_random, seed=args.seed, engine=args.engine, progress=not args.quiet)
+                    n_random=args.n_random, n_bins=args.n_bins, held_out=args.held_out,
+                    specificity=args.specificity, seed=args.seed, engine=args.engine, progress=not args.quiet)
     print(format_result(result), flush=True)
     if args.out:
         from .report import write_html
@@ -161,8 +211,8 @@ def _add_locate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "locate", help="find a fact's knowledge neurons, check them causally, write a report",
         description="Integrated gradients over MLP neurons for every prompt of a fact, refined neurons, "
-                    "suppress (x0) / enhance (x2) against a layer-matched random control, and an offline HTML "
-                    "report.")
+                    "suppress (x0) / enhance (x2) against layer-matched and magnitude-matched random controls, "
+                    "on held-out prompts and on other relations' facts, and an offline HTML report.")
     p.add_argument("--model", default="smollm2-135m",
                    help="embedded model (smollm2-135m, gemma3-270m), tiny test model (tiny-llama, tiny-gpt2, "
                         "tiny-bert), local folder or hub name (default: %(default)s)")
@@ -179,6 +229,14 @@ def _add_locate_parser(sub: Any) -> None:
     p.add_argument("--engine", default="fast", choices=list(ENGINES),
                    help="integrated-gradients engine (default: %(default)s)")
     p.add_argument("--n-random", type=int, default=50, help="random control sets (default: %(default)s)")
+    p.add_argument("--n-bins", type=int, default=10,
+                   help="quantile bins of |activation| for the magnitude-matched random control (default: %(default)s)")
+    p.add_argument("--held-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave-one-prompt-out evaluation: neurons refined on the other prompts, measured on the "
+                        "held-out one (default: on from 4 prompts)")
+    p.add_argument("--specificity", action=argparse.BooleanOptionalAction, default=True,
+                   help="Dai's specificity control: the neurons on the built-in facts of other relations "
+                        "(default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control (default: %(default)s)")
     p.add_argument("--out", metavar="DIR",
                    help="write result.json, neurons.csv, interventions.csv, completeness.csv, "

@@ -4,373 +4,57 @@
 
 1. :func:`knlens.attribute` — integrated gradients of P(target) for every prompt (paraphrase) of the fact,
    with the completeness error Σ IG − (P(a) − P(0)) of each prompt;
-2. :func:`knlens.refined_neurons` — coarse neurons per prompt, refined across prompts (preset ``dai``
-   or ``eleuther``);
-3. :func:`knlens.measure` — suppress (×0) and enhance (×2) the neurons at the target position, next to
-   ``n_random`` random sets with the same number of neurons in each layer, with an empirical p-value;
-4. the found neurons' activations at every token of every prompt (one batched forward, cached by a hook).
+2. :func:`knlens.selection.refinement` — coarse neurons per prompt, refined across prompts (preset ``dai``,
+   ``eleuther`` or ``niu``; an adaptive preset adapts ``p`` for this fact alone);
+3. :func:`knlens.measure` — suppress (×0) and enhance (×2) the neurons at the target position (in-sample:
+   on the prompts they were selected on), next to ``n_random`` random sets of each control: ``uniform``
+   within the same layers and ``matched`` on activation magnitude (:mod:`knlens.controls`);
+4. :func:`knlens.heldout.held_out` — leave one prompt out: neurons refined on the others, measured on it
+   (on by default from 4 prompts on);
+5. :func:`knlens.specificity.specificity` — the same neurons on the built-in facts of other relations
+   (Dai's control);
+6. the tested neurons' activations at every token of every prompt (one batched forward, cached by a hook).
 
-If no neuron survives refinement, the result says so (``result.refined_empty``) and steps 3–4 use the
+If no neuron survives refinement, the result says so (``result.refined_empty``) and steps 3–6 use the
 ``fallback_k`` neurons with the highest mean score instead, labelled as such everywhere.
+:meth:`LocateResult.tests` lists every test with the smallest p-value it can reach.
 
 >>> from knlens import load_model, Fact
 >>> model = load_model("tiny-llama")
 >>> fact = Fact(["the capital of france is", "the capital city of france is", "france capital city is"], " paris")
->>> result = locate(model, fact, steps=4, n_random=5, progress=False)
+>>> result = locate(model, fact, steps=4, n_random=5, progress=False, specificity=False)
 >>> list(result.to_frame().columns)
 ['layer', 'neuron', 'mean_score', 'n_coarse', 'refined', 'tested', 'mean_activation']
->>> result.effects()["action"].tolist()
-['suppress', 'suppress', 'enhance', 'enhance']
+>>> result.effects()["control"].tolist()
+['', 'uniform', 'matched', '', 'uniform', 'matched']
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
-from safetensors.torch import load_file, save_file
-from scipy import stats
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import __version__
-from .attribution import Attribution, AttributionSettings, attribute
-from .engine import chunks
+from .activations import TokenActivations, token_activations
+from .attribution import Attribution, attribute
+from .controls import CONTROLS
+from .engine import target_probs
+from .errors import ControlError
 from .facts import Fact
-from .hooks import capture, hook_name, hooked
-from .interventions import InterventionResult, measure
+from .heldout import MIN_PROMPTS_DEFAULT_ON, held_out as run_held_out
+from .interventions import measure, per_prompt
+from .located import LocateResult, LocateSettings
 from .neurons import NeuronSet
 from .prompts import encode
-from .selection import PRESETS, SelectionPreset, coarse, refined_neurons
+from .selection import SelectionPreset, best_by_mean, coarse, get_preset, refinement
+from .specificity import specificity as run_specificity
 
 __all__ = ["LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations"]
-
-RESULT_FILES = ("result.json", "neurons.csv", "interventions.csv", "completeness.csv", "attributions.safetensors")
-
-
-@dataclass(frozen=True)
-class LocateSettings:
-    """Everything that produced a :class:`LocateResult` (recorded in every saved result)."""
-
-    model: str
-    n_layers: int
-    d_mlp: int
-    dtype: str
-    hook_point: str
-    steps: int
-    grid: str
-    quantity: str
-    engine: str
-    multi_token: str
-    preset: str
-    n_random: int
-    seed: int
-    top_k: int
-    fallback_k: int
-    knlens_version: str
-
-
-@dataclass(frozen=True, eq=False)
-class TokenActivations:
-    """Activations of ``neurons`` (at the locate hook point) at every token of one prompt.
-
-    ``values[t, j]`` is neuron ``j`` of ``neurons`` at token ``t``; ``target_position`` is the token whose
-    activation integrated gradients used (the last prompt token, or ``[MASK]``).
-    """
-
-    prompt: str
-    tokens: tuple[str, ...]
-    neurons: NeuronSet
-    values: Float[Tensor, "pos neuron"]
-    target_position: int
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per token (``position, token``) and one column per neuron (``"L3.N17"``)."""
-        frame = pd.DataFrame(self.values.double().numpy(), columns=[str(n) for n in self.neurons])
-        frame.insert(0, "token", list(self.tokens))
-        frame.insert(0, "position", range(len(self.tokens)))
-        return frame
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "tokens": list(self.tokens), "neurons": [list(n) for n in self.neurons],
-                "values": self.values.double().tolist(), "target_position": self.target_position}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenActivations:
-        neurons = NeuronSet(tuple(n) for n in d["neurons"])
-        values = torch.tensor(d["values"], dtype=torch.float32).reshape(len(d["tokens"]), len(neurons))
-        return cls(d["prompt"], tuple(d["tokens"]), neurons, values, int(d["target_position"]))
-
-
-@torch.no_grad()
-def token_activations(model: Any, fact: Fact, neurons: NeuronSet, *, hook_point: str = "hook_post",
-                      batch_size: int = 64) -> list[TokenActivations]:
-    """The activations of ``neurons`` at every token of each prompt of ``fact`` (one batched forward).
-
-    The prompts are run as :func:`knlens.encode` builds them (BOS, and ``[MASK]`` for a masked LM), right-
-    padded; a caching hook per layer keeps only the requested neurons.
-
-    >>> from knlens import load_model, Fact, NeuronSet
-    >>> model = load_model("tiny-gpt2")
-    >>> acts = token_activations(model, Fact(["the capital of france is"], " paris"), NeuronSet([(1, 3)]))
-    >>> acts[0].tokens, acts[0].values.shape
-    (('[BOS]', 'the', 'capital', 'of', 'france', 'is'), torch.Size([6, 1]))
-    """
-    neurons.check(model.cfg.n_layers, model.cfg.d_mlp)
-    q = encode(model, list(fact.prompts), fact.target)
-    q = q.select((q.token_index == 0).nonzero()[:, 0])  # one row per prompt, without teacher-forced tokens
-    by_layer = neurons.by_layer()
-    columns = {n: j for j, n in enumerate(neurons)}
-    values = torch.zeros(len(q), q.tokens.shape[1], len(neurons))
-    for s in chunks(len(q), batch_size):
-        sub = q.select(torch.arange(len(q))[s])
-        seen: dict[int, list[Tensor]] = {l: [] for l in by_layer}
-        with hooked(model, [(hook_name(l, hook_point), capture(seen[l], neurons=idx)) for l, idx in by_layer.items()]):
-            model(sub.tokens, attention_mask=sub.attention_mask)
-        for l, idx in by_layer.items():
-            act = seen[l][0]  # [rows, pos, len(idx)]
-            values[s, :act.shape[1], [columns[(l, i)] for i in idx]] = act.float().cpu()
-    out = []
-    for i in range(len(q)):
-        n = int(q.attention_mask[i].sum())
-        ids = q.tokens[i, :n]
-        out.append(TokenActivations(prompt=q.prompts[int(q.prompt_index[i])],
-                                    tokens=tuple(str(t) for t in model.to_str_tokens(ids)),
-                                    neurons=neurons, values=values[i, :n].clone(),
-                                    target_position=int(q.position[i])))
-    return out
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN/inf → None, numpy scalars → Python, recursively (the JSON stays standard)."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.generic,)):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
-def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    return _jsonable(frame.astype(object).where(frame.notna(), None).to_dict(orient="records"))
-
-
-@dataclass(frozen=True, eq=False)
-class LocateResult:
-    """The knowledge neurons of one fact, their causal check and their activations (see :func:`locate`).
-
-    * ``neurons`` — the refined knowledge neurons (possibly empty; see ``refined_empty``);
-    * ``tested`` — the neurons the interventions and token activations use: ``neurons``, or the
-      ``fallback_k`` best by mean score when ``neurons`` is empty;
-    * ``table`` — ``layer, neuron, mean_score`` (mean IG over prompts), ``n_coarse`` (in how many prompts
-      the neuron is coarse), ``refined``, ``tested``, ``mean_activation`` (clean, at the target position);
-      the refined neurons and the ``top_k`` best by mean score, best first;
-    * ``completeness`` — per prompt: ``p_target``, Σ_l Δ_l, Σ IG, ``abs_error`` = Σ_l |Σ_i IG_i^l − Δ_l| and
-      ``relative_error`` = abs_error / Σ_l |Δ_l|;
-    * ``interventions`` — the :class:`~knlens.InterventionResult` (knowledge vs random control);
-    * ``activations`` — one :class:`TokenActivations` per prompt.
-    """
-
-    fact: Fact
-    attributions: tuple[Attribution, ...]
-    neurons: NeuronSet
-    tested: NeuronSet
-    table: pd.DataFrame
-    completeness: pd.DataFrame
-    interventions: InterventionResult
-    activations: tuple[TokenActivations, ...]
-    settings: LocateSettings
-    timings: dict[str, float] = field(default_factory=dict)
-
-    # ------------------------------------------------------------------ views
-    @property
-    def refined_empty(self) -> bool:
-        return len(self.neurons) == 0
-
-    @property
-    def tested_label(self) -> str:
-        """What ``tested`` is, in words (used in tables and the report)."""
-        if not self.refined_empty:
-            return "knowledge neurons (refined)"
-        return f"top {len(self.tested)} by mean score (no refined neurons)"
-
-    @property
-    def mean_scores(self) -> Float[Tensor, "layer neuron"]:
-        """Mean IG score of every neuron over the prompts."""
-        return torch.stack([a.scores for a in self.attributions]).mean(0)
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return self.attributions[0].layers
-
-    @property
-    def p_target(self) -> float:
-        """Mean P(target) of the unpatched model over the prompts."""
-        return float(np.mean([a.clean_value for a in self.attributions]))
-
-    def to_frame(self) -> pd.DataFrame:
-        """The neuron table (refined neurons and the top neurons by mean score)."""
-        return self.table.copy()
-
-    def effects(self) -> pd.DataFrame:
-        """Interventions per action (suppress ×0, enhance ×2) and neuron kind (knowledge / random).
-
-        Columns: ``action, neurons, n_neurons, p_before, p_after, relative`` (mean relative change of
-        P(target) over prompts and draws), ``relative_std`` (std over random draws of their mean),
-        ``delta`` (Dai's Δ = mean change / mean p_before), ``p_empirical`` (share of random draws at least as
-        extreme as the knowledge set, (1 + k) / (1 + N)) and ``p_wilcoxon_prompts`` (paired Wilcoxon test
-        over prompts, knowledge vs mean random change; NaN when undefined). p-values sit on the knowledge rows.
-        """
-        frame = self.interventions.frame
-        tests = self.interventions.tests().set_index("action")
-        rows = []
-        for action in frame["action"].unique():
-            sub = frame[frame.action == action]
-            kn, rnd = sub[sub.neurons == "knowledge"], sub[sub.neurons == "random"]
-            per_draw = rnd.groupby("draw")["relative"].mean()
-            p_w = float("nan")
-            if len(rnd):
-                paired = pd.DataFrame({"kn": kn.groupby("prompt")["relative"].mean(),
-                                       "rnd": rnd.groupby("prompt")["relative"].mean()}).dropna()
-                diff = (paired["kn"] - paired["rnd"]).to_numpy()
-                if len(paired) >= 2 and np.any(diff != 0):
-                    p_w = float(stats.wilcoxon(paired["kn"], paired["rnd"]).pvalue)
-            for kind, part in (("knowledge", kn), ("random", rnd)):
-                if not len(part):
-                    continue
-                is_kn = kind == "knowledge"
-                rows.append({
-                    "action": action, "neurons": kind, "n_neurons": int(part["n_neurons"].iloc[0]),
-                    "p_before": part["p_before"].mean(), "p_after": part["p_after"].mean(),
-                    "relative": part["relative"].mean(),
-                    "relative_std": float(per_draw.std()) if not is_kn and len(per_draw) > 1 else float("nan"),
-                    "delta": part["change"].mean() / part["p_before"].mean(),
-                    "p_empirical": float(tests.loc[action, "p_empirical"]) if is_kn else float("nan"),
-                    "p_wilcoxon_prompts": p_w if is_kn else float("nan")})
-        return pd.DataFrame(rows)
-
-    def per_prompt(self) -> pd.DataFrame:
-        """Per prompt and action: P before, P after for the tested neurons, and the random draws' mean."""
-        f = self.interventions.frame
-        g = f.groupby(["prompt", "action", "neurons"], sort=False).agg(p_before=("p_before", "first"),
-                                                                       p_after=("p_after", "mean"))
-        out = g["p_after"].unstack("neurons").rename(columns={"knowledge": "p_knowledge", "random": "p_random"})
-        out.insert(0, "p_before", g["p_before"].groupby(level=[0, 1], sort=False).first())
-        return out.reset_index()
-
-    # ------------------------------------------------------------------ figures
-    def plot(self, ax: Any = None) -> Any:
-        """Layer × neuron heatmap of the mean scores, the tested neurons circled; returns the figure."""
-        from .plotting import neuron_heatmap
-
-        title = (f"mean IG over {len(self.attributions)} prompts of {self.fact.target!r}; circled: "
-                 f"{self.tested_label}")
-        return neuron_heatmap(self.mean_scores, layers=self.layers, mark=self.tested, ax=ax, title=title)
-
-    def plot_interventions(self) -> Any:
-        """Per action: histogram of the random draws' mean relative change, the tested set as a line."""
-        import matplotlib.pyplot as plt
-
-        frame = self.interventions.frame
-        actions = list(frame["action"].unique())
-        fig, axes = plt.subplots(1, len(actions), figsize=(4.2 * len(actions), 2.8), squeeze=False)
-        for ax, action in zip(axes[0], actions):
-            sub = frame[frame.action == action]
-            draws = sub[sub.neurons == "random"].groupby("draw")["relative"].mean().to_numpy() * 100
-            kn = sub[sub.neurons == "knowledge"]["relative"].mean() * 100
-            if len(draws):
-                ax.hist(draws, bins=min(20, max(5, len(draws) // 2)), color="#9ab", label="random sets")
-            ax.axvline(kn, color="#c33", lw=2, label="tested set")
-            ax.axvline(0, color="black", lw=0.6)
-            ax.set_title(f"{action}: ΔP(target) / P", fontsize=9)
-            ax.set_xlabel("mean relative change (%)")
-        axes[0][0].set_ylabel("random draws")
-        axes[0][-1].legend(fontsize=7, frameon=False)
-        fig.tight_layout()
-        return fig
-
-    def show(self) -> Any:
-        """The circuitsvis token view of the tested neurons' activations (inline JavaScript, works offline)."""
-        from .report import token_view
-
-        return token_view(self)
-
-    # ------------------------------------------------------------------ save / load
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary of everything except the full score matrices (those go to safetensors)."""
-        return _jsonable({
-            "knlens_version": __version__,
-            "fact": self.fact.to_dict(),
-            "settings": asdict(self.settings),
-            "p_target": self.p_target,
-            "neurons": [list(n) for n in self.neurons],
-            "refined_empty": self.refined_empty,
-            "tested": [list(n) for n in self.tested],
-            "tested_label": self.tested_label,
-            "table": _records(self.table),
-            "completeness": _records(self.completeness),
-            "effects": _records(self.effects()),
-            "interventions": {"settings": self.interventions.settings,
-                              "frame": _records(self.interventions.frame)},
-            "activations": [a.to_dict() for a in self.activations],
-            "attributions": [{"prompt": a.prompt, "target": a.target, "clean_value": a.clean_value,
-                              "layers": list(a.layers), "settings": asdict(a.settings)} for a in self.attributions],
-            "timings": self.timings,
-        })
-
-    def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``result.json``, ``neurons.csv``, ``interventions.csv``, ``completeness.csv`` and
-        ``attributions.safetensors`` (per-prompt scores) into ``directory``; no pickle. Returns the paths."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = {name: d / name for name in RESULT_FILES}
-        paths["result.json"].write_text(self.to_json())
-        self.table.to_csv(paths["neurons.csv"], index=False)
-        self.interventions.frame.to_csv(paths["interventions.csv"], index=False)
-        self.completeness.to_csv(paths["completeness.csv"], index=False)
-        save_file({k: torch.stack([getattr(a, k) for a in self.attributions]).contiguous().float()
-                   for k in ("scores", "activations", "delta", "completeness_error")},
-                  paths["attributions.safetensors"])
-        return paths
-
-    @classmethod
-    def load(cls, directory: str | Path) -> LocateResult:
-        """Read a result written by :meth:`save`."""
-        d = Path(directory)
-        meta = json.loads((d / "result.json").read_text())
-        tensors = load_file(d / "attributions.safetensors")
-        attrs = tuple(Attribution(prompt=m["prompt"], target=m["target"], clean_value=m["clean_value"],
-                                  layers=tuple(m["layers"]), settings=AttributionSettings(**m["settings"]),
-                                  **{k: v[i] for k, v in tensors.items()}) for i, m in enumerate(meta["attributions"]))
-        fact = Fact.from_dict(meta["fact"])
-        iv = meta["interventions"]
-        return cls(fact=fact, attributions=attrs, neurons=NeuronSet(tuple(n) for n in meta["neurons"]),
-                   tested=NeuronSet(tuple(n) for n in meta["tested"]),
-                   table=pd.DataFrame.from_records(meta["table"]),
-                   completeness=pd.DataFrame.from_records(meta["completeness"]),
-                   interventions=InterventionResult(pd.DataFrame.from_records(iv["frame"]).fillna(
-                       {"relative": float("nan")}), iv["settings"]),
-                   activations=tuple(TokenActivations.from_dict(a) for a in meta["activations"]),
-                   settings=LocateSettings(**meta["settings"]), timings=meta.get("timings", {}))
-
-    def __repr__(self) -> str:
-        return (f"LocateResult(fact={self.fact.name or self.fact.prompts[0]!r} → {self.fact.target!r}, "
-                f"prompts={len(self.attributions)}, neurons={self.neurons!r}, model={self.settings.model!r})")
 
 
 def _neuron_table(attrs: Sequence[Attribution], refined: NeuronSet, tested: NeuronSet, cfg: SelectionPreset,
@@ -397,10 +81,13 @@ def _neuron_table(attrs: Sequence[Attribution], refined: NeuronSet, tested: Neur
     return frame.reset_index(drop=True).astype({"layer": "int64", "neuron": "int64", "n_coarse": "int64"})
 
 
-def _completeness(attrs: Sequence[Attribution]) -> pd.DataFrame:
+def _completeness(model: Any, fact: Fact, attrs: Sequence[Attribution], batch_size: int) -> pd.DataFrame:
+    q = encode(model, list(fact.prompts), fact.target)
+    p = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q)  # whole target, teacher forced
     return pd.DataFrame({
         "prompt": [a.prompt for a in attrs],
-        "p_target": [a.clean_value for a in attrs],
+        "p_target": p.double().numpy(),
+        "ig_value": [a.clean_value for a in attrs],
         "delta_sum": [float(a.delta.sum()) for a in attrs],
         "ig_sum": [float(a.scores.sum()) for a in attrs],
         "abs_error": [float(a.completeness_error.sum()) for a in attrs],
@@ -409,17 +96,21 @@ def _completeness(attrs: Sequence[Attribution]) -> pd.DataFrame:
 
 
 def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
-           preset: str | SelectionPreset = "dai", hook_point: str = "hook_post", n_random: int = 50, seed: int = 0,
-           engine: str = "fast", progress: bool = True, top_k: int = 10, fallback_k: int = 3,
-           attributions: Sequence[Attribution] | None = None, batch_size: int = 512) -> LocateResult:
-    """Knowledge neurons of ``fact`` on ``model``: attribute → refine → suppress/enhance vs random → activations.
+           preset: str | SelectionPreset = "dai", hook_point: str = "hook_post", n_random: int = 50,
+           controls: Sequence[str] = CONTROLS, n_bins: int = 10, held_out: bool | None = None,
+           specificity: bool | Sequence[Fact] = True, seed: int = 0, engine: str = "fast", progress: bool = True,
+           top_k: int = 10, fallback_k: int = 3, attributions: Sequence[Attribution] | None = None,
+           batch_size: int = 512) -> LocateResult:
+    """Knowledge neurons of ``fact`` on ``model``: attribute → refine → suppress/enhance vs random controls →
+    held-out prompts → other relations' facts → activations.
 
     ``steps``/``grid``/``engine``/``hook_point`` go to :func:`knlens.attribute` (P(target), zero baseline,
-    multi-token targets teacher-forced); ``preset`` to :func:`knlens.refined_neurons`; ``n_random``/``seed``
-    to :func:`knlens.measure`. ``top_k`` best neurons by mean score join the table; ``fallback_k`` of them
-    are tested when no neuron is refined. ``progress`` shows tqdm bars (stderr). ``batch_size`` rows run
-    per forward pass (integrated gradients run all (layer, step) cells of a prompt at once up to this size,
-    which is much faster on a CPU than small chunks).
+    multi-token targets teacher-forced); ``preset`` to :func:`knlens.selection.refinement`;
+    ``n_random``/``controls``/``n_bins``/``seed`` to :func:`knlens.measure`. ``held_out``: leave-one-prompt-out
+    evaluation (``None``: on when the fact has ≥ 4 prompts). ``specificity``: ``True`` tests the neurons on the
+    built-in facts of other relations, a list of facts on those, ``False`` skips it. ``top_k`` best neurons
+    by mean score join the table; ``fallback_k`` of them are tested when no neuron is refined. ``progress``
+    shows tqdm bars (stderr). ``batch_size`` rows run per forward pass.
 
     ``attributions`` (one per prompt of ``fact``, from :func:`knlens.attribute`) skips step 1; ``steps``,
     ``grid``, ``engine`` and ``hook_point`` are then read from them. ``preset`` may also be a
@@ -428,19 +119,21 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
     >>> from knlens import load_model, Fact
     >>> model = load_model("tiny-gpt2")
     >>> res = locate(model, Fact(["the capital of france is", "the capital city of france is"], " paris"),
-    ...              steps=4, n_random=3, progress=False)
-    >>> len(res.completeness), len(res.activations)
-    (2, 2)
+    ...              steps=4, n_random=3, progress=False, specificity=False)
+    >>> len(res.completeness), len(res.activations), res.heldout is None
+    (2, 2, True)
     """
     if not isinstance(fact, Fact):
         raise TypeError(f"locate takes a knlens.Fact, got {type(fact).__name__}; build one with "
                         f"Fact(prompts=[...], target=' ...')")
-    if isinstance(preset, SelectionPreset):
-        cfg, preset_name = preset, repr(preset)
-    elif preset in PRESETS:
-        cfg, preset_name = PRESETS[preset], preset
-    else:
-        raise ValueError(f"unknown selection preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = get_preset(preset)
+    preset_name = preset if isinstance(preset, str) else repr(preset)
+    n_prompts = len(fact.prompts)
+    if held_out is None:
+        held_out = n_prompts >= MIN_PROMPTS_DEFAULT_ON
+    if held_out and n_prompts < 2:
+        raise ControlError(f"held-out evaluation needs at least 2 prompts; the fact has {n_prompts}")
+    engine_requested = engine
     if attributions is not None:
         attributions = tuple(attributions)
         if [a.prompt for a in attributions] != list(fact.prompts) or any(a.target != fact.target
@@ -448,53 +141,72 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
             raise ValueError("attributions do not belong to this fact: give one per prompt of fact.prompts, in "
                              "order, with the fact's target")
         a0 = attributions[0].settings
-        steps, grid, engine, hook_point = a0.steps, a0.grid, a0.engine, a0.hook_point
+        steps, grid, engine_requested, hook_point = a0.steps, a0.grid, a0.engine, a0.hook_point
+    notes: list[str] = []
+    if not held_out:
+        notes.append(f"held-out evaluation off ({n_prompts} prompts; on by default from {MIN_PROMPTS_DEFAULT_ON}): "
+                     f"every intervention is measured on the prompts the neurons were selected on")
     timings: dict[str, float] = {}
-    bar = tqdm(total=4, desc="locate", disable=not progress, leave=False)
+    bar = tqdm(total=6, desc="locate", disable=not progress, leave=False)
+    clock = time.perf_counter()
 
-    def stage(name: str) -> None:
-        bar.set_postfix_str(name)
+    def done(key: str | None, next_stage: str) -> None:
+        """Record the finished stage's time under ``key`` (if any) and move the bar on."""
+        nonlocal clock
+        if key is not None:
+            timings[key] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        bar.update()
+        bar.set_postfix_str(next_stage)
 
+    measure_kw = dict(n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, point=hook_point,
+                      batch_size=batch_size)
     try:
-        t = time.perf_counter()
-        stage("integrated gradients")
+        bar.set_postfix_str("integrated gradients")
         if attributions is None:
             attrs = attribute(model, fact, steps=steps, grid=grid, hook_point=hook_point, engine=engine,
                               batch_size=batch_size, progress=progress)
-            timings["attribute_s"] = time.perf_counter() - t
         else:
             attrs = list(attributions)
-        bar.update()
-
-        stage("refine")
-        refined = refined_neurons(attrs, preset=cfg)
-        mean = torch.stack([a.scores for a in attrs]).mean(0)
-        layers, d = attrs[0].layers, mean.shape[1]
-        best = mean.flatten().topk(min(fallback_k, mean.numel())).indices.tolist()
-        tested = refined if len(refined) else NeuronSet((layers[i // d], i % d) for i in best)
+        done(None if attributions is not None else "attribute_s", "refine")
+        ref = refinement([attrs], cfg)
+        refined = ref.sets[0]
+        tested = refined if len(refined) else best_by_mean(attrs, fallback_k)
         table = _neuron_table(attrs, refined, tested, cfg, top_k)
-        bar.update()
-
-        t = time.perf_counter()
-        stage("suppress / enhance vs random")
-        effects = measure(model, [fact], [tested], n_random=n_random, seed=seed, point=hook_point,
-                          batch_size=batch_size)
-        timings["interventions_s"] = time.perf_counter() - t
-        bar.update()
-
-        t = time.perf_counter()
-        stage("token activations")
+        completeness = _completeness(model, fact, attrs, batch_size)
+        done(None, "suppress / enhance vs random controls")
+        effects = measure(model, [fact], [tested], **measure_kw)
+        if effects.settings["non_monotone_note"]:
+            notes.append(effects.settings["non_monotone_note"])
+        done("interventions_s", "held-out prompts")
+        heldout = run_held_out(model, fact, attrs, preset, full=refined, fallback_k=fallback_k,
+                               **measure_kw) if held_out else None
+        done("held_out_s" if held_out else None, "other relations' facts")
+        spec = None
+        if specificity is True:
+            try:
+                spec = run_specificity(model, fact, tested, point=hook_point, batch_size=batch_size)
+            except ControlError as err:
+                notes.append(f"specificity control skipped: {err}")
+        elif specificity is not False:
+            spec = run_specificity(model, fact, tested, others=list(specificity), point=hook_point,
+                                   batch_size=batch_size)
+        done("specificity_s" if spec is not None else None, "token activations")
         acts = token_activations(model, fact, tested, hook_point=hook_point, batch_size=batch_size)
-        timings["activations_s"] = time.perf_counter() - t
-        bar.update()
+        done("activations_s", "done")
     finally:
         bar.close()
     a0 = attrs[0].settings
     settings = LocateSettings(
         model=a0.model, n_layers=int(model.cfg.n_layers), d_mlp=int(model.cfg.d_mlp), dtype=a0.dtype,
-        hook_point=hook_point, steps=steps, grid=grid, quantity=a0.quantity, engine=engine,
+        hook_point=hook_point, steps=steps, grid=grid, quantity=a0.quantity, engine=a0.engine,
         multi_token=a0.multi_token, preset=preset_name, n_random=n_random, seed=seed, top_k=top_k,
-        fallback_k=fallback_k, knlens_version=__version__)
+        fallback_k=fallback_k, knlens_version=__version__, engine_requested=engine_requested,
+        engine_note=getattr(a0, "engine_note", ""), controls="+".join(controls), n_bins=n_bins,
+        held_out=heldout is not None, specificity=spec is not None)
+    selection = {"preset": preset_name, "p": ref.p, "rounds": ref.rounds, "n_prompts": ref.n_prompts[0],
+                 "min_prompts": ref.min_prompts[0]}
     return LocateResult(fact=fact, attributions=tuple(attrs), neurons=refined, tested=tested, table=table,
-                        completeness=_completeness(attrs), interventions=effects, activations=tuple(acts),
-                        settings=settings, timings=timings)
+                        completeness=completeness, interventions=effects, activations=tuple(acts),
+                        settings=settings, selection=selection, heldout=heldout, specificity=spec,
+                        notes=tuple(notes), timings=timings)

@@ -1,15 +1,17 @@
 """A self-contained HTML page for a :class:`~knlens.locate.LocateResult` (works offline: everything inline).
 
 The page holds a summary (model, fact, prompts, P(target), settings), the neuron table, the
-integrated-gradients completeness error, the interventions (tested neurons vs random control, with
-p-values), the layer × neuron heatmap of the mean scores (an inline PNG), and a circuitsvis token view of
-the tested neurons' activations over every prompt (circuitsvis' inline JavaScript bundle, never its CDN).
+integrated-gradients completeness error, the interventions (tested neurons vs uniform and magnitude-matched
+random controls), the held-out prompts, the specificity control on other relations' facts, every test with
+the smallest p-value it can reach, the layer × neuron heatmap of the mean scores (an inline PNG), and a
+circuitsvis token view of the tested neurons' activations over every prompt (circuitsvis' inline JavaScript
+bundle, never its CDN).
 
 >>> from knlens import load_model, Fact
 >>> from knlens.locate import locate
 >>> model = load_model("tiny-llama")
 >>> res = locate(model, Fact(["the capital of france is", "the capital city of france is"], " paris"),
-...              steps=4, n_random=3, progress=False)
+...              steps=4, n_random=3, progress=False, specificity=False)
 >>> page = render_html(res)
 >>> page.startswith("<!DOCTYPE html>") and "https://unpkg.com" not in page
 True
@@ -209,16 +211,22 @@ def _static_tokens(result: LocateResult) -> str:
 
 def _verdict(result: LocateResult) -> str:
     eff = result.effects()
+    tests = result.tests()
     parts = []
     for action in ("suppress", "enhance"):
-        sub = eff[eff.action == action].set_index("neurons")
-        if "knowledge" not in sub.index:
+        sub = eff[eff.action == action]
+        kn = sub[sub.neurons == "knowledge"]
+        if not len(kn):
             continue
-        kn = sub.loc["knowledge"]
-        rnd = f"random sets {_pct(sub.loc['random', 'relative'])}" if "random" in sub.index else "no random control"
+        controls = []
+        for row in sub[sub.neurons == "random"].itertuples():
+            t = tests[(tests.evaluation == "in-sample") & (tests.action == action)
+                      & tests.comparison.str.contains(row.control) & tests.test.str.startswith("p_empirical")]
+            p = f"p = {_fmt(t['p'].iloc[0], 3)}" if len(t) else "no test"
+            controls.append(f"{row.control} random sets {_pct(row.relative)}, {p}")
         side = "a decrease" if action == "suppress" else "an increase"
-        parts.append(f"{action} (×{2 if action == 'enhance' else 0}): P(target) {_pct(kn['relative'])} "
-                     f"({rnd}; p = {_fmt(kn['p_empirical'], 3)}, one-sided for {side})")
+        parts.append(f"{action} (×{2 if action == 'enhance' else 0}): P(target) {_pct(kn['relative'].iloc[0])} "
+                     f"({'; '.join(controls) or 'no random control'}; one-sided for {side})")
     effects = "; ".join(parts)
     names = ", ".join(f"<code>{n}</code>" for n in result.tested)
     if result.refined_empty:
@@ -227,7 +235,58 @@ def _verdict(result: LocateResult) -> str:
                 f"Shown and tested instead: the {len(result.tested)} neurons with the highest mean score "
                 f"({names}). {effects}.</div>")
     return (f'<div class="verdict"><b>{len(result.neurons)} knowledge neuron{"s" * (len(result.neurons) != 1)}</b>: '
-            f"{names}. {effects}.</div>")
+            f"{names}. In-sample, {effects}.</div>")
+
+
+def _selection_words(result: LocateResult) -> str:
+    sel = result.selection
+    if not sel:
+        return "–"
+    adapted = f" after {sel['rounds']} rounds of adaptation (for this fact alone)" if sel["rounds"] else ""
+    return (f"p = {sel['p']:.2f}{adapted}: a neuron had to be coarse in ≥ {sel['min_prompts']} of "
+            f"{sel['n_prompts']} prompts")
+
+
+def _heldout_section(result: LocateResult) -> str:
+    ho = result.heldout
+    if ho is None:
+        return ""
+    pct = lambda x: _pct(float(x))  # noqa: E731
+    folds = ho.folds[["fold", "held_out", "n_selection", "p", "min_prompts", "refined", "fallback", "neurons",
+                      "jaccard_all"]]
+    return f"""<h2>Held-out paraphrases</h2>
+<p class="note">{html.escape(ho.note)} <i>jaccard_all</i>: overlap of a fold's neurons with the set refined on
+all prompts. Compare these effects with the in-sample ones above: the gap is what selecting on the measured
+prompts adds.</p>
+{_table(folds, left=("held_out", "neurons"))}
+{_table(ho.effects(), formats={"relative": pct, "delta": pct, "relative_std": pct})}"""
+
+
+def _specificity_section(result: LocateResult) -> str:
+    sp = result.specificity
+    if sp is None:
+        return ""
+    pct = lambda x: _pct(float(x))  # noqa: E731
+    summary = sp.summary()
+    by_rel = sp.by_relation()
+    cols = ("own_delta", "others_delta", "others_mean_delta", "others_max_abs_delta")
+    return f"""<h2>Specificity: the same neurons on other relations' facts</h2>
+<p class="note">Dai et al.'s control: the tested neurons suppressed / enhanced on {html.escape(sp.basis)}.
+<i>own_delta</i>: Δ = mean change / mean P<sub>before</sub> on this fact; <i>others_delta</i>: the same pooled
+over the other facts' prompts; <i>p_specific</i>: share of other facts whose Δ is at least as extreme as this
+fact's, (1 + k) / (1 + K).</p>
+{_table(summary, formats={c: pct for c in cols})}
+<details><summary>Δ by relation</summary>{_table(by_rel, left=("relation",),
+                                                  formats={c: pct for c in by_rel.columns if c != "relation"})}</details>
+<details><summary>per fact</summary>{_table(sp.frame, left=("fact", "relation", "action"),
+                                             formats={"delta": pct, "relative": pct})}</details>"""
+
+
+def _notes(result: LocateResult) -> str:
+    notes = list(result.notes)
+    if result.settings.engine_note:
+        notes.insert(0, f"integrated gradients: {result.settings.engine_note}")
+    return "".join(f'<div class="warn">{html.escape(n)}</div>' for n in notes)
 
 
 def render_html(result: LocateResult) -> str:
@@ -239,9 +298,14 @@ def render_html(result: LocateResult) -> str:
     settings_rows = [
         ("model", s.model), ("layers × neurons", f"{s.n_layers} × {s.d_mlp}"), ("dtype", s.dtype),
         ("hook point", f"blocks.L.mlp.{s.hook_point}"), ("target quantity", s.quantity),
-        ("integration", f"{s.steps} steps, grid '{s.grid}', zero baseline, engine '{s.engine}'"),
+        ("integration", f"{s.steps} steps, grid '{s.grid}', zero baseline, engine '{s.engine_label}'"),
         ("multi-token target", s.multi_token), ("selection preset", s.preset),
-        ("random control", f"{s.n_random} sets, same size and layer spread, seed {s.seed}"),
+        ("selection", _selection_words(result)),
+        ("random controls", f"{s.n_random} sets of each: {s.controls} (uniform: same number of neurons per layer; "
+                            f"matched: also the same {s.n_bins}-quantile bin of |activation| at the target), "
+                            f"seed {s.seed}"),
+        ("held-out paraphrases", "leave one prompt out" if s.held_out else "off"),
+        ("specificity control", result.specificity.basis if result.specificity is not None else "off"),
         ("knlens", s.knlens_version),
     ]
     if result.timings:
@@ -270,6 +334,7 @@ def render_html(result: LocateResult) -> str:
 <h1>Knowledge neurons of “{esc(fact.prompts[0])}” → “{esc(fact.target)}”</h1>
 <p class="sub">{len(fact.prompts)} prompts · model {esc(s.model)} · knlens {esc(__version__)}</p>
 {_verdict(result)}
+{_notes(result)}
 
 <h2>Summary</h2>
 <table class="kv">{fact_kv}</table>
@@ -290,17 +355,28 @@ highlighted: refined knowledge neurons. The table also lists the top {s.top_k} n
 <code>--grid gauss-legendre</code>.</p>
 {_table(comp, left=("prompt",))}
 
-<h2>Interventions: suppress (×0) and enhance (×2) vs random control</h2>
-<p class="note">Tested: {esc(result.tested_label)}, scaled at the target position. Random control:
-{s.n_random} sets with the same number of neurons in each layer. <i>relative</i>: mean of
+<h2>Interventions: suppress (×0) and enhance (×2) vs random controls</h2>
+<p class="note">Tested: {esc(result.tested_label)}, at the target position, in-sample (selected and measured on
+the same {len(result.attributions)} prompts). Suppress sets a neuron to the baseline b (0), enhance to
+b + 2(a − b): its write into the residual stream removed or doubled, whatever its sign. Random controls:
+{s.n_random} sets of each kind, <i>uniform</i> (the same number of neurons in each layer) and <i>matched</i> (also the
+same {s.n_bins}-quantile bin of |activation| at the target within the layer: knowledge neurons are often among
+the most active, and scaling a large activation moves the output more). <i>relative</i>: mean of
 (P<sub>after</sub> − P<sub>before</sub>) / P<sub>before</sub>; <i>delta</i>: Dai et al.'s
-mean change / mean P<sub>before</sub>; <i>p_empirical</i>: share of random sets whose change is at least as
-large in the expected direction (a decrease for suppress, an increase for enhance), (1 + k) / (1 + N), so it
-cannot go below 1 / (1 + N) and is near 1 when the effect goes the other way; <i>p_wilcoxon_prompts</i>:
-two-sided, paired over prompts, tested vs mean random change.</p>
+mean change / mean P<sub>before</sub>; <i>relative_std</i>: spread of the random draws' means.</p>
 {_table(eff, formats={"relative": pct, "delta": pct, "relative_std": pct})}
 <img alt="interventions" src="{fig_iv}">
 <details><summary>per prompt</summary>{_table(per_prompt, left=("prompt", "action"))}</details>
+{_heldout_section(result)}
+{_specificity_section(result)}
+
+<h2>Tests</h2>
+<p class="note"><i>p_empirical</i>: share of random sets whose change is at least as large in the expected
+direction (a decrease for suppress, an increase for enhance), (1 + k) / (1 + N), so it cannot go below
+1 / (1 + N) and is near 1 when the effect goes the other way; <i>p_wilcoxon</i>: two-sided Wilcoxon signed-rank
+test, paired over prompts, tested set vs the control's mean; <i>p_specific</i>: see above. <i>p_floor</i>: the
+smallest p the test can give with its <i>n</i>; the note says when it cannot reach 0.05.</p>
+{_table(result.tests(), left=("evaluation", "action", "comparison", "test", "note"))}
 
 <h2>Where the neurons sit: layer × neuron heatmap</h2>
 <img alt="heatmap" src="{_heatmap(result)}">

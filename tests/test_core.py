@@ -273,8 +273,9 @@ def test_measure_frame_and_tests(tiny_gpt2):
     sets = [NeuronSet([(1, 2), (1, 5)]), NeuronSet([(0, 1)])]
     res = measure(tiny_gpt2, facts, sets, n_random=4)
     f = res.frame
-    assert len(f) == 2 * 2 * 3 * 5  # facts x actions x prompts x (1 + 4 sets)
+    assert len(f) == 2 * 2 * 3 * 9  # facts x actions x prompts x (1 + 4 uniform + 4 matched sets)
     assert set(f.neurons) == {"knowledge", "random"} and set(f.action) == {"suppress", "enhance"}
+    assert set(f[f.neurons == "random"].control) == {"uniform", "matched"} and set(f[f.neurons == "knowledge"].control) == {""}
     assert (f.p_before > 0).all()
     t = res.tests()
     assert set(t.action) == {"suppress", "enhance"} and t.p_empirical.between(0, 1).all()

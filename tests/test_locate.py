@@ -30,7 +30,7 @@ NOTHING = SelectionPreset(threshold=1.5, strict_threshold=True, p=1.0, min_count
 @pytest.fixture(scope="module")
 def results(tiny):
     """locate() on each tiny model (llama, gpt2, bert), once with a non-empty and once with an empty set."""
-    kw = dict(steps=4, n_random=5, progress=False)
+    kw = dict(steps=4, n_random=5, progress=False, specificity=False)
     return tiny, locate(tiny, FACT, preset=EVERY_PROMPTS_BEST, **kw), locate(tiny, FACT, preset=NOTHING, **kw)
 
 
@@ -74,7 +74,7 @@ def test_interventions_are_the_tested_neurons_scaled_at_the_target_position(resu
     model, res, _ = results
     frame = res.interventions.frame
     n_prompts, n_random = len(FACT.prompts), res.settings.n_random
-    assert len(frame) == 2 * n_prompts * (1 + n_random)
+    assert len(frame) == 2 * n_prompts * (1 + 2 * n_random)  # knowledge, uniform and matched draws
     assert set(frame["n_neurons"]) == {len(res.tested)}
     q = encode(model, list(FACT.prompts), FACT.target)
     for action, factor in (("suppress", 0.0), ("enhance", 2.0)):
@@ -85,12 +85,16 @@ def test_interventions_are_the_tested_neurons_scaled_at_the_target_position(resu
         kn = frame[(frame.action == action) & (frame.neurons == "knowledge")]
         assert kn["p_after"].to_numpy() == pytest.approx(direct.numpy(), rel=1e-4, abs=1e-7)
     eff = res.effects()
-    assert eff[["action", "neurons"]].values.tolist() == [["suppress", "knowledge"], ["suppress", "random"],
-                                                          ["enhance", "knowledge"], ["enhance", "random"]]
+    assert eff[["action", "neurons", "control"]].values.tolist() == [
+        ["suppress", "knowledge", ""], ["suppress", "random", "uniform"], ["suppress", "random", "matched"],
+        ["enhance", "knowledge", ""], ["enhance", "random", "uniform"], ["enhance", "random", "matched"]]
     assert eff["p_before"].to_numpy() == pytest.approx(res.p_target, rel=1e-4)
-    kn = eff[eff.neurons == "knowledge"]
-    assert ((kn["p_empirical"] > 0) & (kn["p_empirical"] <= 1)).all()
-    assert eff.loc[eff.neurons == "random", "p_empirical"].isna().all()
+    tests = res.tests()
+    emp = tests[tests.test.str.startswith("p_empirical")]
+    assert len(emp) == 4 and ((emp.p > 0) & (emp.p <= 1) & (emp.p >= emp.p_floor - 1e-12)).all()
+    assert (emp.p_floor == 1 / (1 + n_random)).all()
+    wil = tests[tests.test.str.startswith("p_wilcoxon")]  # 3 prompts: never below 0.25, and it says so
+    assert (wil.p_floor == 0.25).all() and wil.note.str.startswith("cannot reach p < 0.05 with 3 prompts").all()
 
 
 def test_token_activations_agree_with_the_attribution_activations(results):
@@ -124,7 +128,7 @@ def test_empty_refined_set_is_reported_and_the_best_neurons_are_tested(results):
 
 def test_save_load_round_trip_without_pickle(results, tmp_path):
     _, res, _ = results
-    paths = res.save(tmp_path / "out")
+    paths = res.save(tmp_path / "out")  # 3 prompts and no specificity: no heldout.csv / specificity.csv
     assert {p.name for p in paths.values()} == {"result.json", "neurons.csv", "interventions.csv",
                                                 "completeness.csv", "attributions.safetensors"}
     meta = json.loads((tmp_path / "out" / "result.json").read_text())  # strict JSON (no NaN)
@@ -163,7 +167,10 @@ def test_remote_sources_detects_remote_scripts_and_styles():
 
 def test_precomputed_attributions_and_hook_point(tiny_llama):
     attrs = knlens.attribute(tiny_llama, FACT, steps=4, hook_point="hook_pre")
-    res = locate(tiny_llama, FACT, attributions=attrs, preset=EVERY_PROMPTS_BEST, n_random=2, progress=False)
+    with pytest.warns(UserWarning, match="not monotone"):  # enhance x2 of a SiLU input
+        res = locate(tiny_llama, FACT, attributions=attrs, preset=EVERY_PROMPTS_BEST, n_random=2, progress=False,
+                     specificity=False)
+    assert any("not monotone" in n for n in res.notes)
     assert res.settings.hook_point == "hook_pre" and res.settings.steps == 4 and "attribute_s" not in res.timings
     assert all(x is y for x, y in zip(res.attributions, attrs))
     assert res.interventions.settings["hook_point"] == "hook_pre"
@@ -171,9 +178,10 @@ def test_precomputed_attributions_and_hook_point(tiny_llama):
         at_target = torch.tensor([float(a.activations[n.layer, n.index]) for n in res.tested])
         assert ta.values[ta.target_position] == pytest.approx(at_target, rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match="do not belong"):
-        locate(tiny_llama, Fact(FACT.prompts[:2], FACT.target), attributions=attrs, progress=False)
+        locate(tiny_llama, Fact(FACT.prompts[:2], FACT.target), attributions=attrs, progress=False,
+               specificity=False)
     with pytest.raises(ValueError, match="unknown selection preset"):
-        locate(tiny_llama, FACT, attributions=attrs, preset="nope", progress=False)
+        locate(tiny_llama, FACT, attributions=attrs, preset="nope", progress=False, specificity=False)
 
 
 def test_token_activations_of_a_masked_lm_include_the_mask(tiny_bert):

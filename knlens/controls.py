@@ -1,0 +1,147 @@
+"""Random control sets for interventions, and the smallest p-value a test can reach.
+
+Two random controls stand beside a fact's knowledge neurons, both with the same number of neurons in
+each layer, drawn from the rest of that layer:
+
+* ``uniform`` (:func:`random_control`): any neuron of the layer;
+* ``matched`` (:func:`matched_control`): a neuron whose |activation| at the target position falls in the
+  same quantile bin of its layer as the knowledge neuron it replaces (deciles by default). Knowledge
+  neurons are usually among the most active ones, and scaling a large activation moves the output more
+  than scaling a small one, so the uniform control alone flatters them.
+
+A test on N random draws or n pairs cannot give any p-value: :func:`empirical_floor` and
+:func:`wilcoxon_floor` compute the smallest one it can give, and :func:`floor_note` says when it cannot
+reach a significance level at all.
+
+>>> import torch
+>>> from knlens.neurons import NeuronSet
+>>> magnitude = torch.arange(20.0).reshape(1, 20)            # neuron i of layer 0 has |activation| i
+>>> matched_control(NeuronSet([(0, 19)]), magnitude, n_bins=4, seed=0).by_layer()[0][0] >= 15
+True
+>>> empirical_floor(50), wilcoxon_floor(4), wilcoxon_floor(4, alternative="greater")
+(0.0196078431372549, 0.125, 0.0625)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from scipy import stats
+from torch import Tensor
+
+from .errors import ControlError
+from .neurons import NeuronSet
+
+__all__ = ["CONTROLS", "random_control", "magnitude_bins", "matched_control", "matched_widening",
+           "empirical_floor", "wilcoxon_floor", "floor_note"]
+
+CONTROLS = ("uniform", "matched")  # the random controls measure() can draw
+
+
+def random_control(neurons: NeuronSet, d_mlp: int, *, seed: int = 0) -> NeuronSet:
+    """A random set with the same number of neurons in each layer, avoiding ``neurons`` themselves.
+
+    >>> random_control(NeuronSet([(1, 3), (1, 7)]), d_mlp=10, seed=0).layer_counts()
+    Counter({1: 2})
+    """
+    gen = torch.Generator().manual_seed(seed)
+    picked = []
+    for layer, idx in sorted(neurons.by_layer().items()):
+        allowed = torch.tensor([i for i in range(d_mlp) if i not in set(idx)])
+        if len(allowed) < len(idx):
+            raise ControlError(f"layer {layer} has {d_mlp} neurons: too few to draw {len(idx)} others")
+        choice = allowed[torch.randperm(len(allowed), generator=gen)[:len(idx)]]
+        picked += [(layer, int(i)) for i in choice]
+    return NeuronSet(picked)
+
+
+def magnitude_bins(magnitude: Float[Tensor, "layer d"], n_bins: int = 10) -> Int[Tensor, "layer d"]:
+    """Quantile bin (0 = smallest) of every neuron's magnitude within its layer: equal-count bins by rank.
+
+    >>> magnitude_bins(torch.tensor([[0.3, 0.1, 0.9, 0.5]]), n_bins=2).tolist()
+    [[0, 0, 1, 1]]
+    """
+    d = magnitude.shape[1]
+    if not 1 <= n_bins <= d:
+        raise ControlError(f"n_bins must be between 1 and the {d} neurons of a layer, got {n_bins}")
+    rank = magnitude.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+    return rank * n_bins // d
+
+
+def matched_control(neurons: NeuronSet, magnitude: Float[Tensor, "layer d"], *, n_bins: int = 10,
+                    seed: int = 0) -> NeuronSet:
+    """A random set matched on activation magnitude: for each neuron of ``neurons``, a neuron of the same
+    layer whose ``magnitude`` (|activation| at the target position, ``[n_layers, d_mlp]``) is in the same
+    quantile bin of that layer (:func:`magnitude_bins`), never one of ``neurons`` nor drawn twice.
+
+    When a bin has no neuron left (more knowledge neurons in one bin than other neurons there), the draw
+    takes the nearest bins too, widening one bin at a time; :func:`matched_widening` counts how often.
+    """
+    bins = magnitude_bins(magnitude, n_bins)
+    gen = torch.Generator().manual_seed(seed)
+    picked: list[tuple[int, int]] = []
+    for layer, idx in sorted(neurons.by_layer().items()):
+        taken = set(idx)
+        for i in idx:
+            for width in range(n_bins):
+                near = (bins[layer] - bins[layer, i]).abs() <= width
+                cands = [j for j in near.nonzero()[:, 0].tolist() if j not in taken]
+                if cands:
+                    break
+            else:
+                raise ControlError(f"layer {layer} has {magnitude.shape[1]} neurons: too few to draw "
+                                   f"{len(idx)} others")
+            j = cands[int(torch.randint(len(cands), (1,), generator=gen))]
+            taken.add(j)
+            picked.append((layer, j))
+    return NeuronSet(picked)
+
+
+def matched_widening(neurons: NeuronSet, magnitude: Float[Tensor, "layer d"], n_bins: int = 10) -> int:
+    """How many neurons of ``neurons`` have fewer other neurons in their own bin than knowledge neurons there
+    (their matched draws may come from a neighbouring bin); 0 when every draw can stay in its bin."""
+    bins = magnitude_bins(magnitude, n_bins)
+    short = 0
+    for layer, idx in neurons.by_layer().items():
+        for b in {int(bins[layer, i]) for i in idx}:
+            mine = sum(int(bins[layer, i]) == b for i in idx)
+            others = int((bins[layer] == b).sum()) - mine
+            short += max(0, mine - others)
+    return short
+
+
+def empirical_floor(n_draws: int) -> float:
+    """The smallest empirical p-value ``(1 + k) / (1 + N)`` with ``N`` random draws: ``1 / (1 + N)``."""
+    return 1.0 / (1 + n_draws) if n_draws > 0 else float("nan")
+
+
+def wilcoxon_floor(n: int, alternative: Literal["two-sided", "greater", "less"] = "two-sided") -> float:
+    """The smallest p-value scipy's Wilcoxon signed-rank test gives on ``n`` pairs (all differences of one
+    sign, distinct): computed by running the test on such a sample, so it follows scipy's method (exact
+    for small ``n``). NaN for fewer than 2 pairs, where knlens does not run the test."""
+    if n < 2:
+        return float("nan")
+    ranks = np.arange(1.0, n + 1)
+    sample = ranks if alternative != "less" else -ranks
+    return float(stats.wilcoxon(sample, alternative=alternative).pvalue)
+
+
+def floor_note(p: float, floor: float, n: int, unit: str, alpha: float = 0.05) -> str:
+    """Plain words on what a p-value can mean given its floor: ``""`` when nothing needs saying.
+
+    >>> floor_note(0.125, 0.125, 4, "prompts")
+    'cannot reach p < 0.05 with 4 prompts (smallest possible p = 0.125)'
+    """
+    if not math.isfinite(floor):
+        return f"not computed with {n} {unit}"
+    if floor >= alpha:
+        return f"cannot reach p < {alpha:g} with {n} {unit} (smallest possible p = {floor:.3g})"
+    if not math.isfinite(p):
+        return "not computed: no difference to test"
+    if math.isclose(p, floor, rel_tol=1e-9):
+        return f"at its floor (the most extreme outcome possible with {n} {unit})"
+    return ""
