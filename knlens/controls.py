@@ -80,6 +80,10 @@ def matched_control(neurons: NeuronSet, magnitude: Float[Tensor, "layer d"], *, 
 
     When a bin has no neuron left (more knowledge neurons in one bin than other neurons there), the draw
     takes the nearest bins too, widening one bin at a time; :func:`matched_widening` counts how often.
+
+    >>> m = torch.tensor([[0.1, 0.2, 0.3, 0.4, 5.0, 6.0]])       # two bins of 3: small and large
+    >>> [n.index in (3, 4, 5) for n in matched_control(NeuronSet([(0, 5)]), m, n_bins=2, seed=1)]
+    [True]
     """
     bins = magnitude_bins(magnitude, n_bins)
     gen = torch.Generator().manual_seed(seed)
@@ -103,7 +107,12 @@ def matched_control(neurons: NeuronSet, magnitude: Float[Tensor, "layer d"], *, 
 
 def matched_widening(neurons: NeuronSet, magnitude: Float[Tensor, "layer d"], n_bins: int = 10) -> int:
     """How many neurons of ``neurons`` have fewer other neurons in their own bin than knowledge neurons there
-    (their matched draws may come from a neighbouring bin); 0 when every draw can stay in its bin."""
+    (their matched draws may come from a neighbouring bin); 0 when every draw can stay in its bin.
+
+    >>> m = torch.tensor([[0.1, 0.2, 0.9, 0.8, 0.3, 0.7]])        # bins of 3: {0, 1, 4} and {2, 3, 5}
+    >>> matched_widening(NeuronSet([(0, 2)]), m, n_bins=2), matched_widening(NeuronSet([(0, 2), (0, 3), (0, 5)]), m, n_bins=2)
+    (0, 3)
+    """
     bins = magnitude_bins(magnitude, n_bins)
     short = 0
     for layer, idx in neurons.by_layer().items():
@@ -115,14 +124,22 @@ def matched_widening(neurons: NeuronSet, magnitude: Float[Tensor, "layer d"], n_
 
 
 def empirical_floor(n_draws: int) -> float:
-    """The smallest empirical p-value ``(1 + k) / (1 + N)`` with ``N`` random draws: ``1 / (1 + N)``."""
+    """The smallest empirical p-value ``(1 + k) / (1 + N)`` with ``N`` random draws: ``1 / (1 + N)``.
+
+    >>> empirical_floor(19)
+    0.05
+    """
     return 1.0 / (1 + n_draws) if n_draws > 0 else float("nan")
 
 
 def wilcoxon_floor(n: int, alternative: Literal["two-sided", "greater", "less"] = "two-sided") -> float:
     """The smallest p-value scipy's Wilcoxon signed-rank test gives on ``n`` pairs (all differences of one
     sign, distinct): computed by running the test on such a sample, so it follows scipy's method (exact
-    for small ``n``). NaN for fewer than 2 pairs, where knlens does not run the test."""
+    for small ``n``). NaN for fewer than 2 pairs, where knlens does not run the test.
+
+    >>> [wilcoxon_floor(n) for n in (3, 4, 5, 6)]
+    [0.25, 0.125, 0.0625, 0.03125]
+    """
     if n < 2:
         return float("nan")
     ranks = np.arange(1.0, n + 1)

@@ -97,6 +97,12 @@ def intervene(model: Any, q: Queries, sets: Sequence[NeuronSet], factor: float, 
 
     ``factor=0`` suppresses, ``factor=2`` enhances; ``baseline`` (``[n_layers, d_mlp]``) is ``b``, zero when
     ``None``. Every (set, row) pair is one batch row.
+
+    >>> from knlens import load_model
+    >>> model = load_model("tiny-llama")
+    >>> q = encode(model, ["the capital of france is", "france capital city is"], " paris")
+    >>> intervene(model, q, [NeuronSet([(1, 3)]), NeuronSet()], 0.0).shape          # [set, row]
+    torch.Size([2, 2])
     """
     _check_baseline(model, baseline)
     masks = _masks(sets, model.cfg.n_layers, model.cfg.d_mlp)  # [set, layer, d]
