@@ -20,21 +20,25 @@ Neurons that lower every fact's probability as much as their own get a large ``p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from .controls import empirical_floor
+from .engine import target_probs
 from .errors import ControlError, PromptError, TargetError
 from .facts import Fact
-from .interventions import measure
+from .interventions import FACTORS, NON_MONOTONE_POINTS, intervene, per_prompt
 from .jsonable import records
 from .neurons import NeuronSet
-from .prompts import encode
+from .prompts import Queries, encode
 
 __all__ = ["Specificity", "specificity", "other_relation_facts"]
 
@@ -75,6 +79,17 @@ def other_relation_facts(model: Any, fact: Fact, pool: Sequence[Fact] | None = N
     return usable, text
 
 
+def _stack(qs: Sequence[Queries]) -> Queries:
+    """One right-padded batch of several facts' queries (each row keeps its own target and position)."""
+    width = max(q.tokens.shape[1] for q in qs)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    offsets = [sum(len(q.prompts) for q in qs[:i]) for i in range(len(qs))]
+    return Queries(torch.cat([pad(q.tokens) for q in qs]), torch.cat([pad(q.attention_mask) for q in qs]),
+                   torch.cat([q.position for q in qs]), torch.cat([q.target for q in qs]),
+                   torch.cat([q.prompt_index + off for q, off in zip(qs, offsets)]),
+                   torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts), "")
+
+
 @dataclass(frozen=True, eq=False)
 class Specificity:
     """The fact's neurons on other facts.
@@ -95,7 +110,8 @@ class Specificity:
             own, others = sub[sub.own], sub[~sub.own]
             sign = -1.0 if sub["factor"].iloc[0] < 1 else 1.0
             own_delta = float(own["delta"].iloc[0])
-            extreme = int((sign * others["delta"] >= sign * own_delta).sum())
+            tie = np.isclose(others["delta"], own_delta, rtol=1e-6, atol=0.0)  # equal up to float rounding
+            extreme = int(((sign * others["delta"] >= sign * own_delta) | tie).sum())
             k = len(others)
             rows.append({"action": action, "own_delta": own_delta,
                          "others_delta": (others["p_after"] - others["p_before"]).mean() / others["p_before"].mean(),
@@ -135,16 +151,23 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
     if not others:
         raise ControlError(f"no fact of another relation to test the specificity of {fact.name or fact.prompts[0]!r} "
                            f"on ({basis})")
+    actions = dict(FACTORS if actions is None else actions)
+    if point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values()):
+        warnings.warn(f"specificity: x2 at {point} is not monotone in the neurons' output (see knlens.interventions)",
+                      UserWarning, stacklevel=2)
     facts = [fact, *others]
-    iv = measure(model, facts, [neurons] * len(facts), actions=actions, n_random=0, controls=(), point=point,
-                 baseline=baseline, batch_size=batch_size)
+    q = _stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
+    before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q).double()
+    after = {action: per_prompt(intervene(model, q, [neurons], factor, point=point, baseline=baseline,
+                                          batch_size=batch_size)[0], q).double() for action, factor in actions.items()}
     per, start = [], 0
-    for i, fc in enumerate(facts):  # measure() writes each fact's rows as one block: actions × prompts
-        block = iv.frame.iloc[start:start + len(iv.settings["actions"]) * len(fc.prompts)]
-        start += len(block)
-        for action, sub in block.groupby("action", sort=False):
+    for i, fc in enumerate(facts):
+        rows = slice(start, start + len(fc.prompts))
+        start += len(fc.prompts)
+        b = before[rows]
+        for action, factor in actions.items():
+            a = after[action][rows]
             per.append({"fact": fc.name or f"fact{i}", "relation": fc.relation, "own": i == 0, "action": action,
-                        "factor": float(sub["factor"].iloc[0]), "p_before": sub["p_before"].mean(),
-                        "p_after": sub["p_after"].mean(), "delta": sub["change"].mean() / sub["p_before"].mean(),
-                        "relative": sub["relative"].mean()})
+                        "factor": float(factor), "p_before": float(b.mean()), "p_after": float(a.mean()),
+                        "delta": float((a - b).mean() / b.mean()), "relative": float(((a - b) / b).mean())})
     return Specificity(pd.DataFrame(per), basis)
