@@ -67,7 +67,7 @@ def embed_outputs(model: Any, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor,
 
 def embedding_stats(model: Any, *, chunk: int = 8192) -> tuple[float, Float[Tensor, "d"]]:
     """Standard deviation of all entries, and the mean vector, of the ``hook_embed`` outputs of every
-    token of the vocabulary (each token alone, at position 0), accumulated in float64 chunk by chunk.
+    token of the vocabulary (each token alone, at position 0), summed chunk by chunk.
 
     >>> from knlens import load_model
     >>> model = load_model("tiny-gpt2")             # hook_embed is W_E's row here, so the two agree
@@ -80,9 +80,9 @@ def embedding_stats(model: Any, *, chunk: int = 8192) -> tuple[float, Float[Tens
     squares = 0.0
     for start in range(0, n_vocab, chunk):
         ids = torch.arange(start, min(n_vocab, start + chunk))[:, None]
-        e = embed_outputs(model, ids)[:, 0].double()
-        total += e.sum(0)
-        squares += float((e * e).sum())
+        e = embed_outputs(model, ids)[:, 0]
+        total += e.sum(0).double()  # float32 within a chunk (pairwise sums), float64 across chunks
+        squares += float(e.square().sum())
     n = n_vocab * total.numel()
     s = float(total.sum())
     std = ((squares - s * s / n) / (n - 1)) ** 0.5

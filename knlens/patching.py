@@ -223,10 +223,19 @@ def _corrupted_prefix(model: Any, tokens: Int[Tensor, "sample t"], hooks: list[H
     return cache
 
 
-def _stairs_from(model: Any, setup: _Setup, t: int) -> Stairs | None:
-    """The staircase of the corrupted run over positions ``t..position`` (all noise samples as rows),
-    with the corrupted keys/values of positions ``< t`` as the shared prefix; None if unavailable.
-    Call it within :func:`~knlens.compat.cache_keyword_fix`."""
+@dataclass(frozen=True)
+class _TokenRun:
+    """The corrupted run of positions ``t..position`` on the cached corrupted prefix of positions ``< t``:
+    its staircase (which reproduces it, checked by :func:`~knlens.staircase.build_stairs`) and the
+    quantity it gave at the read-out position, averaged over the noise samples."""
+
+    stairs: Stairs
+    p_cached: float
+
+
+def _stairs_from(model: Any, setup: _Setup, t: int, quantity: Quantity) -> _TokenRun | None:
+    """The :class:`_TokenRun` from token ``t`` (all noise samples as rows), or None when no staircase
+    reproduces it. Call it within :func:`~knlens.compat.cache_keyword_fix`."""
     k = setup.corruption.samples
     samples = torch.arange(k)
     tokens = setup.tokens[:, :setup.position + 1].expand(k, -1)
@@ -242,26 +251,31 @@ def _stairs_from(model: Any, setup: _Setup, t: int) -> Stairs | None:
     with recording(model) as calls, hooked(model, corrupt(after, t)):
         logits = model(tokens[:, t:], past_key_values=cache)[:, -1]
     prefix = cache_layers(cache, t) if cache is not None else None
-    return build_stairs(model, calls, cache=cache, prefix=prefix, read_at=-1, reference=logits)
+    stairs = build_stairs(model, calls, cache=cache, prefix=prefix, read_at=-1, reference=logits)
+    if stairs is None:
+        return None
+    target = torch.full((logits.shape[0],), setup.target, device=logits.device)
+    return _TokenRun(stairs, float(read_quantity(logits, target, quantity).mean()))
 
 
-def _token_stairs(model: Any, setup: _Setup, tokens: Sequence[int]) -> dict[int, Stairs] | None:
+def _token_stairs(model: Any, setup: _Setup, tokens: Sequence[int], quantity: Quantity
+                  ) -> dict[int, _TokenRun] | None:
     """One staircase per restored token (shared by every kind), or None when the model's blocks cannot be
     driven directly or a token lies after the read-out position (only with padding; rare)."""
     if max(tokens) > setup.position:
         return None
     out = {}
     for t in sorted(set(tokens)):
-        stairs = _stairs_from(model, setup, t)
-        if stairs is None:
+        run = _stairs_from(model, setup, t, quantity)
+        if run is None:
             return None
-        out[t] = stairs
+        out[t] = run
     return out
 
 
 def _fast_cells(model: Any, setup: _Setup, kind: str, cells: Sequence[tuple[int, int]], window: int,
                 clean: Mapping[str, Tensor], quantity: Quantity, batch_size: int,
-                stairs_at: Mapping[int, Stairs]) -> Tensor:
+                runs: Mapping[int, _TokenRun]) -> Tensor:
     """P of each cell (averaged over the noise samples) by the staircases of :func:`_token_stairs`.
 
     A cell restoring ``kind`` at token ``t`` over layers ``[a, b)`` equals the corrupted run below block
@@ -275,7 +289,7 @@ def _fast_cells(model: Any, setup: _Setup, kind: str, cells: Sequence[tuple[int,
     for i, (_, t) in enumerate(cells):
         by_token.setdefault(t, []).append(i)
     for t, idx in by_token.items():
-        stairs = stairs_at[t]
+        stairs = runs[t].stairs
         span = {i: window_layers(cells[i][0], window, n_layers) for i in idx}
         idx = sorted(idx, key=lambda i: span[i][0])
         src = clean[kind][:, t]  # [layer, d]
@@ -303,26 +317,25 @@ def _stairs_read(model: Any, setup: _Setup, stairs: Stairs, entry: Int[Tensor, "
     return read_quantity(logits, target, quantity).cpu().view(len(entry), -1).mean(1)
 
 
-def _check_fast(model: Any, setup: _Setup, stairs_at: Mapping[int, Stairs] | None, clean: Mapping[str, Tensor],
+def _check_fast(model: Any, setup: _Setup, runs: Mapping[int, _TokenRun] | None, clean: Mapping[str, Tensor],
                 p_clean: float, p_corr: float, quantity: Quantity) -> str | None:
-    """Why the fast engine cannot be trusted, or None. Every token's staircase entering at block 0 with
-    nothing restored must give P_corrupted (it reads the corrupted prefix from the cache); the staircase of
-    the first corrupted token with block 0's clean output restored at all its positions must give P_clean."""
-    if stairs_at is None:
+    """Why the fast engine cannot be trusted, or None. Every token's cached corrupted run (which its
+    staircase reproduces) must give P_corrupted; the staircase of the first corrupted token with block 0's
+    clean output restored at all its positions must give P_clean."""
+    if runs is None:
         return ("its staircase cannot be built or does not reproduce the model's own forward on this model "
                 "(or a traced token lies after the read-out position)")
-    zero = torch.zeros(1, dtype=torch.long)
-    nothing = torch.cat([_stairs_read(model, setup, s, zero, [], quantity) for s in stairs_at.values()])
+    nothing = torch.tensor([r.p_cached for r in runs.values()])
     why = disagreement(nothing, torch.full_like(nothing, p_corr), "P_corrupted through the cached prefix")
     if why is not None:
         return why
     first = min(setup.positions)
-    stairs = stairs_at.get(first) or _stairs_from(model, setup, first)
-    if stairs is None:
+    run = runs.get(first) or _stairs_from(model, setup, first, quantity)
+    if run is None:
         return f"no staircase can be built at the first corrupted token {first}"
     state = clean["resid"][0, first:setup.position + 1]  # block 0's clean output at the staircase's positions
     hooks = [(hook_name(0, KIND_POINTS["resid"]), lambda act, hook: state.to(act.device, act.dtype).expand_as(act))]
-    everything = _stairs_read(model, setup, stairs, zero, hooks, quantity)
+    everything = _stairs_read(model, setup, run.stairs, torch.zeros(1, dtype=torch.long), hooks, quantity)
     return disagreement(everything, torch.tensor([p_clean]), "P_clean through the cached prefix")
 
 
@@ -450,14 +463,14 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
         asked, note = "batched", "fast -> batched: a masked LM (the staircase needs causal attention)"
     effects = {}
     with cache_keyword_fix(model):
-        stairs_at = _token_stairs(model, setup, [t for _, t in cells]) if asked == "fast" and cells else None
-        checks = {"fast": lambda: _check_fast(model, setup, stairs_at, clean, p_clean, p_corr, quantity),
+        runs = _token_stairs(model, setup, [t for _, t in cells], quantity) if asked == "fast" and cells else None
+        checks = {"fast": lambda: _check_fast(model, setup, runs, clean, p_clean, p_corr, quantity),
                   "batched": lambda: _check_batched(model, setup, clean, p_clean, p_corr, quantity)}
         used, why = choose_engine(asked, checks) if cells else (asked, "")
         for kind in kinds:
             if used == "fast":
-                assert stairs_at is not None
-                p = _fast_cells(model, setup, kind, cells, windows[kind], clean, quantity, batch_size, stairs_at)
+                assert runs is not None
+                p = _fast_cells(model, setup, kind, cells, windows[kind], clean, quantity, batch_size, runs)
             else:
                 p = torch.empty(len(cells))
                 size = 1 if used == "loop" else max(1, batch_size // corruption.samples)
