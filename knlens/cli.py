@@ -14,17 +14,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-__all__ = ["main", "build_parser", "format_result"]
+from .errors import CommandLineError, KnlensError, OutputError
+
+__all__ = ["main", "build_parser", "format_result", "output_dir"]
 
 EXIT_BAD_INPUT = 2
 
+BadInput = CommandLineError  # a problem with the command line itself
 
-class BadInput(Exception):
-    """A problem with the command line itself (reported as ``error: ...``, exit status 2)."""
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a bad choice, a value that is not a number, an unknown option) are one
+    ``error: ...`` line like every other misuse, not a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(f"{message} (see {self.prog} --help)")
+
+
+def output_dir(path: str) -> Path:
+    """The ``--out`` folder, created now (with its parents) and checked to be writable, so that a bad path
+    fails before the model is loaded: :class:`~knlens.errors.OutputError` otherwise."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise OutputError(f"cannot write to --out {path!r}: {err.strerror or err}") from err
+    return out
 
 
 def _one_line(err: BaseException) -> str:
@@ -179,6 +201,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
         raise BadInput(f"--n-random must be 0 or more, got {args.n_random}")
     if args.n_bins < 1:
         raise BadInput(f"--n-bins must be 1 or more, got {args.n_bins}")
+    out = output_dir(args.out) if args.out else None
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"  # also silences the model loader's bars
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -193,12 +216,14 @@ def _cmd_locate(args: argparse.Namespace) -> int:
                     n_random=args.n_random, n_bins=args.n_bins, held_out=args.held_out,
                     specificity=args.specificity, seed=args.seed, engine=args.engine, progress=not args.quiet)
     print(format_result(result), flush=True)
-    if args.out:
+    if out is not None:
         from .report import write_html
 
-        out = Path(args.out)
-        paths = result.save(out)
-        page = write_html(result, out / "report.html")
+        try:
+            paths = result.save(out)
+            page = write_html(result, out / "report.html")
+        except OSError as err:
+            raise OutputError(f"cannot write the results to --out {args.out!r}: {err.strerror or err}") from err
         print(f"\nwrote {', '.join(str(p) for p in [*paths.values(), page])}")
     return 0
 
@@ -263,7 +288,7 @@ def _add_analyses(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="knlens", description="Find, test and show the knowledge neurons of "
+    parser = _Parser(prog="knlens", description="Find, test and show the knowledge neurons of "
                                      "transformer language models (TransformerLens 4).")
     from . import __version__
 
@@ -278,16 +303,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 2 bad input)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except CommandLineError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
-    from .errors import KnlensError
-
     try:
         return int(func(args) or 0)
-    except (KnlensError, BadInput) as err:
+    except KnlensError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import KnlensError
+from .cli import output_dir
+from .errors import CommandLineError, KnlensError
 
 __all__ = ["add_trace_parser", "add_consistency_parser", "trace_command", "consistency_command"]
 
@@ -213,7 +214,9 @@ def add_consistency_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _facts_for(args: argparse.Namespace, model: Any) -> list[Any]:
+def _read_facts(args: argparse.Namespace) -> list[Any]:
+    """The facts named on the command line with two prompts or more, read before the model is loaded (a bad
+    name or a missing data folder fails at once)."""
     facts = [_builtin(n) for n in (args.fact or [])]
     if args.prompt:
         if args.target is None:
@@ -229,6 +232,13 @@ def _facts_for(args: argparse.Namespace, model: Any) -> list[Any]:
     if not facts:
         raise KnlensError("no facts: pass --fact NAME (repeatable) or --relation PID")
     facts = [f for f in facts if len(f.prompts) >= 2]
+    if not facts:
+        raise CommandLineError("consistency compares a fact's paraphrases: give facts with at least two prompts")
+    return facts
+
+
+def _facts_for(args: argparse.Namespace, model: Any, facts: list[Any]) -> list[Any]:
+    """``facts`` the model answers on at least two prompts (all of them with --all-facts)."""
     if not args.all_facts:
         from .known import known_facts
 
@@ -250,8 +260,16 @@ def consistency_command(args: argparse.Namespace) -> int:
         raise KnlensError(f"--steps must be at least 1, got {args.steps}")
     if not 0 < args.threshold <= 1:
         raise KnlensError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if not 0 <= args.static_threshold <= 1:
+        raise CommandLineError(f"--static-threshold must be in [0, 1], got {args.static_threshold}")
+    if args.max_facts < 1:
+        raise CommandLineError(f"--max-facts must be at least 1, got {args.max_facts}")
+    if args.top_k is not None and args.top_k < 1:
+        raise CommandLineError(f"--top-k must be at least 1, got {args.top_k}")
+    out = output_dir(args.out) if args.out else None
+    facts = _read_facts(args)
     model = _load(args)
-    facts = _facts_for(args, model)
+    facts = _facts_for(args, model, facts)
     _say(args, f"attributing {sum(len(f.prompts) for f in facts)} prompts of {len(facts)} facts (steps {args.steps})")
     study = consistency_study(model, facts, steps=args.steps, threshold=args.threshold, top_k=args.top_k,
                               static_threshold=args.static_threshold, progress=not args.quiet)
@@ -278,9 +296,7 @@ def consistency_command(args: argparse.Namespace) -> int:
         mapping = pd.concat(parts, ignore_index=True)
         print("\nquery-KN mapping: suppress (x0) neurons on each query; relative change of P(target)")
         print(_table(mapping_summary(mapping)))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         study.save(out / "consistency.json")
         frame.to_csv(out / "facts.csv", index=False)
         summary.to_csv(out / "summary.csv", index=False)

@@ -61,3 +61,28 @@ class TracingSettingError(KnlensError, ValueError):
 class NotKnownError(KnlensError, ValueError):
     """A fact the model does not know (its clean top prediction is not the target) where a method traces
     only known facts, as Meng et al. did; the message names the override."""
+
+
+class SettingsError(KnlensError, ValueError):
+    """A method setting outside its domain: steps, grid, engine, dtype, quantity, batch size, tolerance."""
+
+
+class CommandLineError(KnlensError, ValueError):
+    """A misuse of the ``knlens`` command line (missing or conflicting options, a value out of range)."""
+
+
+class DataNotFoundError(KnlensError, FileNotFoundError):
+    """A data set (ParaRel, mParaRel, BLiMP) whose folder or files are not where they were looked for."""
+
+
+class DataFormatError(KnlensError, ValueError):
+    """A data file or record that cannot be read (not JSON, missing keys, a pair that cannot be a fact)."""
+
+
+class OutputError(KnlensError, OSError):
+    """An output folder or file that cannot be created or written."""
+
+
+class CompletenessWarning(UserWarning):
+    """Integrated gradients whose completeness error stayed above the tolerance after the largest
+    refinement allowed (``max_steps``): the scores do not add up to the effect they explain."""

@@ -92,3 +92,80 @@ def test_python_m_knlens_reports_bad_input_without_traceback(tmp_path):
 def test_console_script_is_declared():
     text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'knlens = "knlens.cli:main"' in text
+
+
+# ------------------------------------------------------------------ misuses of every subcommand
+TINY_OPTS = ["--model", "tiny-llama", "--quiet"]
+PROMPT = [*TINY_OPTS, "--prompt", "the capital of france is", "--target", " paris"]
+TRACE = ["trace", *PROMPT, "--subject", "france"]
+CONS = ["consistency", *TINY_OPTS, "--fact", "capital-france"]
+MISUSES = [
+    # argparse's own errors are one line too (not a usage block)
+    (["locate", *PROMPT, "--steps", "abc"], "invalid int value: 'abc'"),
+    (["locate", *PROMPT, "--grid", "simpson"], "invalid choice: 'simpson'"),
+    (["locate", *PROMPT, "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
+    (["locate", *PROMPT, "--steps", "-3"], "--steps must be at least 1"),
+    (["locate", *PROMPT, "--n-random", "-1"], "--n-random"),
+    (["locate", *TINY_OPTS, "--prompt", "the capital of france is", "--target", ""], "target is empty"),
+    (["locate", *TINY_OPTS, "--fact", "capital-frnace"], "did you mean capital-france"),
+    (["trace", *PROMPT], "needs the subject"),
+    (["trace", *PROMPT, "--subject", "germany"], "does not occur in the prompt"),
+    ([*TRACE, "--window", "0"], "--window must be at least 1"),
+    ([*TRACE, "--samples", "0"], "--samples must be at least 1"),
+    ([*TRACE, "--noise-factor", "-1"], "noise scale must be positive"),
+    ([*TRACE, "--kinds", "everything"], "invalid choice: 'everything'"),
+    (["trace", *TINY_OPTS, "--fact", "capital-france", "--prompt-index", "9"], "--prompt-index 9"),
+    ([*TRACE, "--corruption", "substitute"], "needs --other"),
+    (["consistency", *TINY_OPTS], "no facts"),
+    (["consistency", *PROMPT], "at least two prompts"),
+    ([*CONS, "--steps", "0"], "--steps must be at least 1"),
+    ([*CONS, "--threshold", "2"], "--threshold must be in (0, 1]"),
+    ([*CONS, "--max-facts", "0"], "--max-facts must be at least 1"),
+    ([*CONS, "--top-k", "0"], "--top-k must be at least 1"),
+    (["consistency", *TINY_OPTS, "--relation", "P36", "--data-dir", "{tmp}/no-data-here"],
+     "data folder not found"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MISUSES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in MISUSES])
+def test_every_subcommand_misuse_is_one_error_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+    assert captured.out == ""
+
+
+def test_unknown_relation_without_the_data_folder_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """The ParaRel folder is looked up before the model is loaded; missing, it is a DataNotFoundError."""
+    monkeypatch.setenv("KNLENS_DATA", str(tmp_path / "empty"))
+    assert main(["consistency", "--model", "no-such-model-anywhere", "--relation", "P9999", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data folder not found" in err[0] and "KNLENS_DATA" in err[0]
+
+
+@pytest.mark.parametrize("command", [["locate", *PROMPT, "--steps", "2", "--n-random", "1"], TRACE, CONS])
+def test_unwritable_out_fails_before_any_work(command, tmp_path, capsys, monkeypatch):
+    """--out under a regular file cannot be created (also as root): one line, and no model is loaded."""
+    (tmp_path / "a-file").write_text("")
+    import knlens.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr(knlens.models, "load_model", no_model)
+    assert main([*command, "--out", str(tmp_path / "a-file" / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot write to --out") and "a-file" in err[0], err
+
+
+def test_output_dir_creates_the_folder_and_raises_output_error(tmp_path):
+    from knlens.cli import output_dir
+    from knlens.errors import KnlensError, OutputError
+
+    assert output_dir(str(tmp_path / "new" / "deep")).is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="cannot write") as info:
+        output_dir(str(tmp_path / "file" / "sub"))
+    assert isinstance(info.value, KnlensError) and isinstance(info.value, OSError)

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import DataFormatError, SettingsError
 from ..facts import Fact
 from .builtin import UnknownRelationError
 from .pararel import _read_jsonl, _sub_dir
@@ -54,7 +55,7 @@ class BlimpPair:
     def as_fact(self) -> Fact:
         """A one-prefix pair as a :class:`Fact`: the prefix as the prompt, ``word_good`` as the target."""
         if self.prefix is None or self.word_good is None:
-            raise ValueError(f"BLiMP pair {self.uid}-{self.pair_id} is a two-prefix pair (no shared prefix); "
+            raise DataFormatError(f"BLiMP pair {self.uid}-{self.pair_id} is a two-prefix pair (no shared prefix); "
                              f"use prefix_good/prefix_bad with word instead")
         return Fact((self.prefix,), self.word_good, relation=self.uid, name=f"{self.uid}-{self.pair_id}")
 
@@ -87,7 +88,7 @@ def load_blimp(phenomenon: str, data_dir: str | os.PathLike[str] | None = None,
         known = sorted(p.stem for p in folder.glob("*.jsonl"))
         raise UnknownRelationError(f"no BLiMP phenomenon {phenomenon!r} in {folder}; available: {', '.join(known)}")
     if max_items is not None and max_items < 0:
-        raise ValueError(f"max_items must be >= 0 or None, got {max_items}")
+        raise SettingsError(f"max_items must be >= 0 or None, got {max_items}")
     pairs: list[BlimpPair] = []
     for _, row in _read_jsonl(path):
         if max_items is not None and len(pairs) >= max_items:

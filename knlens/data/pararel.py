@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataFormatError, DataNotFoundError, SettingsError
 from ..facts import Fact
 from .builtin import UnknownRelationError
 
@@ -46,7 +47,7 @@ _Y_LAST = re.compile(r"^(?P<prefix>.*)\[Y\]\s*[.。]?\s*$", re.DOTALL)
 def default_data_dir() -> Path:
     """Where the data sets are looked for: ``$KNLENS_DATA`` when set, else ``../shared/data`` next to the
     repository (then next to the working directory). The folder is not required to exist; the loaders
-    raise ``FileNotFoundError`` when it does not.
+    raise :class:`~knlens.errors.DataNotFoundError` (a ``FileNotFoundError``) when it does not.
     """
     env = os.environ.get(DATA_ENV)
     if env:
@@ -68,7 +69,7 @@ def _data_root(data_dir: str | os.PathLike[str] | None) -> Path:
         else:
             looked = (f"{_REPO_ROOT.parent / 'shared' / 'data'} and {Path.cwd().parent / 'shared' / 'data'} "
                       f"(../shared/data next to the repository and to the working directory)")
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"knlens data folder not found; looked in {looked}. Pass data_dir=... or set the environment "
             f"variable {DATA_ENV} to the folder that holds pararel/, mpararel/ and blimp/.")
     return root
@@ -81,7 +82,7 @@ def _sub_dir(data_dir: str | os.PathLike[str] | None, name: str, marker: str) ->
         return root / name
     if any(root.glob(marker)):
         return root
-    raise FileNotFoundError(f"no {name}/ folder in {root}; set {DATA_ENV} or pass data_dir= to the folder that "
+    raise DataNotFoundError(f"no {name}/ folder in {root}; set {DATA_ENV} or pass data_dir= to the folder that "
                             f"holds {name}/")
 
 
@@ -92,7 +93,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     yield i, json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{i + 1}: not a JSON line ({err})") from None
+                    raise DataFormatError(f"{path}:{i + 1}: not a JSON line ({err})") from None
 
 
 def _relation_id(path: Path) -> int:
@@ -142,9 +143,9 @@ def _prompt_template(pattern: str, *, object_last: bool, spaced: bool, capitaliz
 def _build_facts(relation: str, templates: list[str], tuples: list[tuple[str, str, str]], *, spaced: bool,
                  min_paraphrases: int, max_facts: int | None, seed: int, source: str) -> list[Fact]:
     if min_paraphrases < 1:
-        raise ValueError(f"min_paraphrases must be at least 1, got {min_paraphrases}")
+        raise SettingsError(f"min_paraphrases must be at least 1, got {min_paraphrases}")
     if max_facts is not None and max_facts < 0:
-        raise ValueError(f"max_facts must be >= 0 or None, got {max_facts}")
+        raise SettingsError(f"max_facts must be >= 0 or None, got {max_facts}")
     templates = list(dict.fromkeys(templates))
     if len(templates) < min_paraphrases:
         warnings.warn(f"{source}: relation {relation} has {len(templates)} usable template(s), fewer than "
