@@ -39,6 +39,9 @@ def _intervention_rows(evaluation: str, iv: InterventionResult, pair_unit: str) 
     rows = []
     for t in tests.itertuples(index=False):
         t = t._asdict()
+        kn, factor = t["knowledge_relative"], iv.settings["actions"][t["action"]]
+        wrong_way = (kn > 0) if factor < 1 else (kn < 0)
+        other_way = f"the tested set moves P(target) the other way ({100 * kn:+.1f} %)" if wrong_way else ""
         for control in iv.settings.get("controls", ("uniform",)):
             tag = "" if control == "uniform" else f"_{control}"
             p_emp, p_w = t[f"p_empirical{tag}"], t[f"p_wilcoxon{tag}"]
@@ -46,7 +49,7 @@ def _intervention_rows(evaluation: str, iv: InterventionResult, pair_unit: str) 
             rows.append({"evaluation": evaluation, "action": t["action"], "comparison": _CONTROL_LABEL[control],
                          "test": "p_empirical (one-sided)", "n": n_draws, "p": p_emp,
                          "p_floor": t["p_empirical_floor"],
-                         "note": floor_note(p_emp, t["p_empirical_floor"], n_draws, "random draws", ALPHA)})
+                         "note": other_way or floor_note(p_emp, t["p_empirical_floor"], n_draws, "random draws", ALPHA)})
             rows.append({"evaluation": evaluation, "action": t["action"], "comparison": _CONTROL_LABEL[control],
                          "test": f"p_wilcoxon (two-sided, over {pair_unit})", "n": n_pairs, "p": p_w,
                          "p_floor": t["p_wilcoxon_floor"],
@@ -57,7 +60,7 @@ def _intervention_rows(evaluation: str, iv: InterventionResult, pair_unit: str) 
 def significance_table(in_sample: InterventionResult, held: HeldOut | None = None,
                        spec: Specificity | None = None) -> pd.DataFrame:
     """Columns ``evaluation, action, comparison, test, n, p, p_floor, note`` (``note`` is empty when the
-    test could reach p < 0.05 and did not sit at its floor)."""
+    test could reach p < 0.05, did not sit at its floor, and the effect went the expected way)."""
     rows = _intervention_rows("in-sample", in_sample, "prompts")
     if held is not None:
         rows += _intervention_rows("held-out", held.interventions, "held-out prompts")

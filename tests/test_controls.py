@@ -350,3 +350,22 @@ def test_wilcoxon_over_prompts_matches_scipy(tiny_llama):
     rnd = f[f.neurons == "random"].groupby("prompt")["relative"].mean()
     p = stats.wilcoxon(kn - rnd[kn.index]).pvalue
     assert res.tests(by="prompt").set_index("action").loc["suppress", "p_wilcoxon"] == pytest.approx(p)
+
+
+def test_significance_table_says_when_the_effect_goes_the_other_way():
+    from knlens.interventions import InterventionResult
+    from knlens.significance import significance_table
+
+    rows = []
+    for action, factor, kn_rel in (("suppress", 0.0, 0.3), ("enhance", 2.0, 0.4)):  # suppress raises P: wrong way
+        for prompt in ("p1", "p2"):
+            rows.append(dict(fact="f", prompt=prompt, action=action, factor=factor, neurons="knowledge", control="",
+                             draw=-1, relative=kn_rel))
+            rows += [dict(fact="f", prompt=prompt, action=action, factor=factor, neurons="random", control="uniform",
+                          draw=d, relative=0.01 * d) for d in range(9)]
+    iv = InterventionResult(pd.DataFrame(rows), {"actions": {"suppress": 0.0, "enhance": 2.0}, "controls": ["uniform"]})
+    t = significance_table(iv).set_index(["action", "test"])
+    assert t.loc[("suppress", "p_empirical (one-sided)"), "note"] == "the tested set moves P(target) the other way (+30.0 %)"
+    assert t.loc[("suppress", "p_empirical (one-sided)"), "p"] == 1.0
+    assert t.loc[("enhance", "p_empirical (one-sided)"), "p"] == pytest.approx(0.1)  # beyond all 9 draws: floor
+    assert t.loc[("enhance", "p_empirical (one-sided)"), "note"].startswith("cannot reach p < 0.05 with 9 random draws")
