@@ -93,15 +93,18 @@ def _selection_text(result: Any) -> str:
 def format_result(result: Any) -> str:
     """The plain-text summary ``knlens locate`` prints: prompts, neurons, completeness, interventions, held-out
     prompts, specificity, and every test with the smallest p-value it can reach."""
+    from .attribution.adaptive import describe
+
     s, fact = result.settings, result.fact
     multi = s.multi_token != "single"
     comp_cols = ["prompt", "p_target", *(["ig_value"] if multi else []), "delta_sum", "ig_sum", "abs_error",
-                 "relative_error"]
+                 "relative_error", "grid", "steps"]
     lines = [
         f"knlens locate: {fact.prompts[0]!r} -> {fact.target!r}"
         + (f"  [{fact.name}]" if getattr(fact, "name", None) else ""),
         f"model {s.model} ({s.n_layers} layers x {s.d_mlp} neurons, {s.dtype}); hook blocks.L.mlp.{s.hook_point}; "
-        f"IG {s.steps} steps, grid {s.grid}, engine {s.engine_label}; preset {s.preset}",
+        f"IG engine {s.engine_label}; preset {s.preset}",
+        f"integration: {describe(result.attributions)}",
         *([f"engine note: {s.engine_note}"] if s.engine_note else []),
         "",
         "Prompts, P(target) and integrated-gradients completeness error (sum over layers of |sum IG - delta|):",
@@ -197,6 +200,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     fact = _fact_from_args(args)
     if args.steps < 1:
         raise BadInput(f"--steps must be at least 1, got {args.steps}")
+    if args.max_steps < 1:
+        raise BadInput(f"--max-steps must be at least 1, got {args.max_steps}")
     if args.n_random < 0:
         raise BadInput(f"--n-random must be 0 or more, got {args.n_random}")
     if args.n_bins < 1:
@@ -214,7 +219,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     say(f"locating the knowledge neurons of {fact.prompts[0]!r} -> {fact.target!r} ({len(fact.prompts)} prompts)")
     result = locate(model, fact, steps=args.steps, grid=args.grid, preset=args.preset, hook_point=args.hook_point,
                     n_random=args.n_random, n_bins=args.n_bins, held_out=args.held_out,
-                    specificity=args.specificity, seed=args.seed, engine=args.engine, progress=not args.quiet)
+                    specificity=args.specificity, seed=args.seed, engine=args.engine, progress=not args.quiet,
+                    tolerance=args.tolerance, max_steps=args.max_steps)
     print(format_result(result), flush=True)
     if out is not None:
         from .report import write_html
@@ -228,8 +234,22 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tolerance(text: str) -> float | None:
+    """``--tolerance``: a positive number, or ``off`` (a fixed grid)."""
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'off', got {text!r}")
+    return value
+
+
 def _add_locate_parser(sub: Any) -> None:
     from .attribution import GRIDS
+    from .attribution.adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE
     from .attribution.ig import ENGINES
     from .selection import PRESETS
 
@@ -247,6 +267,11 @@ def _add_locate_parser(sub: Any) -> None:
     p.add_argument("--target", metavar="T", help="the target continuation, e.g. ' Paris' (with --prompt)")
     p.add_argument("--steps", type=int, default=20, help="integration steps (default: %(default)s)")
     p.add_argument("--grid", default="right", choices=sorted(GRIDS), help="quadrature rule (default: %(default)s)")
+    p.add_argument("--tolerance", type=_tolerance, default=DEFAULT_TOLERANCE, metavar="T",
+                   help="relative completeness error above which a prompt is integrated again on more "
+                        "Gauss-Legendre nodes; 'off' keeps --grid/--steps (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
+                   help="most Gauss-Legendre nodes of that refinement (default: %(default)s)")
     p.add_argument("--preset", default="dai", choices=sorted(PRESETS),
                    help="neuron selection thresholds (default: %(default)s)")
     p.add_argument("--hook-point", default="hook_post", choices=["hook_post", "hook_pre", "hook_pre_linear"],

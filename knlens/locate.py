@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .activations import TokenActivations, token_activations
 from .attribution import Attribution, attribute
+from .attribution.adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE
 from .controls import CONTROLS
 from .engine import target_probs
 from .errors import ControlError
@@ -92,7 +93,8 @@ def _completeness(model: Any, fact: Fact, attrs: Sequence[Attribution], batch_si
         "ig_sum": [float(a.scores.sum()) for a in attrs],
         "abs_error": [float(a.completeness_error.sum()) for a in attrs],
         "max_layer_error": [float(a.completeness_error.max()) for a in attrs],
-        "relative_error": [a.relative_completeness_error for a in attrs]})
+        "relative_error": [a.relative_completeness_error for a in attrs],
+        "grid": [a.settings.grid for a in attrs], "steps": [a.settings.steps for a in attrs]})  # the pass kept
 
 
 def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
@@ -100,11 +102,13 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
            controls: Sequence[str] = CONTROLS, n_bins: int = 10, held_out: bool | None = None,
            specificity: bool | Sequence[Fact] = True, seed: int = 0, engine: str = "fast", progress: bool = True,
            top_k: int = 10, fallback_k: int = 3, attributions: Sequence[Attribution] | None = None,
-           batch_size: int = 512) -> LocateResult:
+           batch_size: int = 512, tolerance: float | None = DEFAULT_TOLERANCE,
+           max_steps: int = DEFAULT_MAX_STEPS) -> LocateResult:
     """Knowledge neurons of ``fact`` on ``model``: attribute → refine → suppress/enhance vs random controls →
     held-out prompts → other relations' facts → activations.
 
-    ``steps``/``grid``/``engine``/``hook_point`` go to :func:`knlens.attribute` (P(target), zero baseline,
+    ``steps``/``grid``/``engine``/``hook_point``/``tolerance``/``max_steps`` go to :func:`knlens.attribute`
+    (adaptive integration; P(target), zero baseline,
     multi-token targets teacher-forced); ``preset`` to :func:`knlens.selection.refinement`;
     ``n_random``/``controls``/``n_bins``/``seed`` to :func:`knlens.measure`. ``held_out``: leave-one-prompt-out
     evaluation (``None``: on when the fact has ≥ 4 prompts). ``specificity``: ``True`` tests the neurons on the
@@ -165,7 +169,7 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         bar.set_postfix_str("integrated gradients")
         if attributions is None:
             attrs = attribute(model, fact, steps=steps, grid=grid, hook_point=hook_point, engine=engine,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, tolerance=tolerance, max_steps=max_steps)
         else:
             attrs = list(attributions)
         done(None if attributions is not None else "attribute_s", "refine")

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from . import __version__
+from .attribution.adaptive import describe
 from .locate import LocateResult, TokenActivations
 
 __all__ = ["render_html", "write_html", "token_view", "remote_sources", "InlineHTML"]
@@ -298,7 +299,7 @@ def render_html(result: LocateResult) -> str:
     settings_rows = [
         ("model", s.model), ("layers × neurons", f"{s.n_layers} × {s.d_mlp}"), ("dtype", s.dtype),
         ("hook point", f"blocks.L.mlp.{s.hook_point}"), ("target quantity", s.quantity),
-        ("integration", f"{s.steps} steps, grid '{s.grid}', zero baseline, engine '{s.engine_label}'"),
+        ("integration", f"{describe(result.attributions)}; zero baseline, engine '{s.engine_label}'"),
         ("multi-token target", s.multi_token), ("selection preset", s.preset),
         ("selection", _selection_words(result)),
         ("random controls", f"{s.n_random} sets of each: {s.controls} (uniform: same number of neurons per layer; "
@@ -351,8 +352,8 @@ highlighted: refined knowledge neurons. The table also lists the top {s.top_k} n
 <h2>Completeness of integrated gradients</h2>
 <p class="note">For each layer, Σ<sub>i</sub> IG<sub>i</sub> should equal Δ = P(target | a) − P(target | 0)
 (only that layer's row moved to the baseline). <i>abs_error</i> = Σ<sub>layers</sub> |Σ IG − Δ|,
-<i>relative_error</i> = abs_error / Σ<sub>layers</sub> |Δ|. Large values: raise <code>--steps</code> or use
-<code>--grid gauss-legendre</code>.</p>
+<i>relative_error</i> = abs_error / Σ<sub>layers</sub> |Δ|. A prompt above the tolerance is integrated again on
+more Gauss–Legendre nodes; <i>grid</i> and <i>steps</i> are those of the pass kept.</p>
 {_table(comp, left=("prompt",))}
 
 <h2>Interventions: suppress (×0) and enhance (×2) vs random controls</h2>

@@ -64,6 +64,7 @@ from ..hooks import capture, hook_name, hooked, replace_rows
 from ..models import is_masked_lm
 from ..prompts import MultiToken, Queries, encode
 from ..staircase import Stairs, build_stairs, cache_layers, disagreement, recording
+from .adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, REFINE_GRID, check_budget, refine
 from .grids import Grid, quadrature
 from .result import Attribution, AttributionSettings
 
@@ -318,7 +319,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
               grid: Grid = "right", quantity: Quantity = "prob", baseline: Baseline = "zero",
               multi_token: MultiToken = "teacher_forcing", token_reduce: Literal["mean", "sum"] = "mean",
               engine: Engine = "fast", batch_size: int = 256, progress: bool = False,
-              device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
+              device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+              tolerance: float | None = DEFAULT_TOLERANCE, max_steps: int = DEFAULT_MAX_STEPS
               ) -> list[Attribution]:
     """Integrated-gradients attributions of every prompt of ``fact`` (one :class:`Attribution` each).
 
@@ -332,6 +334,11 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     ``device`` runs the computation there (the model is moved for the call and moved back); ``dtype``
     (``torch.bfloat16``, ``"bf16"``, …) runs the model's matmuls in that precision under autocast, with
     the path points, gradients and their sum in float32; it is recorded in ``settings.dtype``.
+    ``tolerance`` (default 0.05) makes the integration adaptive: a prompt whose relative completeness error
+    is above it is integrated again on more Gauss–Legendre nodes, doubling up to ``max_steps`` (default
+    128), with a :class:`~knlens.errors.CompletenessWarning` if it stays above (see
+    :mod:`knlens.attribution.adaptive`); ``settings.grid``/``steps`` are then those of the pass kept and
+    ``settings.refinement`` lists every pass. ``tolerance=None`` integrates on ``grid``/``steps`` only.
 
     >>> from knlens import load_model, Fact
     >>> model = load_model("tiny-gpt2")
@@ -349,6 +356,15 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
         raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_budget(tolerance, max_steps)
+    if tolerance is not None:
+        kw: dict[str, Any] = dict(hook_point=hook_point, layers=layers, quantity=quantity, baseline=baseline,
+                                  multi_token=multi_token, token_reduce=token_reduce, engine=engine,
+                                  batch_size=batch_size, progress=progress, device=device, dtype=dtype,
+                                  tolerance=None)
+        first = attribute(model, prompts, target, steps=steps, grid=grid, **kw)
+        return refine(first, lambda idx, m: attribute(model, [prompts[i] for i in idx], target, steps=m,
+                                                      grid=REFINE_GRID, **kw), tolerance, max_steps)
     run_dtype = _resolve_dtype(dtype)
     layer_ids = _resolve_layers(model, layers)
     names = [hook_name(l, hook_point) for l in layer_ids]
@@ -359,6 +375,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
             from ..errors import HookShapeError
             raise HookShapeError(f"baseline has shape {tuple(baseline.shape)}, expected "
                                  f"[layers={len(layer_ids)}, d_mlp={model.cfg.d_mlp}]")
+        if not torch.isfinite(baseline).all():
+            raise NonFiniteError("the baseline has non-finite values (NaN or inf): every path point would be too")
     with _precision_and_place(model, device, run_dtype) as where:
         q = q.to(where)
         base = baseline if isinstance(baseline, str) else baseline.to(where)

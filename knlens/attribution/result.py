@@ -35,6 +35,12 @@ class AttributionSettings:
     knlens_version: str
     engine_note: str = ""  # why an engine fell back to a slower one ("" when the one asked for ran)
     versions: dict[str, str] = field(default_factory=dict)  # knlens.versions.environment() of the run
+    # adaptive integration (knlens.attribution.adaptive): the relative completeness error aimed at (None: the
+    # grid and steps were fixed), the most Gauss–Legendre nodes allowed, and every pass "grid steps: error"
+    # ("right 20: 0.94 -> gauss-legendre 20: 0.31 -> ..."); grid and steps above are those of the pass kept
+    tolerance: float | None = None
+    max_steps: int | None = None
+    refinement: str = ""
 
 
 @dataclass(frozen=True)
