@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import output_dir
-from .errors import CommandLineError, KnlensError
+from .errors import CommandLineError, OutputError
 
 __all__ = ["add_trace_parser", "add_consistency_parser", "trace_command", "consistency_command"]
 
@@ -41,13 +41,11 @@ def _table(frame: Any, **kw: Any) -> str:
 
 
 def _builtin(name: str) -> Any:
-    try:
-        from .data import builtin_facts, get_fact
-    except ImportError as err:  # pragma: no cover - the data package ships with knlens
-        raise KnlensError(f"built-in facts are unavailable ({err}); pass --prompt/--target instead") from err
+    from .data import UnknownFactError, builtin_facts, get_fact
+
     names = [f.name for f in builtin_facts()]
     if name not in names:
-        raise KnlensError(f"unknown fact {name!r}; built-in facts: {', '.join(names)}")
+        raise UnknownFactError(f"unknown fact {name!r}; built-in facts: {', '.join(names)}")
     return get_fact(name)
 
 
@@ -115,22 +113,22 @@ def trace_command(args: argparse.Namespace) -> int:
     from .patching import Corruption, trace
 
     if args.fact and (args.prompt or args.target):
-        raise KnlensError("give either --fact NAME or --prompt P --target T, not both")
+        raise CommandLineError("give either --fact NAME or --prompt P --target T, not both")
     if args.fact:
         fact = _builtin(args.fact)
         if not 0 <= args.prompt_index < len(fact.prompts):
-            raise KnlensError(f"--prompt-index {args.prompt_index} outside the fact's {len(fact.prompts)} prompts")
+            raise CommandLineError(f"--prompt-index {args.prompt_index} outside the fact's {len(fact.prompts)} prompts")
         prompt, target, subject = fact.prompts[args.prompt_index], fact.target, args.subject or fact.subject
     else:
         if not args.prompt or args.target is None:
-            raise KnlensError("no prompt given: use --fact NAME or --prompt P --target T --subject S")
+            raise CommandLineError("no prompt given: use --fact NAME or --prompt P --target T --subject S")
         prompt, target, subject = args.prompt, args.target, args.subject
     if subject is None and args.subject_span is None:
-        raise KnlensError("tracing needs the subject: pass --subject S (as written in the prompt) or --subject-span")
+        raise CommandLineError("tracing needs the subject: pass --subject S (as written in the prompt) or --subject-span")
     if args.samples < 1:
-        raise KnlensError(f"--samples must be at least 1, got {args.samples}")
+        raise CommandLineError(f"--samples must be at least 1, got {args.samples}")
     if args.corruption == "substitute" and not args.other:
-        raise KnlensError("--corruption substitute needs --other (another subject with as many tokens)")
+        raise CommandLineError("--corruption substitute needs --other (another subject with as many tokens)")
     for flag, value in (("--window", args.window), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise TracingSettingError(f"{flag} must be at least 1, got {value}")
@@ -141,9 +139,9 @@ def trace_command(args: argparse.Namespace) -> int:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise KnlensError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from err
+            raise OutputError(f"cannot write to --out {str(out)!r}: {err.strerror or err}") from err
         if not os.access(out, os.W_OK):
-            raise KnlensError(f"cannot write to --out {str(out)!r}: permission denied")
+            raise OutputError(f"cannot write to --out {str(out)!r}: permission denied")
     model = _load(args)
     _say(args, f"tracing {prompt!r} -> {target!r} (corrupting the {args.corrupt}, kinds {', '.join(args.kinds)})")
     t = trace(model, prompt, target, kinds=args.kinds, corruption=corruption, corrupt=args.corrupt,
@@ -220,7 +218,7 @@ def _read_facts(args: argparse.Namespace) -> list[Any]:
     facts = [_builtin(n) for n in (args.fact or [])]
     if args.prompt:
         if args.target is None:
-            raise KnlensError("--prompt needs --target")
+            raise CommandLineError("--prompt needs --target")
         from .facts import Fact
 
         facts.append(Fact(tuple(args.prompt), args.target, name="prompts"))
@@ -230,7 +228,7 @@ def _read_facts(args: argparse.Namespace) -> list[Any]:
         kw = {"data_dir": args.data_dir} if args.data_dir else {}
         facts += list(load_pararel(rel, max_facts=args.max_facts, **kw))
     if not facts:
-        raise KnlensError("no facts: pass --fact NAME (repeatable) or --relation PID")
+        raise CommandLineError("no facts: pass --fact NAME (repeatable) or --relation PID")
     facts = [f for f in facts if len(f.prompts) >= 2]
     if not facts:
         raise CommandLineError("consistency compares a fact's paraphrases: give facts with at least two prompts")
@@ -246,7 +244,7 @@ def _facts_for(args: argparse.Namespace, model: Any, facts: list[Any]) -> list[A
         facts = known_facts(model, facts, keep_prompts="correct", min_prompts=2)
         _say(args, f"{len(facts)} of {n} facts answered correctly on at least two prompts")
     if not facts:
-        raise KnlensError("no fact with at least two (correctly answered) prompts; try --all-facts")
+        raise CommandLineError("no fact with at least two (correctly answered) prompts; try --all-facts")
     return facts
 
 
@@ -257,9 +255,9 @@ def consistency_command(args: argparse.Namespace) -> int:
     from .analyses import InsufficientDataError, consistency_study, mapping_summary, query_kn_mapping
 
     if args.steps < 1:
-        raise KnlensError(f"--steps must be at least 1, got {args.steps}")
+        raise CommandLineError(f"--steps must be at least 1, got {args.steps}")
     if not 0 < args.threshold <= 1:
-        raise KnlensError(f"--threshold must be in (0, 1], got {args.threshold}")
+        raise CommandLineError(f"--threshold must be in (0, 1], got {args.threshold}")
     if not 0 <= args.static_threshold <= 1:
         raise CommandLineError(f"--static-threshold must be in [0, 1], got {args.static_threshold}")
     if args.max_facts < 1:

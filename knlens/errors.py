@@ -64,7 +64,13 @@ class NotKnownError(KnlensError, ValueError):
 
 
 class SettingsError(KnlensError, ValueError):
-    """A method setting outside its domain: steps, grid, engine, dtype, quantity, batch size, tolerance."""
+    """A method setting outside its domain: steps, grid, engine, dtype, quantity, batch size, tolerance, an
+    unknown hook point, a model config the built-in tokenizer cannot serve."""
+
+
+class FactError(KnlensError, ValueError):
+    """A fact that cannot be built or used: a dictionary with missing or unknown keys, attributions that
+    belong to another fact."""
 
 
 class CommandLineError(KnlensError, ValueError):

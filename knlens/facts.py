@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PromptError, TargetError
+from .errors import FactError, PromptError, TargetError
 
 __all__ = ["Fact"]
 
@@ -109,15 +109,15 @@ class Fact:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fact:
         """Build a Fact from a dict with ``prompts`` and ``target`` and optional ``subject``, ``relation``,
-        ``name``; other keys raise ``ValueError``.
+        ``name``; other keys raise :class:`~knlens.errors.FactError` (a ``ValueError``).
 
         >>> Fact.from_dict({"prompts": ["The capital of France is"], "target": " Paris"}).target
         ' Paris'
         """
         missing = [k for k in ("prompts", "target") if k not in data]
         if missing:
-            raise ValueError(f"Fact.from_dict: missing key(s) {missing}; a fact needs 'prompts' and 'target'")
+            raise FactError(f"Fact.from_dict: missing key(s) {missing}; a fact needs 'prompts' and 'target'")
         unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
-            raise ValueError(f"Fact.from_dict: unknown key(s) {unknown}; allowed keys are {list(_FIELDS)}")
+            raise FactError(f"Fact.from_dict: unknown key(s) {unknown}; allowed keys are {list(_FIELDS)}")
         return cls(**{k: data[k] for k in _FIELDS if k in data})

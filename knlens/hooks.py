@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .errors import HookShapeError, KnlensError, NeuronIndexError
+from .errors import HookShapeError, NeuronIndexError, SettingsError
 from .neurons import NeuronSet
 
 __all__ = [
@@ -223,7 +223,7 @@ def _checked(name: str, fn: HookFn) -> HookFn:
 def hooked(model: Any, fwd_hooks: Sequence[Hook] = (), bwd_hooks: Sequence[Hook] = ()) -> Iterator[Any]:
     """Attach hooks for the duration of a ``with`` block; they are removed on every exit, errors included.
 
-    Unknown hook names raise :class:`KnlensError` listing close matches before anything is attached.
+    Unknown hook names raise :class:`~knlens.errors.SettingsError` listing close matches before anything is attached.
 
     >>> from knlens import load_model
     >>> model = load_model("tiny-gpt2")
@@ -234,7 +234,7 @@ def hooked(model: Any, fwd_hooks: Sequence[Hook] = (), bwd_hooks: Sequence[Hook]
     for name, _ in [*fwd_hooks, *bwd_hooks]:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
-            raise KnlensError(f"unknown hook point {name!r}" + (f"; did you mean {close}?" if close else ""))
+            raise SettingsError(f"unknown hook point {name!r}" + (f"; did you mean {close}?" if close else ""))
     with model.hooks(fwd_hooks=[(n, _checked(n, f)) for n, f in fwd_hooks],
                      bwd_hooks=list(bwd_hooks)):
         yield model

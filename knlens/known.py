@@ -20,6 +20,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from .engine import chunks, target_logits
+from .errors import SettingsError
 from .facts import Fact
 from .prompts import encode
 
@@ -48,7 +49,7 @@ def known_facts(model: Any, facts: Sequence[Fact], *, min_prompts: int = 1, keep
     answered prompts of each fact, dropping facts with fewer than ``min_prompts`` of them.
     """
     if keep_prompts not in ("all", "correct"):
-        raise ValueError(f"keep_prompts must be 'all' or 'correct', got {keep_prompts!r}")
+        raise SettingsError(f"keep_prompts must be 'all' or 'correct', got {keep_prompts!r}")
     kept = []
     for fact in facts:
         ok = answers(model, fact)

@@ -45,7 +45,7 @@ from .attribution import Attribution, attribute
 from .attribution.adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE
 from .controls import CONTROLS
 from .engine import target_probs
-from .errors import ControlError
+from .errors import ControlError, FactError
 from .facts import Fact
 from .heldout import MIN_PROMPTS_DEFAULT_ON, held_out as run_held_out
 from .interventions import measure, per_prompt
@@ -142,7 +142,7 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         attributions = tuple(attributions)
         if [a.prompt for a in attributions] != list(fact.prompts) or any(a.target != fact.target
                                                                           for a in attributions):
-            raise ValueError("attributions do not belong to this fact: give one per prompt of fact.prompts, in "
+            raise FactError("attributions do not belong to this fact: give one per prompt of fact.prompts, in "
                              "order, with the fact's target")
         a0 = attributions[0].settings
         steps, grid, engine_requested, hook_point = a0.steps, a0.grid, a0.engine, a0.hook_point

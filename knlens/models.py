@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from .errors import MissingWeightsError, UnknownModelError
+from .errors import MissingWeightsError, SettingsError, UnknownModelError
 
 __all__ = ["load_model", "tiny_model", "EMBEDDED_MODELS", "TINY_MODELS", "TINY_VOCAB", "is_masked_lm"]
 
@@ -161,7 +161,7 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     if config.vocab_size < len(TINY_VOCAB):
-        raise ValueError(f"vocab_size {config.vocab_size} is smaller than the {len(TINY_VOCAB)} words of the "
+        raise SettingsError(f"vocab_size {config.vocab_size} is smaller than the {len(TINY_VOCAB)} words of the "
                          f"built-in tokenizer")
     name = name or f"random-{config.model_type}"
     torch.manual_seed(seed)

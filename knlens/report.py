@@ -34,6 +34,7 @@ import torch
 
 from . import __version__
 from .attribution.adaptive import describe
+from .errors import PromptError
 from .locate import LocateResult, TokenActivations
 
 __all__ = ["render_html", "write_html", "token_view", "remote_sources", "InlineHTML"]
@@ -171,7 +172,7 @@ def token_view(activations: LocateResult | Sequence[TokenActivations]) -> Inline
 
     acts = list(activations.activations if isinstance(activations, LocateResult) else activations)
     if not acts:
-        raise ValueError("token_view needs the activations of at least one prompt")
+        raise PromptError("token_view needs the activations of at least one prompt")
     neurons = acts[0].neurons
     tokens: list[str] = []
     rows: list[torch.Tensor] = []

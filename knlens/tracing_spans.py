@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import KnlensError, PromptError, TracingSettingError
+from .errors import NeuronIndexError, PromptError, TracingSettingError
 
 __all__ = ["window_layers", "subject_token_span", "relation_positions", "token_groups"]
 
@@ -26,7 +26,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> list[int]:
     if window < 1:
         raise TracingSettingError(f"window must be at least 1, got {window}")
     if not 0 <= layer < n_layers:
-        raise KnlensError(f"layer {layer} outside the model's {n_layers} layers")
+        raise NeuronIndexError(f"layer {layer} outside the model's {n_layers} layers")
     return list(range(max(0, layer - window // 2), min(n_layers, layer + (window + 1) // 2)))
 
 

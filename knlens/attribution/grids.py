@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..errors import SettingsError
+
 __all__ = ["Grid", "GRIDS", "quadrature"]
 
 Grid = Literal["right", "left", "linspace", "midpoint", "trapezoid", "gauss-legendre"]
@@ -28,7 +30,7 @@ GRIDS: tuple[str, ...] = ("right", "left", "linspace", "midpoint", "trapezoid", 
 def quadrature(grid: Grid, steps: int) -> tuple[Float[Tensor, "steps"], Float[Tensor, "steps"]]:
     """Nodes ``α`` in [0, 1] and weights (float64) of a rule with ``steps`` evaluations."""
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise SettingsError(f"steps must be a positive integer, got {steps!r}")
     m = steps
     if grid == "right":
         a, w = np.arange(1, m + 1) / m, np.full(m, 1 / m)
@@ -40,7 +42,7 @@ def quadrature(grid: Grid, steps: int) -> tuple[Float[Tensor, "steps"], Float[Te
         a, w = (np.arange(m) + 0.5) / m, np.full(m, 1 / m)
     elif grid == "trapezoid":
         if m < 2:
-            raise ValueError("the trapezoid rule needs at least 2 steps")
+            raise SettingsError("the trapezoid rule needs at least 2 steps")
         a = np.linspace(0.0, 1.0, m)
         w = np.full(m, 1 / (m - 1))
         w[[0, -1]] /= 2
@@ -48,5 +50,5 @@ def quadrature(grid: Grid, steps: int) -> tuple[Float[Tensor, "steps"], Float[Te
         x, wx = np.polynomial.legendre.leggauss(m)
         a, w = (x + 1) / 2, wx / 2
     else:
-        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+        raise SettingsError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
     return torch.tensor(a, dtype=torch.float64), torch.tensor(w, dtype=torch.float64)

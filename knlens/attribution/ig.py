@@ -58,7 +58,8 @@ from .. import __version__
 from ..versions import environment
 from ..engine import Quantity, chunks, read_quantity, target_logits
 from ..compat import cache_keyword_fix
-from ..errors import EngineCheckError, EngineFallbackWarning, NeuronIndexError, NonFiniteError
+from ..errors import (EngineCheckError, EngineFallbackWarning, NeuronIndexError, NonFiniteError, SettingsError,
+                      TargetError)
 from ..facts import Fact
 from ..hooks import capture, hook_name, hooked, replace_rows
 from ..models import is_masked_lm
@@ -272,11 +273,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
+            raise SettingsError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
+        raise SettingsError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
     return _DTYPES[key]
 
 
@@ -351,11 +352,11 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     else:
         prompts = [fact] if isinstance(fact, str) else list(fact)
         if target is None:
-            raise ValueError("pass a target with prompts, or a Fact")
+            raise TargetError("pass a target with prompts, or a Fact")
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
+        raise SettingsError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise SettingsError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_budget(tolerance, max_steps)
     if tolerance is not None:
         kw: dict[str, Any] = dict(hook_point=hook_point, layers=layers, quantity=quantity, baseline=baseline,
