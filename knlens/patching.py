@@ -408,8 +408,8 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
         corruption: ``"noise"`` (default), ``"replace"``, ``"substitute"`` (with ``other=``) or a
             :class:`Corruption`; ``samples``, ``seed``, ``noise_scale`` override its fields.
         samples: noise samples averaged, default 10 as Meng et al. (every cell runs once per sample; on
-            SmolLM2-135M with the fast engine a full three-kind trace of a 6-token prompt takes about
-            10 s on 2 CPU threads).
+            SmolLM2-135M the fast engine traces all three kinds of a 6-token prompt in about 10 s on a
+            quiet 2-core CPU, 2.4× the time of 3 samples; benchmarks/RESULTS.md).
         corrupt: ``"subject"`` (default), ``"relation"`` or explicit positions.
         subject / subject_span: the subject as text in the prompt, or its ``[start, end)`` token span.
         window: layers restored around each cell (default 1 for resid, 10 for mlp/attn), int or per kind.
