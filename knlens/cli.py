@@ -40,6 +40,8 @@ def output_dir(path: str) -> Path:
     """The ``--out`` folder, created now (with its parents) and checked to be writable, so that a bad path
     fails before the model is loaded: :class:`~knlens.errors.OutputError` otherwise."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {path!r} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):

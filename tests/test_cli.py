@@ -169,3 +169,5 @@ def test_output_dir_creates_the_folder_and_raises_output_error(tmp_path):
     with pytest.raises(OutputError, match="cannot write") as info:
         output_dir(str(tmp_path / "file" / "sub"))
     assert isinstance(info.value, KnlensError) and isinstance(info.value, OSError)
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        output_dir(str(tmp_path / "file"))
