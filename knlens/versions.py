@@ -10,8 +10,10 @@ Run as a script (standard library only):
 * ``python knlens/versions.py --direct``: knlens' direct dependencies by name (``make test-latest``).
 
 >>> env = environment()
->>> sorted(env)[:2]
-['knlens', 'torch']
+>>> [name for name in ("torch", "transformers", "transformer-lens") if name in env]
+['torch', 'transformers', 'transformer-lens']
+>>> lock_mismatches({"torch": "2.13.0"}, {"torch": "2.13.0+cpu", "numpy": "2.4.6"})
+['numpy: installed 2.4.6, not in the lock']
 """
 
 from __future__ import annotations
