@@ -22,7 +22,7 @@ from .interventions import InterventionResult, intervene, measure, random_contro
 from .known import answers, known_facts
 from .data import builtin_facts, get_fact, load_blimp, load_mpararel, load_pararel
 from .locate import LocateResult, LocateSettings, TokenActivations, locate, token_activations
-from .patching import Corruption, Trace, trace
+from .patching import Corruption, Trace, trace, trace_facts
 from .report import render_html, token_view, write_html
 from .models import EMBEDDED_MODELS, TINY_MODELS, load_model, random_model, tiny_model
 from .neurons import Neuron, NeuronSet
@@ -39,5 +39,5 @@ __all__ = [
     "replace_rows", "scale", "set_value", "single_token", "target_probs", "target_tokens", "tiny_model", "random_model",
     "zero_ablate", "answers", "known_facts", "builtin_facts", "get_fact", "load_blimp", "load_mpararel",
     "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations",
-    "Corruption", "Trace", "trace", "render_html", "token_view", "write_html",
+    "Corruption", "Trace", "trace", "trace_facts", "render_html", "token_view", "write_html",
 ]

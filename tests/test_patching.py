@@ -257,9 +257,10 @@ def _no_keyword_fix(model):
 def test_broken_cache_falls_back_to_numbers_equal_to_the_loop(model, breakage, monkeypatch, tmp_path):
     kw = dict(subject=SUBJECT, samples=2, window=2)
     loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
-    monkeypatch.setattr(patching, "cache_keyword_fix", _no_keyword_fix)  # as if compat missed a renamed keyword
     if breakage == "wrong prefix":
         _break_prefix(monkeypatch)
+    else:
+        monkeypatch.setattr(patching, "cache_keyword_fix", _no_keyword_fix)  # as if compat missed a renamed keyword
     why = "P_corrupted through the cached prefix" if breakage == "wrong prefix" else "staircase cannot be built"
     with _cache_ignored(model) if breakage == "cache ignored" else contextlib.nullcontext():
         with pytest.warns(EngineFallbackWarning, match=why):
