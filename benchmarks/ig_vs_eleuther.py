@@ -96,7 +96,7 @@ def timed(fn, repeat: int):
 
 
 def knlens_scores(model, prompt, target, **kw) -> torch.Tensor:
-    return attribute(model, [prompt], target, steps=kw.pop("steps", 20), **kw)[0].scores
+    return attribute(model, [prompt], target, steps=kw.pop("steps", 20), tolerance=None, **kw)[0].scores
 
 
 def run_case(name, kn, model, prompt, target, peer_target, hook_point, ids_ours, ids_theirs, args, rows):

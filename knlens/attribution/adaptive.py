@@ -81,6 +81,13 @@ def refine(first: Sequence[Attribution], rerun: Callable[[list[int], int], list[
     nodes. Returns one attribution per prompt, the one with the smallest error, its settings recording
     the tolerance and every pass (``settings.refinement``). Warns (:class:`CompletenessWarning`) for the
     prompts still above the tolerance after ``max_steps`` nodes.
+
+    >>> from knlens import attribute, load_model
+    >>> model, prompt = load_model("tiny-llama"), "the capital of france is"
+    >>> first = attribute(model, [prompt], " paris", steps=2, tolerance=None)
+    >>> rerun = lambda idx, m: attribute(model, [prompt], " paris", steps=m, grid="gauss-legendre", tolerance=None)
+    >>> [a.settings.refinement for a in refine(first, rerun, tolerance=0.05, max_steps=16)]
+    ['right 2: 0.4... -> gauss-legendre 2: 0.007...']
     """
     best = list(first)
     passes = [[_label(a)] for a in first]
