@@ -13,6 +13,7 @@ import torch
 
 import knlens
 import knlens.patching as patching
+from breakages import cache_ignored
 from knlens.errors import EngineFallbackWarning, KnlensError, NotKnownError, PromptError, TracingSettingError
 from knlens.hooks import capture, hooked
 from knlens.patching import (Corruption, Trace, group_effects, relation_positions, restore, subject_token_span,
@@ -221,19 +222,6 @@ def test_trace_command_misuse_is_one_error_line(misuse, tmp_path, capsys):
 
 # ------------------------------------------------------------------- engines that check themselves
 
-@contextlib.contextmanager
-def _cache_ignored(model):
-    """What transformers 5.24 did to TransformerLens 4.3's attention: it never sees the key/value cache."""
-    def drop(module, args, kwargs):
-        return args, {**kwargs, **{k: None for k in ("past_key_values", "cache") if k in kwargs}}
-    handles = [block.attn.register_forward_pre_hook(drop, with_kwargs=True) for block in model.blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _break_prefix(monkeypatch):
     """Wrong keys and values in the corrupted prefix cache. The staircase recorded on that cache reproduces
     the cached forward it was recorded from (its own check passes); only a plain forward can tell."""
@@ -262,7 +250,7 @@ def test_broken_cache_falls_back_to_numbers_equal_to_the_loop(model, breakage, m
     else:
         monkeypatch.setattr(patching, "cache_keyword_fix", _no_keyword_fix)  # as if compat missed a renamed keyword
     why = "P_corrupted through the cached prefix" if breakage == "wrong prefix" else "staircase cannot be built"
-    with _cache_ignored(model) if breakage == "cache ignored" else contextlib.nullcontext():
+    with cache_ignored(model) if breakage == "cache ignored" else contextlib.nullcontext():
         with pytest.warns(EngineFallbackWarning, match=why):
             t = trace(model, PROMPT, TARGET, **kw)
     assert t.settings["engine"] == "batched" and t.settings["engine_requested"] == "fast"

@@ -8,31 +8,18 @@ engine that actually ran.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import pytest
 import torch
 
 import knlens
+from breakages import cache_ignored
 from knlens.attribution import ig
 from knlens.errors import EngineCheckError, EngineFallbackWarning
 from knlens.staircase import SharedPrefix
 
 PROMPTS = ["the capital of france is", "paris is the capital city of"]
-
-
-@contextlib.contextmanager
-def _cache_ignored(model):
-    """What TransformerLens 4.3 did under transformers 5.24: attention never sees the cache."""
-    def drop(module, args, kwargs):
-        return args, {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
-    handles = [b.attn.register_forward_pre_hook(drop, with_kwargs=True) for b in model.blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _attribute(model, engine, **kw):
@@ -56,7 +43,7 @@ def test_fast_engine_runs_unwarned_on_this_environment(tiny_llama):
 @pytest.mark.parametrize("engine", ["fast", "batched"])
 def test_ignored_cache_falls_back_to_reference_with_a_warning(tiny_llama, monkeypatch, engine):
     want = _attribute(tiny_llama, "reference")
-    monkeypatch.setattr(ig, "cache_keyword_fix", _cache_ignored)
+    monkeypatch.setattr(ig, "cache_keyword_fix", cache_ignored)
     with pytest.warns(EngineFallbackWarning, match="cache is not honoured"):
         got = _attribute(tiny_llama, engine)
     _assert_same_scores(got, want)
@@ -67,7 +54,7 @@ def test_ignored_cache_falls_back_to_reference_with_a_warning(tiny_llama, monkey
 def test_ignored_cache_would_have_given_wrong_numbers(tiny_llama):
     """The breakage is real: without the check, the cached clean logits are far from the plain ones."""
     q = knlens.encode(tiny_llama, PROMPTS[:1], " paris")
-    with torch.no_grad(), _cache_ignored(tiny_llama):
+    with torch.no_grad(), cache_ignored(tiny_llama):
         _, kv = tiny_llama(q.tokens[:, :-1], return_type="logits_and_cache")
         cached = tiny_llama(q.tokens[:, -1:], past_key_values=kv)[:, -1]
     plain = tiny_llama(q.tokens)[:, -1]
@@ -107,7 +94,7 @@ def test_ignored_cache_on_the_embedded_model_gives_reference_numbers(real_model,
     kw = dict(steps=2, layers=[0, 14, 29])
     fact = knlens.Fact(["The capital of France is"], " Paris")
     want = knlens.attribute(real_model, fact, engine="reference", **kw)
-    monkeypatch.setattr(ig, "cache_keyword_fix", _cache_ignored)
+    monkeypatch.setattr(ig, "cache_keyword_fix", cache_ignored)
     with pytest.warns(EngineFallbackWarning):
         got = knlens.attribute(real_model, fact, engine="fast", **kw)
     assert got[0].settings.engine == "reference"
