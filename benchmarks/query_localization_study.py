@@ -134,7 +134,6 @@ def main(argv=None) -> int:
     times["attribution"] = time.time() - t
     say("consistency done")
     frame = study.to_frame()
-    th = study.thresholds()
     summary = study.summary()
     share_rel = frame.groupby("relation", sort=False)[[c for c in frame if c.startswith("consistent_")]].apply(
         lambda g: (~g).mean()).reset_index()
@@ -376,7 +375,7 @@ def main(argv=None) -> int:
         "",
         md_table(pd.DataFrame(gen_rows)),
         "",
-        f"Queries whose own set is empty after the removal: "
+        "Queries whose own set is empty after the removal: "
         + ", ".join(f"{g} {v}" for g, v in empty_own.items()) + ".",
         "",
         md_table(map_sum),
