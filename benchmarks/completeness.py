@@ -85,11 +85,17 @@ def survey(model_name: str, n_facts: int, out: Path, batch_size: int) -> None:
                 row = {**_row(model_name, fact.name, a, wall, "survey", 20, a.settings.tolerance), "prompt": a.prompt}
                 fh.write(json.dumps(row) + "\n")
                 print(f"{model_name} {fact.name} {a.prompt!r}: {row['passes']}", flush=True)
+            fh.flush()
+
+
+EXTRA_CELLS = {"right": 1, "left": 1, "linspace": 0, "trapezoid": 0, "midpoint": 2, "gauss-legendre": 2}
 
 
 def _nodes(passes: str) -> int:
-    """Cells per layer of all passes ("right 20: 0.05 -> gauss-legendre 20: 0.01"): each pass adds α = 0, 1."""
-    return sum(int(p.split(":")[0].split()[1]) + 2 for p in passes.split(" -> "))
+    """Cells per layer of all passes ("right 20: 0.05 -> gauss-legendre 20: 0.01"): each pass also runs
+    α = 0 and α = 1 where its grid lacks them (the completeness and self checks)."""
+    return sum(int(steps) + EXTRA_CELLS[grid] for grid, steps in
+               (p.split(":")[0].rsplit(" ", 1) for p in passes.split(" -> ")))
 
 
 def summarize(paths: list[Path]) -> None:
