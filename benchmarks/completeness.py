@@ -30,7 +30,7 @@ SCHEDULES = {"right": (20, 40, 80, 160), "gauss-legendre": (8, 16, 32, 64, 128)}
 
 
 def _row(model_name: str, name: str, a, wall: float, grid: str, steps: int, tolerance: float | None) -> dict:
-    from knlens.versions import environment
+    from knlens.core.versions import environment
 
     err = a.completeness_error
     return {"model": model_name, "fact": name, "prompt": a.prompt, "p_target": a.clean_value, "grid": grid,

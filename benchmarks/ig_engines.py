@@ -28,7 +28,7 @@ import time
 import torch
 
 from knlens import attribute, load_model, random_model
-from knlens.prompts import encode
+from knlens.core.tokens import encode
 
 PROMPT = "The capital of France is the city of"
 TARGET = " Paris"

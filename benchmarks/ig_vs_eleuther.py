@@ -43,7 +43,7 @@ except ImportError:
     sys.exit(1)
 
 from knlens import attribute  # noqa: E402
-from knlens.models import _boot, _mark_in_memory  # noqa: E402
+from knlens.core.models import _boot, _mark_in_memory
 
 WORDS = """the a of is in on at to and by from with for as capital city country language president river
 born died located official currency france paris germany berlin italy rome spain madrid japan tokyo china
@@ -159,7 +159,7 @@ def bert_cases(args, rows):
     _mark_in_memory(tok, "bert-base-random")
     model = _boot("bert-base-random", ours_hf, tok, device="cpu", dtype=torch.float32)
     kn = KnowledgeNeurons(theirs_hf, copy.deepcopy(tok), model_type="bert", device="cpu")
-    from knlens.prompts import encode
+    from knlens.core.tokens import encode
     for n_words in args.lengths:
         prompt = prompt_of(n_words - 3, seed=n_words) + " [MASK]"  # + [CLS], [SEP]: n_words tokens
         q = encode(model, [prompt], " paris")

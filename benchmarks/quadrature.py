@@ -21,14 +21,14 @@ import time
 import torch
 
 from knlens import attribute, load_model
-from knlens.attribution import GRIDS
+from knlens.methods.attribution.grids import GRIDS
 
 CANDIDATES = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 128)
 
 
 def facts(n: int):
     try:
-        from knlens.data import builtin_facts
+        from knlens.data.builtin import builtin_facts
         return [(f.name, f.prompts[0], f.target) for f in builtin_facts()[:n]]
     except ImportError:  # the data module is optional here
         plain = [("capital-france", "The capital of France is", " Paris"),

@@ -5,7 +5,7 @@ One command (from the project root)::
     .venv/bin/python benchmarks/query_localization_study.py      # writes benchmarks/QUERY_LOCALIZATION.md
 
 Facts: ParaRel relations read by ``knlens.data.load_pararel`` (object-last templates, ≥ 3 paraphrases), a
-random subset of ``--candidates`` per relation; kept by ``knlens.known.known_facts`` when the model's greedy
+random subset of ``--candidates`` per relation; kept by ``knlens.methods.known.known_facts`` when the model's greedy
 continuation equals the whole target on at least ``--min-prompts`` paraphrases; only those answered
 paraphrases are analysed (at most ``--max-prompts``), so every analysed prompt is known. The first
 ``--facts-per-relation`` kept facts of each relation are studied. Integrated gradients with 8
@@ -33,14 +33,17 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import knlens  # noqa: E402
-from knlens.analyses import (compare_selections, consistency_study, equal_size_selections, mapping_summary,  # noqa: E402
-                             mapping_tests, paired_permutation_test, query_kn_mapping, synapse_scaling)
-from knlens.data import load_pararel  # noqa: E402
-from knlens.interventions import random_control  # noqa: E402
-from knlens.known import known_facts  # noqa: E402
-from knlens.neurons import NeuronSet  # noqa: E402
-from knlens.selection import generic_neurons  # noqa: E402
-from knlens.versions import environment  # noqa: E402
+from knlens.studies.query_localization import compare_selections, mapping_summary, mapping_tests, query_kn_mapping
+from knlens.studies.consistency import consistency_study
+from knlens.methods.consistent_selection import equal_size_selections
+from knlens.stats.tests import paired_permutation_test
+from knlens.methods.attention import synapse_scaling
+from knlens.data.pararel import load_pararel
+from knlens.methods.controls import random_control
+from knlens.methods.known import known_facts
+from knlens.core.neurons import NeuronSet
+from knlens.methods.selection import generic_neurons
+from knlens.core.versions import environment
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.05
@@ -311,7 +314,7 @@ def main(argv=None) -> int:
         "",
         f"Model `{args.model}` ({model.cfg.n_layers} layers, d_mlp {model.cfg.d_mlp}). For each relation, "
         f"`knlens.data.load_pararel` reads a random subset (seed {args.seed}) of {args.candidates} facts (object-last "
-        f"templates, ≥ 3 paraphrases); `knlens.known.known_facts(keep_prompts=\"correct\", min_prompts={args.min_prompts})` "
+        f"templates, ≥ 3 paraphrases); `knlens.methods.known.known_facts(keep_prompts=\"correct\", min_prompts={args.min_prompts})` "
         f"keeps a fact when the model's greedy continuation equals the whole target on at least {args.min_prompts} "
         f"paraphrases, and only those answered paraphrases are analysed (at most {args.max_prompts}): every analysed "
         f"prompt is known. The first {args.facts_per_relation} kept facts per relation are studied.",

@@ -1,4 +1,4 @@
-"""Causal tracing: knlens' engines vs one forward per cell (``knlens.patching.trace``), same numbers.
+"""Causal tracing: knlens' engines vs one forward per cell (``knlens.methods.tracing.trace.trace``), same numbers.
 
 Run::
 
@@ -9,7 +9,7 @@ The reference is the per-cell loop of Meng et al. (the ROME code): one forward o
 copies of the whole prompt for every (token, layer) cell of every kind. All engines run the same trace
 (three kinds: residual, MLP, attention; windows 1/10/10; the same seeded noise):
 
-* ``loop, every cell``  — the reference: one forward per cell, every token (``engine="loop"``,
+* ``loop, every cell``  — the reference: one forward per cell, every token (``engine="reference"``,
   ``skip_prefix=False``);
 * ``loop``              — one forward per cell, only the tokens from the first corrupted one on (earlier
   cells cannot change anything: causal attention);
@@ -35,12 +35,12 @@ import time
 import torch
 
 from knlens import load_model
-from knlens.data import get_fact
-from knlens.patching import trace
-from knlens.versions import environment
+from knlens.data.builtin import get_fact
+from knlens.methods.tracing.trace import trace
+from knlens.core.versions import environment
 
-ENGINES = (("loop, every cell", dict(engine="loop", skip_prefix=False)),
-           ("loop", dict(engine="loop")),
+ENGINES = (("loop, every cell", dict(engine="reference", skip_prefix=False)),
+           ("loop", dict(engine="reference")),
            ("batched", dict(engine="batched")),
            ("fast", dict(engine="fast")))
 

@@ -9,25 +9,35 @@
 Research analyses live in :mod:`knlens.analyses` (query localization, consistency of neurons).
 """
 
-__version__ = "0.1.0"
+from knlens.core.versions import __version__
 
-from .attribution import GRIDS, Attribution, AttributionSettings, attribute, integrated_gradients, quadrature
-from .engine import activations_at, target_probs
-from .errors import (HookShapeError, KnlensError, MissingWeightsError, NeuronIndexError, NonFiniteError,
-                     PromptError, TargetError, UnknownModelError)
-from .facts import Fact
-from .hooks import (add, compose, hook_name, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
-                    set_value, zero_ablate)
-from .interventions import InterventionResult, intervene, measure, random_control
-from .known import answers, known_facts
-from .data import builtin_facts, get_fact, load_blimp, load_mpararel, load_pararel
-from .locate import LocateResult, LocateSettings, TokenActivations, locate, token_activations
-from .patching import Corruption, Trace, trace, trace_facts
-from .report import render_html, token_view, write_html
-from .models import EMBEDDED_MODELS, TINY_MODELS, load_model, random_model, tiny_model
-from .neurons import Neuron, NeuronSet
-from .prompts import Queries, encode, single_token, target_tokens
-from .selection import PRESETS, coarse, drop_generic, generic_neurons, refine, refine_facts, refined_neurons
+from knlens.methods.attribution.grids import GRIDS, quadrature
+from knlens.methods.attribution.result import Attribution, AttributionSettings
+from knlens.methods.attribution.ig import attribute, integrated_gradients
+from knlens.run.engine import activations_at, target_probs
+from knlens.core.errors import (HookShapeError, KnlensError, MissingWeightsError, NeuronIndexError, NonFiniteError,
+                                PromptError, TargetError, UnknownModelError)
+from knlens.core.facts import Fact
+from knlens.run.hooks import (add, compose, hook_name, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows,
+                              scale, set_value, zero_ablate)
+from knlens.methods.interventions import InterventionResult, intervene, measure
+from knlens.methods.controls import random_control
+from knlens.methods.known import answers, known_facts
+from knlens.data.builtin import builtin_facts, get_fact
+from knlens.data.blimp import load_blimp
+from knlens.data.pararel import load_mpararel, load_pararel
+from knlens.studies.located import LocateResult, LocateSettings
+from knlens.methods.activations import TokenActivations, token_activations
+from knlens.studies.knowledge_neurons import locate
+from knlens.methods.tracing.corruption import Corruption
+from knlens.methods.tracing.result import Trace
+from knlens.methods.tracing.trace import trace, trace_facts
+from knlens.viz.report import render_html, token_view, write_html
+from knlens.core.models import EMBEDDED_MODELS, TINY_MODELS, load_model, random_model, tiny_model
+from knlens.core.neurons import Neuron, NeuronSet
+from knlens.core.tokens import Queries, encode, single_token, target_tokens
+from knlens.methods.selection import (PRESETS, coarse, drop_generic, generic_neurons, refine, refine_facts,
+                                      refined_neurons)
 
 __all__ = [
     "Attribution", "AttributionSettings", "EMBEDDED_MODELS", "Fact", "GRIDS", "HookShapeError",

@@ -1,4 +1,4 @@
-"""Adaptive integration (knlens.attribution.adaptive) on tiny models: refine until the completeness error is
+"""Adaptive integration (knlens.methods.attribution.adaptive) on tiny models: refine until the completeness error is
 within the tolerance, record what ran, warn when the budget is spent."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import knlens
-from knlens.attribution.adaptive import describe, refinements
-from knlens.errors import CompletenessWarning, KnlensError, SettingsError
+from knlens.methods.attribution.adaptive import describe, refinements
+from knlens.core.errors import CompletenessWarning, KnlensError, SettingsError
 
 PROMPTS = ["the capital of france is", "the capital city of france is", "france capital city is"]
 
@@ -36,12 +36,12 @@ def test_prompts_above_the_tolerance_are_refined_and_say_how(tiny_llama):
 
 def test_prompts_within_the_tolerance_are_not_recomputed(tiny_llama, monkeypatch):
     calls = []
-    real = knlens.attribution.ig.attribute
+    real = knlens.methods.attribution.ig.attribute
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("grid"))
         return real(*args, **kwargs)
-    monkeypatch.setattr(knlens.attribution.ig, "attribute", counting)
+    monkeypatch.setattr(knlens.methods.attribution.ig, "attribute", counting)
     attrs = knlens.attribute(tiny_llama, PROMPTS, " paris", steps=16, grid="gauss-legendre", tolerance=0.05)
     assert calls == ["gauss-legendre"]  # the first pass only
     assert all(a.settings.steps == 16 and "->" not in a.settings.refinement for a in attrs)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from knlens.cli import main
-from knlens.report import remote_sources
+from knlens.cli.main import main
+from knlens.viz.report import remote_sources
 
 TINY = ["locate", "--model", "tiny-llama", "--prompt", "the capital of france is",
         "--prompt", "the capital city of france is", "--prompt", "france capital city is", "--target", " paris",
@@ -150,19 +150,19 @@ def test_unknown_relation_without_the_data_folder_is_one_error_line(tmp_path, ca
 def test_unwritable_out_fails_before_any_work(command, tmp_path, capsys, monkeypatch):
     """--out under a regular file cannot be created (also as root): one line, and no model is loaded."""
     (tmp_path / "a-file").write_text("")
-    import knlens.models
+    import knlens.core.models
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
-    monkeypatch.setattr(knlens.models, "load_model", no_model)
+    monkeypatch.setattr(knlens.core.models, "load_model", no_model)
     assert main([*command, "--out", str(tmp_path / "a-file" / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: cannot write to --out") and "a-file" in err[0], err
 
 
 def test_output_dir_creates_the_folder_and_raises_output_error(tmp_path):
-    from knlens.cli import output_dir
-    from knlens.errors import KnlensError, OutputError
+    from knlens.cli.main import output_dir
+    from knlens.core.errors import KnlensError, OutputError
 
     assert output_dir(str(tmp_path / "new" / "deep")).is_dir()
     (tmp_path / "file").write_text("")

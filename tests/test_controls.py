@@ -13,21 +13,22 @@ import torch
 from scipy import stats
 
 import knlens
-from knlens import Fact, NeuronSet, staircase
-from knlens.cli import format_result
-from knlens.controls import (empirical_floor, floor_note, magnitude_bins, matched_control, matched_widening,
-                             random_control, wilcoxon_floor)
-from knlens.engine import activations_at, target_probs
-from knlens.errors import ControlError, SelectionError
-from knlens.heldout import held_out
-from knlens.hooks import hook_name, neuron_hooks, set_value, zero_ablate
-from knlens.interventions import intervene, measure, per_prompt
-from knlens.locate import locate
-from knlens.prompts import encode
-from knlens.report import render_html
-from knlens.selection import (PRESETS, SelectionPreset, min_prompts, refine_by_relation, refine_facts, refinement,
-                              refined_neurons)
-from knlens.specificity import other_relation_facts, specificity
+from knlens import Fact, NeuronSet
+from knlens.run import staircase
+from knlens.cli.main import format_result
+from knlens.stats.tests import empirical_floor, floor_note, wilcoxon_floor
+from knlens.methods.controls import magnitude_bins, matched_control, matched_widening, random_control
+from knlens.run.engine import activations_at, target_probs
+from knlens.core.errors import ControlError, SelectionError
+from knlens.methods.heldout import held_out
+from knlens.run.hooks import hook_name, neuron_hooks, set_value, zero_ablate
+from knlens.methods.interventions import intervene, measure, per_prompt
+from knlens.studies.knowledge_neurons import locate
+from knlens.core.tokens import encode
+from knlens.viz.report import render_html
+from knlens.methods.selection import (PRESETS, SelectionPreset, min_prompts, refine_by_relation, refine_facts,
+                                      refinement, refined_neurons)
+from knlens.methods.specificity import other_relation_facts, specificity
 
 PROMPTS4 = ["the capital of france is", "the capital city of france is", "france capital city is",
             "the city of paris is the capital of"]
@@ -353,8 +354,8 @@ def test_wilcoxon_over_prompts_matches_scipy(tiny_llama):
 
 
 def test_significance_table_says_when_the_effect_goes_the_other_way():
-    from knlens.interventions import InterventionResult
-    from knlens.significance import significance_table
+    from knlens.methods.interventions import InterventionResult
+    from knlens.methods.significance import significance_table
 
     rows = []
     for action, factor, kn_rel in (("suppress", 0.0, 0.3), ("enhance", 2.0, 0.4)):  # suppress raises P: wrong way

@@ -11,12 +11,13 @@ import torch
 import knlens
 from knlens import (Fact, HookShapeError, KnlensError, Neuron, NeuronIndexError, NeuronSet, PromptError, TargetError,
                     UnknownModelError)
-from knlens.engine import activations_at, target_probs
-from knlens.hooks import (add, compose, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
-                          set_value, zero_ablate)
-from knlens.interventions import intervene, measure, random_control
-from knlens.prompts import encode
-from knlens.selection import PRESETS, coarse, generic_neurons, refine, refine_facts
+from knlens.run.engine import activations_at, target_probs
+from knlens.run.hooks import (add, compose, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
+                              set_value, zero_ablate)
+from knlens.methods.interventions import intervene, measure
+from knlens.methods.controls import random_control
+from knlens.core.tokens import encode
+from knlens.methods.selection import PRESETS, coarse, generic_neurons, refine, refine_facts
 
 PROMPTS = ["the capital of france is", "paris is the capital city of", "the capital city of france is"]
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from knlens.data import (BlimpPair, UnknownFactError, UnknownRelationError, blimp_phenomena, builtin_facts,
-                         builtin_relations, default_data_dir, get_fact, load_blimp, load_mpararel, load_pararel,
-                         mpararel_languages, mpararel_relations, pararel_relations)
-from knlens.errors import KnlensError, PromptError, TargetError
-from knlens.facts import Fact
+from knlens.data.blimp import BlimpPair, blimp_phenomena, load_blimp
+from knlens.data.builtin import UnknownFactError, UnknownRelationError, builtin_facts, builtin_relations, get_fact
+from knlens.data.pararel import (default_data_dir, load_mpararel, load_pararel, mpararel_languages,
+                                 mpararel_relations, pararel_relations)
+from knlens.core.errors import KnlensError, PromptError, TargetError
+from knlens.core.facts import Fact
 
 
 # --------------------------------------------------------------------------------------------- Fact

@@ -25,6 +25,6 @@ def test_docstring_examples(name):
 
 
 def test_core_modules_have_examples():
-    for name in ("knlens.hooks", "knlens.engine", "knlens.prompts", "knlens.patching", "knlens.staircase",
-                 "knlens.attribution.ig", "knlens.selection", "knlens.interventions"):
+    for name in ("knlens.run.hooks", "knlens.run.engine", "knlens.core.tokens", "knlens.methods.tracing.trace", "knlens.run.staircase",
+                 "knlens.methods.attribution.ig", "knlens.methods.selection", "knlens.methods.interventions"):
         assert n_examples(name) > 0, name

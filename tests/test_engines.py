@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import knlens.staircase as staircase
+import knlens.run.staircase as staircase
 from knlens import load_model
-from knlens.attribution import GRIDS, attribute, quadrature
-from knlens.engine import read_quantity, target_logits
-from knlens.hooks import hook_name, set_value
-from knlens.prompts import encode
+from knlens.methods.attribution.grids import GRIDS, quadrature
+from knlens.methods.attribution.ig import attribute
+from knlens.run.engine import read_quantity, target_logits
+from knlens.run.hooks import hook_name, set_value
+from knlens.core.tokens import encode
 
 KINDS = ("tiny-llama", "tiny-gpt2", "tiny-bert")
 PROMPTS = ["the capital of france is", "the official language of the country called france is",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import knlens.errors as errors
+import knlens.core.errors as errors
 
 ROOT = Path(errors.__file__).parent
 BUILTIN = {"ValueError", "TypeError", "KeyError", "IndexError", "RuntimeError", "FileNotFoundError", "OSError",

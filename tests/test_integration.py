@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import knlens
-from knlens.data import builtin_facts
-from knlens.known import known_facts
+from knlens.data.builtin import builtin_facts
+from knlens.methods.known import known_facts
 
 pytestmark = pytest.mark.integration
 

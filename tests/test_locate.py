@@ -11,12 +11,14 @@ import torch
 
 import knlens
 from knlens import Fact, NeuronSet
-from knlens.engine import target_probs
-from knlens.hooks import hooked, neuron_hooks, scale
-from knlens.locate import LocateResult, locate, token_activations
-from knlens.prompts import encode
-from knlens.report import remote_sources, render_html, write_html
-from knlens.selection import SelectionPreset
+from knlens.run.engine import target_probs
+from knlens.run.hooks import hooked, neuron_hooks, scale
+from knlens.studies.located import LocateResult
+from knlens.studies.knowledge_neurons import locate
+from knlens.methods.activations import token_activations
+from knlens.core.tokens import encode
+from knlens.viz.report import remote_sources, render_html, write_html
+from knlens.methods.selection import SelectionPreset
 
 FACT = Fact(["the capital of france is", "the capital city of france is", "france capital city is"], " paris",
             name="tiny-capital")
@@ -121,7 +123,7 @@ def test_empty_refined_set_is_reported_and_the_best_neurons_are_tested(results):
     assert not res.table["refined"].any() and res.table["tested"].sum() == res.settings.fallback_k
     assert "no refined neurons" in res.tested_label
     assert "No refined knowledge neuron" in render_html(res)
-    from knlens.cli import format_result
+    from knlens.cli.main import format_result
 
     assert "No refined knowledge neuron" in format_result(res)
 

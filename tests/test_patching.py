@@ -12,12 +12,16 @@ import pytest
 import torch
 
 import knlens
-import knlens.patching as patching
+import knlens.methods.tracing.fast as tracing_fast
+import knlens.methods.tracing.setup as tracing_setup
+import knlens.methods.tracing.trace as patching
 from breakages import cache_ignored
-from knlens.errors import EngineFallbackWarning, KnlensError, NotKnownError, PromptError, TracingSettingError
-from knlens.hooks import capture, hooked
-from knlens.patching import (Corruption, Trace, group_effects, relation_positions, restore, subject_token_span,
-                             token_groups, trace_facts, window_layers)
+from knlens.core.errors import EngineFallbackWarning, KnlensError, NotKnownError, PromptError, TracingSettingError
+from knlens.run.hooks import capture, hooked
+from knlens.methods.tracing.corruption import Corruption
+from knlens.methods.tracing.result import Trace, group_effects
+from knlens.methods.tracing.spans import relation_positions, subject_token_span, token_groups, window_layers
+from knlens.methods.tracing.trace import restore, trace_facts
 
 PROMPT, TARGET, SUBJECT = "the capital of france is", " paris", "france"
 N_TOK = 6  # [BOS] the capital of france is
@@ -92,7 +96,7 @@ def test_trace_engines_equal_loop(model, method, engine):
         kw["other"] = "germany"
     batched = trace(model, PROMPT, TARGET, engine=engine, batch_size=3, **kw)
     assert batched.settings["engine"] == engine  # no silent fallback
-    loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
+    loop = trace(model, PROMPT, TARGET, engine="reference", **kw)
     assert batched.p_corrupted == pytest.approx(loop.p_corrupted, abs=1e-7)
     for kind in kinds:
         torch.testing.assert_close(batched.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
@@ -111,7 +115,7 @@ def test_fast_trace_default_windows_relation_and_multi_token(model, corrupt):
     """The default engine (fast) equals the loop with the default windows (wider than the model), relation
     corruption, a multi-token target (traced on its first token) and any batch size."""
     kw = dict(subject=SUBJECT, samples=3, corrupt=corrupt)
-    loop = trace(model, PROMPT, " paris is", engine="loop", **kw)
+    loop = trace(model, PROMPT, " paris is", engine="reference", **kw)
     for batch_size in (1, 1000):
         fast = trace(model, PROMPT, " paris is", batch_size=batch_size, **kw)
         assert fast.settings["engine"] == "fast"
@@ -120,7 +124,7 @@ def test_fast_trace_default_windows_relation_and_multi_token(model, corrupt):
 
 
 def test_fast_trace_falls_back_when_blocks_cannot_be_driven(model, monkeypatch):
-    import knlens.staircase as staircase
+    import knlens.run.staircase as staircase
     ref = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",), engine="batched")
     monkeypatch.setattr(staircase, "model_tail", lambda model: None)
     with pytest.warns(EngineFallbackWarning, match="staircase cannot be built"):
@@ -194,7 +198,7 @@ CLI = ["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET, 
 
 
 def test_trace_command(tmp_path, capsys):
-    from knlens.cli import main
+    from knlens.cli.main import main
 
     assert main([*CLI, "--kinds", "mlp", "--samples", "1", "--window", "1", "--allow-unknown",
                  "--out", str(tmp_path)]) == 0
@@ -211,7 +215,7 @@ def test_trace_command(tmp_path, capsys):
     ["--target", " ugh"], [],  # [] : a random model does not know the fact, and --allow-unknown is not given
     ["--out", "FILE/sub"]])
 def test_trace_command_misuse_is_one_error_line(misuse, tmp_path, capsys):
-    from knlens.cli import main
+    from knlens.cli.main import main
 
     (tmp_path / "FILE").write_text("a file, not a folder")
     misuse = [str(tmp_path / m) if m == "FILE/sub" else m for m in misuse]
@@ -225,7 +229,7 @@ def test_trace_command_misuse_is_one_error_line(misuse, tmp_path, capsys):
 def _break_prefix(monkeypatch):
     """Wrong keys and values in the corrupted prefix cache. The staircase recorded on that cache reproduces
     the cached forward it was recorded from (its own check passes); only a plain forward can tell."""
-    original = patching._corrupted_prefix
+    original = tracing_fast.corrupted_prefix
 
     def wrong(model, tokens, hooks):
         cache = original(model, tokens, hooks)
@@ -233,7 +237,7 @@ def _break_prefix(monkeypatch):
             layer.keys.mul_(-1.0)
             layer.values.mul_(0.0)
         return cache
-    monkeypatch.setattr(patching, "_corrupted_prefix", wrong)
+    monkeypatch.setattr(tracing_fast, "corrupted_prefix", wrong)
 
 
 @contextlib.contextmanager
@@ -244,7 +248,7 @@ def _no_keyword_fix(model):
 @pytest.mark.parametrize("breakage", ["wrong prefix", "cache ignored"])
 def test_broken_cache_falls_back_to_numbers_equal_to_the_loop(model, breakage, monkeypatch, tmp_path):
     kw = dict(subject=SUBJECT, samples=2, window=2)
-    loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
+    loop = trace(model, PROMPT, TARGET, engine="reference", **kw)
     if breakage == "wrong prefix":
         _break_prefix(monkeypatch)
     else:
@@ -263,7 +267,7 @@ def test_broken_cache_falls_back_to_numbers_equal_to_the_loop(model, breakage, m
 
 
 def test_broken_prefix_is_reported_by_the_command(monkeypatch, capsys):
-    from knlens.cli import main
+    from knlens.cli.main import main
 
     _break_prefix(monkeypatch)
     with pytest.warns(EngineFallbackWarning):
@@ -273,19 +277,19 @@ def test_broken_prefix_is_reported_by_the_command(monkeypatch, capsys):
 
 def test_broken_cache_and_batching_fall_back_to_the_loop(model, monkeypatch):
     kw = dict(subject=SUBJECT, samples=2, window=2, kinds=("mlp", "attn"))
-    loop = trace(model, PROMPT, TARGET, engine="loop", **kw)
+    loop = trace(model, PROMPT, TARGET, engine="reference", **kw)
     _break_prefix(monkeypatch)
-    original = patching.restore_hooks
+    original = tracing_setup.restore_hooks
 
     def shifted(clean, masks, n_layers):  # each batch row gets its neighbour's restoration
         return original(clean, {k: m.roll(1, 0) for k, m in masks.items()}, n_layers)
-    monkeypatch.setattr(patching, "restore_hooks", shifted)
+    monkeypatch.setattr(tracing_setup, "restore_hooks", shifted)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = trace(model, PROMPT, TARGET, **kw)
     notes = [str(w.message) for w in caught if issubclass(w.category, EngineFallbackWarning)]
     assert len(notes) == 2 and "'fast'" in notes[0] and "'batched'" in notes[1] and "rows of one batch" in notes[1]
-    assert t.settings["engine"] == "loop"
+    assert t.settings["engine"] == "reference"
     for kind in loop.kinds:
         torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=0, rtol=0)
 
@@ -306,11 +310,11 @@ def tiny_gemma3():
     from transformers import Gemma3TextConfig
 
     config = Gemma3TextConfig(
-        vocab_size=len(knlens.models.TINY_VOCAB), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=len(knlens.core.models.TINY_VOCAB), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128, bos_token_id=2,
         eos_token_id=3, pad_token_id=0, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
         initializer_range=0.25, architectures=["Gemma3ForCausalLM"])
-    return knlens.models.random_model(config)
+    return knlens.core.models.random_model(config)
 
 
 def test_noise_and_replacements_come_from_hook_embed(tiny_gemma3):
@@ -328,7 +332,7 @@ def test_noise_and_replacements_come_from_hook_embed(tiny_gemma3):
     assert same.p_corrupted == pytest.approx(same.p_clean, abs=1e-6, rel=0)
     t = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1)
     assert t.settings["corruption"]["scale"] == pytest.approx(3 * float(added.std()), rel=1e-4)
-    loop = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1, engine="loop")
+    loop = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1, engine="reference")
     assert t.settings["engine"] == "fast"
     for kind in loop.kinds:
         torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)

@@ -9,14 +9,19 @@ import pytest
 import torch
 
 import knlens
-from knlens.analyses import (ConsistencyStudy, FactConsistency, InsufficientDataError, abs_cosine, attended_positions,
-                             attention_patch, bimodality, compare_selections, consistency_aware_neurons,
-                             consistency_aware_scores, entity_vs_relation, equal_size_selections, fact_consistency,
-                             jaccard_consistency, mapping_summary, mapping_tests, niu_similarity, otsu_threshold,
-                             paired_permutation_test, query_kn_mapping, scale_attention, synapse_scaling)
-from knlens.hooks import hook_name, hooked
-from knlens.neurons import NeuronSet
-from knlens.patching import Corruption
+from knlens.studies.consistency import ConsistencyStudy, FactConsistency, fact_consistency
+from knlens.core.errors import InsufficientDataError
+from knlens.stats.sets import abs_cosine, jaccard_consistency, niu_similarity
+from knlens.methods.attention import attended_positions, attention_patch, scale_attention, synapse_scaling
+from knlens.stats.thresholds import bimodality, otsu_threshold
+from knlens.studies.query_localization import (compare_selections, entity_vs_relation, mapping_summary,
+                                               mapping_tests, query_kn_mapping)
+from knlens.methods.consistent_selection import (consistency_aware_neurons, consistency_aware_scores,
+                                                 equal_size_selections)
+from knlens.stats.tests import paired_permutation_test
+from knlens.run.hooks import hook_name, hooked
+from knlens.core.neurons import NeuronSet
+from knlens.methods.tracing.corruption import Corruption
 
 PROMPTS = ["the capital of france is", "the capital city of france is", "france has the capital"]
 FACT = knlens.Fact(PROMPTS, " paris", subject="france", name="capital-france")
@@ -324,7 +329,7 @@ def test_hooks_removed_after_failing_run(tiny_llama):
 def test_consistency_command(tmp_path, capsys):
     import argparse
 
-    from knlens.cli_analyses import add_consistency_parser
+    from knlens.cli.analyses import add_consistency_parser
 
     parser = argparse.ArgumentParser()
     add_consistency_parser(parser.add_subparsers())

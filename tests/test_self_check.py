@@ -15,9 +15,9 @@ import torch
 
 import knlens
 from breakages import cache_ignored
-from knlens.attribution import ig
-from knlens.errors import EngineCheckError, EngineFallbackWarning
-from knlens.staircase import SharedPrefix
+from knlens.methods.attribution import cells
+from knlens.core.errors import EngineCheckError, EngineFallbackWarning
+from knlens.run.staircase import SharedPrefix
 
 PROMPTS = ["the capital of france is", "paris is the capital city of"]
 
@@ -43,7 +43,7 @@ def test_fast_engine_runs_unwarned_on_this_environment(tiny_llama):
 @pytest.mark.parametrize("engine", ["fast", "batched"])
 def test_ignored_cache_falls_back_to_reference_with_a_warning(tiny_llama, monkeypatch, engine):
     want = _attribute(tiny_llama, "reference")
-    monkeypatch.setattr(ig, "cache_keyword_fix", cache_ignored)
+    monkeypatch.setattr(cells, "cache_keyword_fix", cache_ignored)
     with pytest.warns(EngineFallbackWarning, match="cache is not honoured"):
         got = _attribute(tiny_llama, engine)
     _assert_same_scores(got, want)
@@ -63,14 +63,14 @@ def test_ignored_cache_would_have_given_wrong_numbers(tiny_llama):
 
 def test_wrong_staircase_cells_are_caught_by_the_alpha_one_check(tiny_llama, monkeypatch):
     want = _attribute(tiny_llama, "reference")
-    build = ig.build_stairs
+    build = cells.build_stairs
 
     def corrupted(*args, **kwargs):  # passes its own build check, then serves wrong prefix keys
         plan = build(*args, **kwargs)
         if plan is not None and plan.shared is not None:
             plan.shared = SharedPrefix([(k * 1.5, v) for k, v in plan.shared.prefix])
         return plan
-    monkeypatch.setattr(ig, "build_stairs", corrupted)
+    monkeypatch.setattr(cells, "build_stairs", corrupted)
     with pytest.warns(EngineFallbackWarning, match="α = 1"):
         got = _attribute(tiny_llama, "fast")
     _assert_same_scores(got, want)
@@ -78,12 +78,12 @@ def test_wrong_staircase_cells_are_caught_by_the_alpha_one_check(tiny_llama, mon
 
 
 def test_a_model_whose_hooks_change_its_output_is_refused(tiny_llama, monkeypatch):
-    plain = ig._plain_state
+    plain = cells._plain_state
 
     def shifted(*args, **kwargs):  # the "plain forward" no longer matches what any engine computes
         logits, acts, calls = plain(*args, **kwargs)
         return logits + torch.linspace(0, 3, logits.shape[-1]), acts, calls
-    monkeypatch.setattr(ig, "_plain_state", shifted)
+    monkeypatch.setattr(cells, "_plain_state", shifted)
     with pytest.raises(EngineCheckError), warnings.catch_warnings():
         warnings.simplefilter("ignore", EngineFallbackWarning)
         _attribute(tiny_llama, "fast")
@@ -94,7 +94,7 @@ def test_ignored_cache_on_the_embedded_model_gives_reference_numbers(real_model,
     kw = dict(steps=2, layers=[0, 14, 29])
     fact = knlens.Fact(["The capital of France is"], " Paris")
     want = knlens.attribute(real_model, fact, engine="reference", **kw)
-    monkeypatch.setattr(ig, "cache_keyword_fix", cache_ignored)
+    monkeypatch.setattr(cells, "cache_keyword_fix", cache_ignored)
     with pytest.warns(EngineFallbackWarning):
         got = knlens.attribute(real_model, fact, engine="fast", **kw)
     assert got[0].settings.engine == "reference"

@@ -12,11 +12,11 @@ True
 
 from __future__ import annotations
 
-from .blimp import BlimpPair, blimp_phenomena, load_blimp
-from .builtin import (BUILTIN_RELATIONS, BuiltinRelation, UnknownFactError, UnknownRelationError, builtin_facts,
-                      builtin_relations, get_fact)
-from .pararel import (DATA_ENV, NO_SPACE_LANGUAGES, default_data_dir, load_mpararel, load_pararel,
-                      mpararel_languages, mpararel_relations, pararel_relations)
+from knlens.data.blimp import BlimpPair, blimp_phenomena, load_blimp
+from knlens.data.builtin import (BUILTIN_RELATIONS, BuiltinRelation, UnknownFactError, UnknownRelationError,
+                                 builtin_facts, builtin_relations, get_fact)
+from knlens.data.pararel import (DATA_ENV, NO_SPACE_LANGUAGES, default_data_dir, load_mpararel, load_pararel,
+                                 mpararel_languages, mpararel_relations, pararel_relations)
 
 __all__ = [
     "BUILTIN_RELATIONS", "BlimpPair", "BuiltinRelation", "DATA_ENV", "NO_SPACE_LANGUAGES", "UnknownFactError",

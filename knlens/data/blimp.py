@@ -21,10 +21,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DataFormatError, SettingsError
-from ..facts import Fact
-from .builtin import UnknownRelationError
-from .pararel import _read_jsonl, _sub_dir
+from knlens.core.errors import DataFormatError, SettingsError
+from knlens.core.facts import Fact
+from knlens.data.builtin import UnknownRelationError
+from knlens.data.pararel import _read_jsonl, _sub_dir
 
 __all__ = ["BlimpPair", "blimp_phenomena", "load_blimp"]
 

@@ -20,8 +20,8 @@ import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..errors import KnlensError
-from ..facts import Fact
+from knlens.core.errors import KnlensError
+from knlens.core.facts import Fact
 
 __all__ = ["BUILTIN_RELATIONS", "BuiltinRelation", "UnknownFactError", "UnknownRelationError", "builtin_facts",
            "builtin_relations", "get_fact"]

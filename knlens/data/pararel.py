@@ -8,7 +8,7 @@ The data sets are not shipped with knlens; they are read from a data folder (see
     <data>/mpararel/<lang>/patterns/P36.jsonl   {"pattern": "the capital of [X] is [Y]", "checked-by-human": false}
     <data>/mpararel/<lang>/tuples/P36.jsonl     {"sub_label", "obj_label", "sub_uri", "obj_uri", "lineid"}
 
-Each subject-object tuple becomes one :class:`~knlens.facts.Fact` whose prompts are the relation's
+Each subject-object tuple becomes one :class:`~knlens.core.facts.Fact` whose prompts are the relation's
 usable templates filled with the subject and cut right before ``[Y]``.
 
 >>> facts = load_pararel("P36", max_facts=2)          # doctest: +SKIP
@@ -27,9 +27,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataFormatError, DataNotFoundError, SettingsError
-from ..facts import Fact
-from .builtin import UnknownRelationError
+from knlens.core.errors import DataFormatError, DataNotFoundError, SettingsError
+from knlens.core.facts import Fact
+from knlens.data.builtin import UnknownRelationError
 
 __all__ = ["DATA_ENV", "NO_SPACE_LANGUAGES", "default_data_dir", "load_mpararel", "load_pararel",
            "mpararel_languages", "mpararel_relations", "pararel_relations"]
@@ -47,7 +47,7 @@ _Y_LAST = re.compile(r"^(?P<prefix>.*)\[Y\]\s*[.。]?\s*$", re.DOTALL)
 def default_data_dir() -> Path:
     """Where the data sets are looked for: ``$KNLENS_DATA`` when set, else ``../shared/data`` next to the
     repository (then next to the working directory). The folder is not required to exist; the loaders
-    raise :class:`~knlens.errors.DataNotFoundError` (a ``FileNotFoundError``) when it does not.
+    raise :class:`~knlens.core.errors.DataNotFoundError` (a ``FileNotFoundError``) when it does not.
     """
     env = os.environ.get(DATA_ENV)
     if env:

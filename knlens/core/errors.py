@@ -1,0 +1,98 @@
+"""The exceptions knlens raises for bad input. Each message names the problem and the fix."""
+
+from __future__ import annotations
+
+
+class KnlensError(Exception):
+    """Base class of every error knlens raises on purpose."""
+
+
+class UnknownModelError(KnlensError, ValueError):
+    """A model name that is neither embedded, nor a local path, nor loadable from a hub."""
+
+
+class MissingWeightsError(KnlensError, ImportError):
+    """An embedded model whose weights package is not installed."""
+
+
+class TargetError(KnlensError, ValueError):
+    """A target that is empty, unknown to the vocabulary, or not a single token when one is required."""
+
+
+class PromptError(KnlensError, ValueError):
+    """An empty prompt, or one that does not fit the model (no ``[MASK]`` for a masked LM, too long)."""
+
+
+class NeuronIndexError(KnlensError, IndexError):
+    """A layer or neuron index outside the model."""
+
+
+class HookShapeError(KnlensError, ValueError):
+    """A hook that received or returned a tensor of the wrong shape."""
+
+
+class NonFiniteError(KnlensError, FloatingPointError):
+    """NaN or infinite values where finite numbers are required."""
+
+
+class EngineFallbackWarning(UserWarning):
+    """A fast engine disagreed with a plain forward of the model and was replaced by a slower one that
+    agrees; the result's settings record the engine that actually ran."""
+
+
+class EngineCheckError(KnlensError, RuntimeError):
+    """Even the slowest engine disagrees with a plain forward of the model: no number can be trusted."""
+
+
+class SelectionError(KnlensError, ValueError):
+    """An unknown selection preset, or selection settings that cannot select anything."""
+
+
+class ControlError(KnlensError, ValueError):
+    """A control or held-out evaluation that cannot be built from the given input (no facts of other
+    relations, too few prompts to hold one out, bad bin counts, one neuron set per fact missing)."""
+
+
+class TracingSettingError(KnlensError, ValueError):
+    """A causal-tracing setting that cannot work: a window below 1, an unknown kind, engine or corruption,
+    fewer than one noise sample, a non-positive noise scale or batch size."""
+
+
+class NotKnownError(KnlensError, ValueError):
+    """A fact the model does not know (its clean top prediction is not the target) where a method traces
+    only known facts, as Meng et al. did; the message names the override."""
+
+
+class SettingsError(KnlensError, ValueError):
+    """A method setting outside its domain: steps, grid, engine, dtype, quantity, batch size, tolerance, an
+    unknown hook point, a model config the built-in tokenizer cannot serve."""
+
+
+class FactError(KnlensError, ValueError):
+    """A fact that cannot be built or used: a dictionary with missing or unknown keys, attributions that
+    belong to another fact."""
+
+
+class CommandLineError(KnlensError, ValueError):
+    """A misuse of the ``knlens`` command line (missing or conflicting options, a value out of range)."""
+
+
+class DataNotFoundError(KnlensError, FileNotFoundError):
+    """A data set (ParaRel, mParaRel, BLiMP) whose folder or files are not where they were looked for."""
+
+
+class DataFormatError(KnlensError, ValueError):
+    """A data file or record that cannot be read (not JSON, missing keys, a pair that cannot be a fact)."""
+
+
+class OutputError(KnlensError, OSError):
+    """An output folder or file that cannot be created or written."""
+
+
+class CompletenessWarning(UserWarning):
+    """Integrated gradients whose completeness error stayed above the tolerance after the largest
+    refinement allowed (``max_steps``): the scores do not add up to the effect they explain."""
+
+
+class InsufficientDataError(KnlensError, ValueError):
+    """Too few values (or values without any spread) for the statistic asked for."""

@@ -1,0 +1,115 @@
+"""``Attribution``: neuron scores of one prompt, with the settings and checks that produced them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from knlens.core.neurons import NeuronSet
+
+__all__ = ["Attribution", "AttributionSettings"]
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """How an attribution was computed (recorded in every result)."""
+
+    method: str  # "integrated_gradients"
+    model: str
+    hook_point: str  # e.g. "hook_post": blocks.{l}.mlp.hook_post
+    steps: int
+    grid: str
+    quantity: str  # "prob" | "logprob" | "logit"
+    baseline: str  # "zero" or a description
+    engine: str  # the engine that ran: "fast" | "batched" | "reference", "+"-joined when prompts differed
+    multi_token: str  # "single" | "teacher_forcing/mean" | "teacher_forcing/sum"
+    dtype: str  # dtype the model ran in; gradients are accumulated in float32
+    knlens_version: str
+    engine_note: str = ""  # why an engine fell back to a slower one ("" when the one asked for ran)
+    versions: dict[str, str] = field(default_factory=dict)  # knlens.core.versions.environment() of the run
+    # adaptive integration (knlens.methods.attribution.adaptive): the relative completeness error aimed at (None: the
+    # grid and steps were fixed), the most Gauss–Legendre nodes allowed, and every pass "grid steps: error"
+    # ("right 20: 0.94 -> gauss-legendre 20: 0.31 -> ..."); grid and steps above are those of the pass kept
+    tolerance: float | None = None
+    max_steps: int | None = None
+    refinement: str = ""
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Scores ``[layer, neuron]`` of one prompt for one target, plus the integrated-gradients checks.
+
+    ``delta[l]`` is f(a) − f(baseline) when layer ``l`` is moved along the path, ``completeness_error[l]``
+    is ``|Σ_neurons scores[l] − delta[l]|`` (0 for exact integration), ``activations`` the clean
+    activations at the target position.
+    """
+
+    prompt: str
+    target: str
+    scores: Float[Tensor, "layer neuron"]
+    activations: Float[Tensor, "layer neuron"]
+    delta: Float[Tensor, "layer"]
+    completeness_error: Float[Tensor, "layer"]
+    clean_value: float  # f(a) of the unpatched model (P(target) for quantity="prob")
+    settings: AttributionSettings
+    layers: tuple[int, ...] = field(default=())  # the model layers the rows of ``scores`` stand for
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def relative_completeness_error(self) -> float:
+        """Σ_l |Σ_i IG_i^l − Δ_l| / Σ_l |Δ_l|: the completeness error relative to the layers' total effect."""
+        return float(self.completeness_error.sum() / self.delta.abs().sum().clamp_min(1e-12))
+
+    def top(self, k: int = 20) -> NeuronSet:
+        """The ``k`` highest-scoring neurons, best first."""
+        flat = self.scores.flatten()
+        idx = flat.topk(min(k, flat.numel())).indices
+        d = self.scores.shape[1]
+        return NeuronSet((self.layers[int(i) // d], int(i) % d) for i in idx)
+
+    def to_frame(self, k: int | None = None) -> pd.DataFrame:
+        """One row per neuron (``layer, neuron, score, activation``), best first; ``k`` keeps the top k."""
+        d = self.scores.shape[1]
+        layer_idx = torch.tensor(self.layers).repeat_interleave(d)
+        frame = pd.DataFrame({
+            "layer": layer_idx.numpy(),
+            "neuron": torch.arange(d).repeat(self.n_layers).numpy(),
+            "score": self.scores.flatten().double().numpy(),
+            "activation": self.activations.flatten().double().numpy(),
+        }).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+        return frame if k is None else frame.head(k)
+
+    def plot(self, ax: Any = None, **imshow_kwargs: Any) -> Any:
+        """Layer × neuron heatmap of the scores; returns the matplotlib figure."""
+        from knlens.results.figures import neuron_heatmap
+
+        return neuron_heatmap(self.scores, layers=self.layers, ax=ax,
+                              title=f"IG of {self.target!r} | {self.prompt!r}", **imshow_kwargs)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.json`` (metadata) and ``path.safetensors`` (tensors); no pickle."""
+        path = Path(path)
+        save_file({k: getattr(self, k).contiguous().cpu() for k in
+                   ("scores", "activations", "delta", "completeness_error")}, path.with_suffix(".safetensors"))
+        meta = {"prompt": self.prompt, "target": self.target, "clean_value": self.clean_value,
+                "layers": list(self.layers), "settings": asdict(self.settings)}
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        tensors = load_file(path.with_suffix(".safetensors"))
+        return cls(prompt=meta["prompt"], target=meta["target"], clean_value=meta["clean_value"],
+                   layers=tuple(meta["layers"]), settings=AttributionSettings(**meta["settings"]), **tensors)

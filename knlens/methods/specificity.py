@@ -1,0 +1,173 @@
+"""Dai et al.'s specificity control: a fact's neurons suppressed / enhanced on facts of other relations.
+
+Knowledge neurons should move their own fact's probability, not everyone's. :func:`specificity` applies the
+same intervention to other facts (by default the built-in facts of every other relation) and reports Dai's
+Δ = mean(p_after − p_before) / mean(p_before) there, per fact and per relation, beside the fact's own Δ.
+
+``p_specific`` (one-sided) is the share of other facts whose Δ is at least as extreme, in the expected
+direction, as the fact's own: ``(1 + k) / (1 + K)`` over ``K`` other facts, never below ``1 / (1 + K)``.
+Neurons that lower every fact's probability as much as their own get a large ``p_specific``.
+
+>>> from knlens import load_model, Fact, NeuronSet
+>>> model = load_model("tiny-llama")
+>>> fact = Fact(["the capital of france is"], " paris", relation="capital")
+>>> others = [Fact(["the official language of japan is"], " japanese", relation="language", name="lang-japan"),
+...           Fact(["the currency of japan is the"], " yen", relation="currency", name="currency-japan")]
+>>> spec = specificity(model, fact, NeuronSet([(1, 3)]), others=others)
+>>> spec.summary()["n_facts"].tolist()
+[2, 2]
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from knlens.stats.tests import empirical_floor
+from knlens.run.engine import target_probs
+from knlens.core.errors import ControlError, PromptError, TargetError
+from knlens.core.facts import Fact
+from knlens.methods.interventions import FACTORS, NON_MONOTONE_POINTS, intervene, per_prompt
+from knlens.results.jsonable import records
+from knlens.core.neurons import NeuronSet
+from knlens.core.tokens import Queries, encode
+
+__all__ = ["Specificity", "specificity", "other_relation_facts"]
+
+
+def other_relation_facts(model: Any, fact: Fact, pool: Sequence[Fact] | None = None) -> tuple[list[Fact], str]:
+    """Facts of ``pool`` (default: the built-in facts) from relations other than ``fact``'s, usable on
+    ``model`` (their target and prompts encode), and a sentence saying how they were chosen.
+
+    A fact without a relation is compared with the facts whose target differs from its own, leaving out
+    the relations of pool facts that share its target (a custom "capital of France" fact is not compared
+    with the other capitals).
+    """
+    if pool is None:
+        from knlens.data.builtin import builtin_facts
+
+        pool = builtin_facts()
+    if fact.relation is not None:
+        chosen = [f for f in pool if f.relation != fact.relation and f.name != fact.name]
+        basis = f"facts of relations other than {fact.relation!r}"
+    else:
+        target = fact.target.strip().lower()
+        near = sorted({str(f.relation) for f in pool if f.target.strip().lower() == target})
+        chosen = [f for f in pool if f.target.strip().lower() != target and str(f.relation) not in near]
+        basis = "facts with another target" + (f", outside the relations whose facts share it ({', '.join(near)})"
+                                                if near else "") + " (the fact has no relation)"
+    usable, skipped = [], 0
+    for f in chosen:
+        try:
+            encode(model, list(f.prompts), f.target)
+        except (TargetError, PromptError):
+            skipped += 1
+            continue
+        usable.append(f)
+    relations = {f.relation for f in usable}
+    text = f"{len(usable)} {basis}, {len(relations)} relations"
+    if skipped:
+        text += f" ({skipped} skipped: target or prompt does not fit this model's vocabulary)"
+    return usable, text
+
+
+def _stack(qs: Sequence[Queries]) -> Queries:
+    """One right-padded batch of several facts' queries (each row keeps its own target and position)."""
+    width = max(q.tokens.shape[1] for q in qs)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    offsets = [sum(len(q.prompts) for q in qs[:i]) for i in range(len(qs))]
+    return Queries(torch.cat([pad(q.tokens) for q in qs]), torch.cat([pad(q.attention_mask) for q in qs]),
+                   torch.cat([q.position for q in qs]), torch.cat([q.target for q in qs]),
+                   torch.cat([q.prompt_index + off for q, off in zip(qs, offsets)]),
+                   torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts), "")
+
+
+@dataclass(frozen=True, eq=False)
+class Specificity:
+    """The fact's neurons on other facts.
+
+    ``frame``: per fact (the fact itself first, ``own`` = True) and action — ``fact, relation, own, action,
+    factor, p_before, p_after`` (means over its prompts), ``delta`` (Dai's Δ) and ``relative`` (mean of
+    (p_after − p_before) / p_before). ``basis``: how the other facts were chosen.
+    """
+
+    frame: pd.DataFrame
+    basis: str
+
+    def summary(self) -> pd.DataFrame:
+        """Per action: ``own_delta``, the other facts' pooled Δ (``others_delta``, Dai's figure), the mean
+        and largest |Δ| of the per-fact Δs, ``n_facts``, ``n_relations``, ``p_specific`` and its floor."""
+        rows = []
+        for action, sub in self.frame.groupby("action", sort=False):
+            own, others = sub[sub.own], sub[~sub.own]
+            sign = -1.0 if sub["factor"].iloc[0] < 1 else 1.0
+            own_delta = float(own["delta"].iloc[0])
+            tie = np.isclose(others["delta"], own_delta, rtol=1e-6, atol=0.0)  # equal up to float rounding
+            extreme = int(((sign * others["delta"] >= sign * own_delta) | tie).sum())
+            k = len(others)
+            rows.append({"action": action, "own_delta": own_delta,
+                         "others_delta": (others["p_after"] - others["p_before"]).mean() / others["p_before"].mean(),
+                         "others_mean_delta": others["delta"].mean(), "others_max_abs_delta": others["delta"].abs().max(),
+                         "n_facts": k, "n_relations": others["relation"].nunique(),
+                         "p_specific": (1 + extreme) / (1 + k), "p_specific_floor": empirical_floor(k)})
+        return pd.DataFrame(rows)
+
+    def by_relation(self) -> pd.DataFrame:
+        """Dai's Δ per other relation (pooled over its facts' prompts) and action: relations × actions."""
+        others = self.frame[~self.frame.own]
+        g = others.groupby(["relation", "action"], sort=False)
+        delta = (g["p_after"].mean() - g["p_before"].mean()) / g["p_before"].mean()
+        return delta.unstack("action").reset_index()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"basis": self.basis, "frame": records(self.frame)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Specificity:
+        frame = pd.DataFrame.from_records(d["frame"]).fillna({"relative": float("nan")})
+        return cls(frame.astype({"own": bool}), d["basis"])
+
+
+def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[Fact] | None = None,
+                actions: dict[str, float] | None = None, point: str = "hook_post",
+                baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> Specificity:
+    """Suppress / enhance ``neurons`` on ``fact`` and on ``others`` (default: :func:`other_relation_facts`).
+
+    Raises :class:`~knlens.core.errors.ControlError` when there is no other fact to compare with.
+    """
+    if others is None:
+        others, basis = other_relation_facts(model, fact)
+    else:
+        others = list(others)
+        basis = f"{len(others)} given facts, {len({f.relation for f in others})} relations"
+    if not others:
+        raise ControlError(f"no fact of another relation to test the specificity of {fact.name or fact.prompts[0]!r} "
+                           f"on ({basis})")
+    actions = dict(FACTORS if actions is None else actions)
+    if point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values()):
+        warnings.warn(f"specificity: x2 at {point} is not monotone in the neurons' output (see knlens.methods.interventions)",
+                      UserWarning, stacklevel=2)
+    facts = [fact, *others]
+    q = _stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
+    before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q).double()
+    after = {action: per_prompt(intervene(model, q, [neurons], factor, point=point, baseline=baseline,
+                                          batch_size=batch_size)[0], q).double() for action, factor in actions.items()}
+    per, start = [], 0
+    for i, fc in enumerate(facts):
+        rows = slice(start, start + len(fc.prompts))
+        start += len(fc.prompts)
+        b = before[rows]
+        for action, factor in actions.items():
+            a = after[action][rows]
+            per.append({"fact": fc.name or f"fact{i}", "relation": fc.relation, "own": i == 0, "action": action,
+                        "factor": float(factor), "p_before": float(b.mean()), "p_after": float(a.mean()),
+                        "delta": float((a - b).mean() / b.mean()), "relative": float(((a - b) / b).mean())})
+    return Specificity(pd.DataFrame(per), basis)

@@ -1,0 +1,245 @@
+"""Re-running a model's blocks from any block on: the "staircase" shared by the fast engines.
+
+Integrated gradients patches one layer per row; causal tracing restores a window of layers per row.
+Below the first patched block such a row equals a run that has already been made (the clean run for IG,
+the corrupted run for tracing), so its computation can start at that block with the input that run gave
+it. :class:`Stairs` drives ``model.blocks[k]`` directly with the exact arguments the model's own forward
+passed to each block (recorded by :func:`recording`), for a batch that grows block by block as rows
+enter. Keys/values of earlier positions come from a :class:`SharedPrefix`, shared by all rows.
+
+A recorded run has ``batch`` rows (1 for IG, the noise samples for tracing); a *unit* of the staircase
+is one copy of those rows, so ``units`` rows-groups give ``units · batch`` rows. :func:`build_stairs`
+checks that the block loop reproduces the recorded logits and returns ``None`` when it does not (an
+architecture it does not know), so that callers fall back to whole-model forwards.
+
+>>> import torch
+>>> from knlens import load_model
+>>> model = load_model("tiny-llama")
+>>> tokens = model.to_tokens("the capital of france is")
+>>> with torch.no_grad(), recording(model) as calls:
+...     logits = model(tokens)[:, -1]
+>>> stairs = build_stairs(model, calls, cache=None, prefix=None, read_at=-1, reference=logits)
+>>> with torch.no_grad():
+...     out = stairs.logits(model, torch.tensor([0, 1]))   # one unit entering at block 0, one at block 1
+>>> torch.allclose(out, logits.expand(2, -1), atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from knlens.core.models import is_masked_lm
+
+__all__ = ["SharedPrefix", "Stairs", "recording", "model_tail", "cache_layers", "build_stairs", "reproduces",
+           "disagreement"]
+
+log = logging.getLogger(__name__)
+
+
+def _tile(x: Tensor, n: int) -> Tensor:
+    """``x`` (batch ``b`` first) made ``n`` rows: expanded when ``b == 1``, else repeated unit by unit."""
+    b = x.shape[0]
+    if b == n:
+        return x
+    if b == 1:
+        return x.expand(n, *x.shape[1:])
+    return x.repeat(n // b, *([1] * (x.ndim - 1)))
+
+
+class SharedPrefix:
+    """A duck-typed HF key/value cache holding the earlier positions of every layer once, for any batch.
+
+    ``update`` (the only method attention layers call) returns the prefix made fit for the batch
+    (broadcast for a one-row prefix, repeated per unit for a prefix of several rows) with the new
+    positions' keys/values appended; nothing is stored, so one object serves any number of forwards.
+    """
+
+    def __init__(self, prefix: list[tuple[Tensor, Tensor]]):
+        self.prefix = prefix
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        pk, pv = self.prefix[layer_idx]
+        n = key_states.shape[0]
+        keys = torch.cat([_tile(pk.to(key_states.dtype), n), key_states], dim=-2)
+        values = torch.cat([_tile(pv.to(value_states.dtype), n), value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.prefix[layer_idx][0].shape[-2])
+
+
+def cache_layers(kv: Any, upto: int | None = None) -> list[tuple[Tensor, Tensor]] | None:
+    """The ``(keys, values)`` of every layer of an HF cache (positions ``< upto``), or None if unknown."""
+    layers = getattr(kv, "layers", None)
+    if not layers or not all(hasattr(l, "keys") and isinstance(l.keys, Tensor) for l in layers):
+        return None
+    return [(l.keys[..., :upto, :], l.values[..., :upto, :]) for l in layers]
+
+
+def model_tail(model: Any) -> Callable[[Tensor], Tensor] | None:
+    """The part of the model after its last block (final norm and unembedding), or None if unknown."""
+    hf = getattr(model, "original_model", None)
+    if is_masked_lm(model):
+        head = getattr(hf, "cls", None)
+        return head if callable(head) else None
+    if not (hasattr(model, "ln_final") and hasattr(model, "unembed")):
+        return None
+    cap = getattr(getattr(hf, "config", None), "final_logit_softcapping", None)
+
+    def tail(h: Tensor) -> Tensor:
+        logits = model.unembed(model.ln_final(h))
+        return torch.tanh(logits / cap) * cap if cap else logits
+    return tail
+
+
+def _fit(x: Any, n: int, batch: int, swap: dict[int, Any]) -> Any:
+    """Call arguments recorded for ``batch`` rows made fit for ``n`` rows (tensors tiled, caches swapped)."""
+    if id(x) in swap:
+        return swap[id(x)]
+    if isinstance(x, Tensor):
+        return _tile(x, n) if x.ndim >= 2 and x.shape[0] in (1, batch) else x
+    if isinstance(x, tuple):
+        return tuple(_fit(v, n, batch, swap) for v in x)
+    if isinstance(x, list):
+        return [_fit(v, n, batch, swap) for v in x]
+    if isinstance(x, dict):
+        return {k: _fit(v, n, batch, swap) for k, v in x.items()}
+    return x
+
+
+@dataclass
+class Stairs:
+    """The recorded block calls of one run and what is needed to re-run its blocks from any block on."""
+
+    calls: list[tuple[tuple, dict]]  # each block's (args, kwargs) in the recorded run
+    cache: Any  # the cache object the recorded run handed to the blocks (swapped for ``shared``)
+    shared: SharedPrefix | None  # None: the blocks get no cache
+    tail: Callable[[Tensor], Tensor]
+    read_at: int  # the position (of the recorded run's positions) whose logits are read
+
+    def resid(self, block: int) -> Float[Tensor, "batch pos d"]:
+        """The recorded input of ``block``."""
+        args, kwargs = self.calls[block]
+        return args[0] if args else kwargs["hidden_states"]
+
+    @property
+    def batch(self) -> int:
+        return int(self.resid(0).shape[0])
+
+    def logits(self, model: Any, entry: Int[Tensor, "units"]) -> Float[Tensor, "rows vocab"]:
+        """Logits of units entering at blocks ``entry`` (ascending) with the recorded input of that block.
+
+        Units that entered stay in the batch, so block ``k`` runs the units with ``entry ≤ k``; the units
+        entering at ``k`` are the last ones of the batch there (rows ``unit · batch + i``). Hooks attached
+        to the model fire as usual.
+        """
+        counts = torch.bincount(entry.cpu(), minlength=len(self.calls)).tolist()
+        b = self.batch
+        swap = {id(self.cache): self.shared} if self.cache is not None else {}
+        h: Tensor | None = None
+        for k in range(int(entry.min()), len(self.calls)):
+            if counts[k]:
+                new = _tile(self.resid(k), counts[k] * b)
+                h = new if h is None else torch.cat([h, new.to(h.dtype)])
+            assert h is not None
+            args, kwargs = self.calls[k]
+            args = _fit(args, h.shape[0], b, swap)
+            kwargs = _fit(kwargs, h.shape[0], b, swap)
+            if args:
+                args = (h, *args[1:])
+            else:
+                kwargs = {**kwargs, "hidden_states": h}
+            out = model.blocks[k](*args, **kwargs)
+            h = out[0] if isinstance(out, (tuple, list)) else out
+        assert h is not None
+        return self.tail(h[:, self.read_at:][:, :1])[:, 0]
+
+
+@contextlib.contextmanager
+def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
+    """Record every block's call arguments during a forward (torch pre-hooks, removed on exit)."""
+    calls: list[tuple[tuple, dict] | None] = [None] * len(model.blocks)
+
+    def rec(k: int) -> Callable:
+        def pre(module: Any, args: tuple, kwargs: dict) -> None:
+            calls[k] = (args, dict(kwargs))
+        return pre
+
+    handles = [b.register_forward_pre_hook(rec(k), with_kwargs=True) for k, b in enumerate(model.blocks)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, cache: Any,
+                 prefix: list[tuple[Tensor, Tensor]] | None, read_at: int,
+                 reference: Float[Tensor, "batch vocab"]) -> Stairs | None:
+    """A :class:`Stairs` for the recorded ``calls``, or None when the block loop does not reproduce
+    ``reference`` (the recorded run's logits at ``read_at``) for two units entering at block 0.
+
+    ``cache`` is the cache object of the recorded run and ``prefix`` the keys/values of the positions
+    before its first one (both None for a run without a cache).
+    """
+    tail = model_tail(model)
+    if tail is None or calls is None or not calls or any(c is None for c in calls):
+        return None
+    if (cache is None) != (prefix is None) or (prefix is not None and len(prefix) != len(calls)):
+        return None
+    if cache is None:  # a cache the forward made for itself is dropped (no earlier positions to read)
+        args, kwargs = calls[0]
+        cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")),
+                     None)
+    plan = Stairs(calls=calls, cache=cache, shared=SharedPrefix(prefix) if prefix is not None else None,
+                  tail=tail, read_at=read_at)  # type: ignore[arg-type]
+    try:
+        with torch.no_grad():
+            check = plan.logits(model, torch.zeros(2, dtype=torch.long))
+    except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit
+        log.debug("staircase unavailable (%s: %s); using whole-model forwards", type(err).__name__, err)
+        return None
+    return plan if reproduces(check, torch.cat([reference, reference])) else None
+
+
+def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "rows vocab"]) -> bool:
+    """Whether staircase logits equal the model's own (to 1e-4 of the largest logit in float32, 2e-2 in
+    half precision)."""
+    tol = 1e-4 if reference.dtype == torch.float32 and check.dtype == torch.float32 else 2e-2
+    scale = float(reference.float().abs().max().clamp_min(1.0))
+    ok = check.shape == reference.shape and float((check.float() - reference.float()).abs().max()) <= tol * scale
+    if not ok:
+        log.debug("staircase does not reproduce the model's logits; using whole-model forwards")
+    return ok
+
+
+def disagreement(check: Tensor, reference: Tensor, what: str, *, rtol: float | None = None) -> str | None:
+    """``None`` when ``check`` equals ``reference`` (a plain forward's numbers) to ``rtol`` of the largest
+    reference value (default 1e-3 in float32, 5e-2 in half precision); else a sentence saying how far off.
+
+    >>> disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), "logits") is None
+    True
+    >>> disagreement(torch.tensor([3e-8]), torch.tensor([0.75]), "P(target)")
+    'P(target) differ from a plain forward by 0.75 (largest value 0.75)'
+    """
+    if rtol is None:
+        half = check.dtype != torch.float32 or reference.dtype != torch.float32
+        rtol = 5e-2 if half else 1e-3
+    if check.shape != reference.shape:
+        return f"{what} have shape {tuple(check.shape)}, a plain forward's {tuple(reference.shape)}"
+    ref = reference.float()
+    err = float((check.float() - ref).abs().max()) if ref.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if err == err and err <= rtol * scale + 1e-12:  # err == err: NaN never agrees
+        return None
+    return f"{what} differ from a plain forward by {err:.3g} (largest value {scale:.3g})"

@@ -1,0 +1,405 @@
+"""A self-contained HTML page for a :class:`~knlens.studies.knowledge_neurons.LocateResult` (works offline: everything inline).
+
+The page holds a summary (model, fact, prompts, P(target), settings), the neuron table, the
+integrated-gradients completeness error, the interventions (tested neurons vs uniform and magnitude-matched
+random controls), the held-out prompts, the specificity control on other relations' facts, every test with
+the smallest p-value it can reach, the layer × neuron heatmap of the mean scores (an inline PNG), and a
+circuitsvis token view of the tested neurons' activations over every prompt (circuitsvis' inline JavaScript
+bundle, never its CDN).
+
+>>> from knlens import load_model, Fact
+>>> from knlens.studies.knowledge_neurons import locate
+>>> model = load_model("tiny-llama")
+>>> res = locate(model, Fact(["the capital of france is", "the capital city of france is"], " paris"),
+...              steps=4, n_random=3, progress=False, specificity=False)
+>>> page = render_html(res)
+>>> page.startswith("<!DOCTYPE html>") and "https://unpkg.com" not in page
+True
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from knlens.core.versions import __version__
+from knlens.methods.attribution.adaptive import describe
+from knlens.core.errors import PromptError
+from knlens.studies.located import LocateResult
+from knlens.methods.activations import TokenActivations
+
+__all__ = ["render_html", "write_html", "token_view", "remote_sources", "InlineHTML"]
+
+SEPARATOR = " ‖ "  # between prompts in the token view
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1180px;
+       color: #1d1d1f; padding: 0 16px; line-height: 1.45; }
+h1 { font-size: 1.45em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-top: 1.8em;
+     border-bottom: 1px solid #ddd; padding-bottom: 3px; }
+.sub { color: #666; margin-top: 0; }
+table { border-collapse: collapse; font-size: 0.88em; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f4f4f6; } td.l, th.l { text-align: left; }
+tr.hl td { background: #fff6d8; }
+.kv td:first-child { text-align: left; color: #555; } .kv td { text-align: left; }
+.verdict { background: #eef6ee; border-left: 4px solid #3a3; padding: 8px 12px; margin: 12px 0; }
+.warn { background: #fff3e0; border-left: 4px solid #e80; padding: 8px 12px; margin: 12px 0; }
+.note { color: #555; font-size: 0.88em; }
+img { max-width: 100%; border: 1px solid #eee; }
+code { background: #f4f4f6; padding: 0 3px; border-radius: 3px; }
+.tok { display: inline-block; padding: 1px 2px; margin: 1px 0; border-radius: 2px; white-space: pre;
+       font-family: Menlo, Consolas, monospace; font-size: 0.85em; }
+details { margin: 8px 0; }
+"""
+
+
+class InlineHTML:
+    """HTML that Jupyter renders as is (a circuitsvis view with its JavaScript inline: no CDN, no probe)."""
+
+    def __init__(self, src: str) -> None:
+        self.src = src
+
+    def _repr_html_(self) -> str:
+        return self.src
+
+    def __str__(self) -> str:
+        return self.src
+
+
+def remote_sources(page: str) -> list[str]:
+    """``src``/``href`` attributes and CSS ``@import``/``url()`` that point at http(s) or protocol-relative URLs.
+
+    A self-contained page returns ``[]``.
+    """
+    attr = re.findall(r"""<(?:script|link|img|iframe|source|embed|object|style)\b[^>]*?\b(?:src|href|data)\s*=\s*["']?"""
+                      r"""((?:https?:)?//[^"'\s>]+)""", page, flags=re.I)
+    css = re.findall(r"""(?:@import\s+(?:url\()?|url\()\s*["']?((?:https?:)?//[^"')\s]+)""", page, flags=re.I)
+    es = re.findall(r"""\bimport\b[^;'"]*?from\s*["']((?:https?:)?//[^"']+)""", page)
+    return attr + css + es
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "✓" if x else ""
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        if not math.isfinite(float(x)):
+            return "–"
+        return f"{float(x):.{digits}g}"
+    return html.escape(str(x))
+
+
+def _table(frame: pd.DataFrame, *, left: tuple[str, ...] = (), highlight: pd.Series | None = None,
+           formats: dict[str, Any] | None = None) -> str:
+    formats = formats or {}
+    head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(str(c))}</th>' for c in frame.columns)
+    body = []
+    for i, (_, row) in enumerate(frame.iterrows()):
+        cls = ' class="hl"' if highlight is not None and bool(highlight.iloc[i]) else ""
+        cells = "".join(f'<td class="{"l" if c in left else ""}">{formats.get(c, _fmt)(row[c])}</td>'
+                        for c in frame.columns)
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _png(fig: Any, dpi: int = 100) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pct(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{100 * x:+.1f} %"
+
+
+def _heatmap(result: LocateResult) -> str:
+    import matplotlib.pyplot as plt
+
+    from knlens.results.figures import neuron_heatmap
+
+    s = result.settings
+    fig, ax = plt.subplots(figsize=(20, max(3.0, 0.2 * len(result.layers) + 1.5)))
+    neuron_heatmap(result.mean_scores, layers=result.layers, mark=result.tested, ax=ax,
+                   title=f"mean integrated gradients over {len(result.attributions)} prompts "
+                         f"(blocks.L.mlp.{s.hook_point}); circled: {result.tested_label}")
+    return _png(fig)
+
+
+def _prompt_heatmap(result: LocateResult) -> str:
+    """Prompts × table neurons: the per-prompt scores of the neurons in the table."""
+    import matplotlib.pyplot as plt
+
+    t = result.table
+    row_of = {l: i for i, l in enumerate(result.layers)}
+    cols = [(int(l), int(n)) for l, n in zip(t["layer"], t["neuron"])]
+    m = torch.stack([torch.stack([a.scores[row_of[l], n] for l, n in cols]) for a in result.attributions])
+    m = m.float().numpy()
+    vmax = float(np.abs(m).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(cols) + 3), 0.42 * len(result.attributions) + 1.6))
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(len(cols)), [f"L{l}.N{n}" + ("*" if (l, n) in result.tested else "") for l, n in cols],
+                  rotation=60, ha="right", fontsize=8)
+    labels = [p if len(p) <= 48 else p[:45] + "…" for p in (a.prompt for a in result.attributions)]
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title("integrated gradients per prompt (* = tested)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def token_view(activations: LocateResult | Sequence[TokenActivations]) -> InlineHTML:
+    """circuitsvis ``colored_tokens_multi`` of neurons' activations over the tokens of several prompts.
+
+    Takes a :class:`LocateResult` (its tested neurons) or :func:`~knlens.studies.knowledge_neurons.token_activations`' list.
+    The prompts follow each other (BOS dropped), separated by ``‖``; one button per neuron picks the
+    colouring, hovering a token lists every neuron's value. The JavaScript is inlined (``local_src``).
+    """
+    from circuitsvis.tokens import colored_tokens_multi
+
+    acts = list(activations.activations if isinstance(activations, LocateResult) else activations)
+    if not acts:
+        raise PromptError("token_view needs the activations of at least one prompt")
+    neurons = acts[0].neurons
+    tokens: list[str] = []
+    rows: list[torch.Tensor] = []
+    k = len(neurons)
+    bos = {"<|endoftext|>", "<s>", "[BOS]", "[CLS]", "<bos>", "<|im_start|>"}
+    for i, ta in enumerate(acts):
+        if i:
+            tokens.append(SEPARATOR)
+            rows.append(torch.zeros(1, k))
+        keep = [j for j, tok in enumerate(ta.tokens) if not (j == 0 and tok in bos)]
+        tokens += [ta.tokens[j] for j in keep]
+        rows.append(ta.values[keep].float())
+    values = torch.cat(rows) if rows else torch.zeros(0, k)
+    labels = [str(n) for n in neurons]
+    return InlineHTML(colored_tokens_multi(tokens, values, labels).local_src)
+
+
+def _static_tokens(result: LocateResult) -> str:
+    """The same activations as coloured HTML (no JavaScript): one line per prompt and tested neuron."""
+    vmax = max((float(a.values.abs().max()) for a in result.activations if a.values.numel()), default=1.0) or 1.0
+    out = []
+    for ta in result.activations:
+        out.append(f'<p class="note"><b>{html.escape(ta.prompt)}</b> (target read at token {ta.target_position})</p>')
+        rows = []
+        for j, n in enumerate(ta.neurons):
+            spans = []
+            for t, tok in enumerate(ta.tokens):
+                v = float(ta.values[t, j])
+                a = min(1.0, abs(v) / vmax)
+                color = f"rgba(214,39,40,{a:.2f})" if v >= 0 else f"rgba(31,119,180,{a:.2f})"
+                border = ";outline:1px solid #333" if t == ta.target_position else ""
+                spans.append(f'<span class="tok" style="background:{color}{border}" title="{v:.4g}">'
+                             f"{html.escape(tok)}</span>")
+            rows.append(f'<tr><td class="l"><code>{n}</code></td><td class="l">{"".join(spans)}</td></tr>')
+        out.append(f"<table>{''.join(rows)}</table>")
+    return "\n".join(out)
+
+
+def _verdict(result: LocateResult) -> str:
+    eff = result.effects()
+    tests = result.tests()
+    parts = []
+    for action in ("suppress", "enhance"):
+        sub = eff[eff.action == action]
+        kn = sub[sub.neurons == "knowledge"]
+        if not len(kn):
+            continue
+        controls = []
+        for row in sub[sub.neurons == "random"].itertuples():
+            t = tests[(tests.evaluation == "in-sample") & (tests.action == action)
+                      & tests.comparison.str.contains(row.control) & tests.test.str.startswith("p_empirical")]
+            p = f"p = {_fmt(t['p'].iloc[0], 3)}" if len(t) else "no test"
+            controls.append(f"{row.control} random sets {_pct(row.relative)}, {p}")
+        side = "a decrease" if action == "suppress" else "an increase"
+        parts.append(f"{action} (×{2 if action == 'enhance' else 0}): P(target) {_pct(kn['relative'].iloc[0])} "
+                     f"({'; '.join(controls) or 'no random control'}; one-sided for {side})")
+    effects = "; ".join(parts)
+    names = ", ".join(f"<code>{n}</code>" for n in result.tested)
+    if result.refined_empty:
+        return (f'<div class="warn"><b>No refined knowledge neuron</b>: no neuron is coarse in enough of the '
+                f"{len(result.attributions)} prompts under preset <code>{result.settings.preset}</code>. "
+                f"Shown and tested instead: the {len(result.tested)} neurons with the highest mean score "
+                f"({names}). {effects}.</div>")
+    return (f'<div class="verdict"><b>{len(result.neurons)} knowledge neuron{"s" * (len(result.neurons) != 1)}</b>: '
+            f"{names}. In-sample, {effects}.</div>")
+
+
+def _selection_words(result: LocateResult) -> str:
+    sel = result.selection
+    if not sel:
+        return "–"
+    adapted = f" after {sel['rounds']} rounds of adaptation (for this fact alone)" if sel["rounds"] else ""
+    return (f"p = {sel['p']:.2f}{adapted}: a neuron had to be coarse in ≥ {sel['min_prompts']} of "
+            f"{sel['n_prompts']} prompts")
+
+
+def _heldout_section(result: LocateResult) -> str:
+    ho = result.heldout
+    if ho is None:
+        return ""
+    pct = lambda x: _pct(float(x))  # noqa: E731
+    folds = ho.folds[["fold", "held_out", "n_selection", "p", "min_prompts", "refined", "fallback", "neurons",
+                      "jaccard_all"]]
+    return f"""<h2>Held-out paraphrases</h2>
+<p class="note">{html.escape(ho.note)} <i>jaccard_all</i>: overlap of a fold's neurons with the set refined on
+all prompts. Compare these effects with the in-sample ones above: the gap is what selecting on the measured
+prompts adds.</p>
+{_table(folds, left=("held_out", "neurons"))}
+{_table(ho.effects(), formats={"relative": pct, "delta": pct, "relative_std": pct})}"""
+
+
+def _specificity_section(result: LocateResult) -> str:
+    sp = result.specificity
+    if sp is None:
+        return ""
+    pct = lambda x: _pct(float(x))  # noqa: E731
+    summary = sp.summary()
+    by_rel = sp.by_relation()
+    cols = ("own_delta", "others_delta", "others_mean_delta", "others_max_abs_delta")
+    return f"""<h2>Specificity: the same neurons on other relations' facts</h2>
+<p class="note">Dai et al.'s control: the tested neurons suppressed / enhanced on {html.escape(sp.basis)}.
+<i>own_delta</i>: Δ = mean change / mean P<sub>before</sub> on this fact; <i>others_delta</i>: the same pooled
+over the other facts' prompts; <i>p_specific</i>: share of other facts whose Δ is at least as extreme as this
+fact's, (1 + k) / (1 + K).</p>
+{_table(summary, formats={c: pct for c in cols})}
+<details><summary>Δ by relation</summary>{_table(by_rel, left=("relation",),
+                                                  formats={c: pct for c in by_rel.columns if c != "relation"})}</details>
+<details><summary>per fact</summary>{_table(sp.frame, left=("fact", "relation", "action"),
+                                             formats={"delta": pct, "relative": pct})}</details>"""
+
+
+def _notes(result: LocateResult) -> str:
+    notes = list(result.notes)
+    if result.settings.engine_note:
+        notes.insert(0, f"integrated gradients: {result.settings.engine_note}")
+    return "".join(f'<div class="warn">{html.escape(n)}</div>' for n in notes)
+
+
+def render_html(result: LocateResult) -> str:
+    """The report page as one string: inline CSS, inline PNGs, circuitsvis' inline JavaScript."""
+    s, fact = result.settings, result.fact
+    esc = html.escape
+    title = f"{fact.prompts[0]} → {fact.target}"
+    prompts = result.completeness[["prompt", "p_target"]].rename(columns={"p_target": "P(target)"})
+    settings_rows = [
+        ("model", s.model), ("layers × neurons", f"{s.n_layers} × {s.d_mlp}"), ("dtype", s.dtype),
+        ("hook point", f"blocks.L.mlp.{s.hook_point}"), ("target quantity", s.quantity),
+        ("integration", f"{describe(result.attributions)}; zero baseline, engine '{s.engine_label}'"),
+        ("multi-token target", s.multi_token), ("selection preset", s.preset),
+        ("selection", _selection_words(result)),
+        ("random controls", f"{s.n_random} sets of each: {s.controls} (uniform: same number of neurons per layer; "
+                            f"matched: also the same {s.n_bins}-quantile bin of |activation| at the target), "
+                            f"seed {s.seed}"),
+        ("held-out paraphrases", "leave one prompt out" if s.held_out else "off"),
+        ("specificity control", result.specificity.basis if result.specificity is not None else "off"),
+        ("knlens", s.knlens_version),
+    ]
+    if result.timings:
+        settings_rows.append(("time", ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in result.timings.items())))
+    kv = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in settings_rows)
+    fact_rows = [("fact", fact.name or "(custom)"), ("relation", getattr(fact, "relation", None) or "–"),
+                 ("subject", getattr(fact, "subject", None) or "–"), ("target", repr(fact.target)),
+                 ("mean P(target)", f"{result.p_target:.4f}")]
+    fact_kv = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in fact_rows)
+    comp = result.completeness
+    table = result.table
+    eff = result.effects()
+    pct = lambda x: _pct(float(x))  # noqa: E731
+    per_prompt = result.per_prompt()
+    fig_iv = _png(result.plot_interventions())
+    try:
+        tokens_js = token_view(result).src
+    except Exception as err:  # noqa: BLE001 - the static view below still shows the numbers
+        tokens_js = f'<p class="warn">circuitsvis view unavailable: {esc(str(err))}</p>'
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>knlens: {esc(title)}</title>
+<style>{_CSS}</style></head>
+<body>
+<h1>Knowledge neurons of “{esc(fact.prompts[0])}” → “{esc(fact.target)}”</h1>
+<p class="sub">{len(fact.prompts)} prompts · model {esc(s.model)} · knlens {esc(__version__)}</p>
+{_verdict(result)}
+{_notes(result)}
+
+<h2>Summary</h2>
+<table class="kv">{fact_kv}</table>
+{_table(prompts, left=("prompt",))}
+<table class="kv">{kv}</table>
+
+<h2>Neurons</h2>
+<p class="note">Mean integrated-gradients score over the prompts; <i>n_coarse</i>: in how many of the
+{len(result.attributions)} prompts the neuron is coarse (score ≥ threshold × the prompt's maximum);
+highlighted: refined knowledge neurons. The table also lists the top {s.top_k} neurons by mean score.</p>
+{_table(table, highlight=table["refined"])}
+<img alt="per-prompt scores" src="{_prompt_heatmap(result)}">
+
+<h2>Completeness of integrated gradients</h2>
+<p class="note">For each layer, Σ<sub>i</sub> IG<sub>i</sub> should equal Δ = P(target | a) − P(target | 0)
+(only that layer's row moved to the baseline). <i>abs_error</i> = Σ<sub>layers</sub> |Σ IG − Δ|,
+<i>relative_error</i> = abs_error / Σ<sub>layers</sub> |Δ|. A prompt above the tolerance is integrated again on
+more Gauss–Legendre nodes; <i>grid</i> and <i>steps</i> are those of the pass kept.</p>
+{_table(comp, left=("prompt",))}
+
+<h2>Interventions: suppress (×0) and enhance (×2) vs random controls</h2>
+<p class="note">Tested: {esc(result.tested_label)}, at the target position, in-sample (selected and measured on
+the same {len(result.attributions)} prompts). Suppress sets a neuron to the baseline b (0), enhance to
+b + 2(a − b): its write into the residual stream removed or doubled, whatever its sign. Random controls:
+{s.n_random} sets of each kind, <i>uniform</i> (the same number of neurons in each layer) and <i>matched</i> (also the
+same {s.n_bins}-quantile bin of |activation| at the target within the layer: knowledge neurons are often among
+the most active, and scaling a large activation moves the output more). <i>relative</i>: mean of
+(P<sub>after</sub> − P<sub>before</sub>) / P<sub>before</sub>; <i>delta</i>: Dai et al.'s
+mean change / mean P<sub>before</sub>; <i>relative_std</i>: spread of the random draws' means.</p>
+{_table(eff, formats={"relative": pct, "delta": pct, "relative_std": pct})}
+<img alt="interventions" src="{fig_iv}">
+<details><summary>per prompt</summary>{_table(per_prompt, left=("prompt", "action"))}</details>
+{_heldout_section(result)}
+{_specificity_section(result)}
+
+<h2>Tests</h2>
+<p class="note"><i>p_empirical</i>: share of random sets whose change is at least as large in the expected
+direction (a decrease for suppress, an increase for enhance), (1 + k) / (1 + N), so it cannot go below
+1 / (1 + N) and is near 1 when the effect goes the other way; <i>p_wilcoxon</i>: two-sided Wilcoxon signed-rank
+test, paired over prompts, tested set vs the control's mean; <i>p_specific</i>: see above. <i>p_floor</i>: the
+smallest p the test can give with its <i>n</i>; the note says when it cannot reach 0.05.</p>
+{_table(result.tests(), left=("evaluation", "action", "comparison", "test", "note"))}
+
+<h2>Where the neurons sit: layer × neuron heatmap</h2>
+<img alt="heatmap" src="{_heatmap(result)}">
+
+<h2>Activations over the prompts' tokens</h2>
+<p class="note">Activation of each tested neuron (blocks.L.mlp.{esc(s.hook_point)}) at every token; prompts
+separated by “‖”. Pick a neuron with its button; hover a token for all values. Integrated gradients used the
+activation at the last token (the target position).</p>
+{tokens_js}
+<details><summary>the same numbers without JavaScript</summary>{_static_tokens(result)}</details>
+
+<p class="note">Generated by knlens {esc(__version__)}. Self-contained: no network access needed.</p>
+</body></html>
+"""
+    return page
+
+
+def write_html(result: LocateResult, path: str | Path) -> Path:
+    """Write :func:`render_html` to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(result), encoding="utf-8")
+    return path
