@@ -96,3 +96,7 @@ class CompletenessWarning(UserWarning):
 
 class InsufficientDataError(KnlensError, ValueError):
     """Too few values (or values without any spread) for the statistic asked for."""
+
+
+class ResultFormatError(KnlensError, ValueError):
+    """A folder that does not hold a saved knlens result, or one this knlens cannot read."""
