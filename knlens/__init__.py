@@ -32,7 +32,8 @@ from knlens.studies.knowledge_neurons import locate
 from knlens.methods.tracing.corruption import Corruption
 from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace, trace_facts
-from knlens.viz.report import render_html, token_view, write_html
+from knlens.viz.report import render_html, write_html
+from knlens.viz.tokens import token_view
 from knlens.core.models import EMBEDDED_MODELS, TINY_MODELS, load_model, random_model, tiny_model
 from knlens.core.neurons import Neuron, NeuronSet
 from knlens.core.tokens import Queries, encode, single_token, target_tokens
@@ -40,6 +41,7 @@ from knlens.methods.selection import (PRESETS, coarse, drop_generic, generic_neu
                                       refined_neurons)
 
 __all__ = [
+    "__version__",
     "Attribution", "AttributionSettings", "EMBEDDED_MODELS", "Fact", "GRIDS", "HookShapeError",
     "InterventionResult", "KnlensError", "MissingWeightsError", "Neuron", "NeuronIndexError", "NeuronSet",
     "NonFiniteError", "PRESETS", "PromptError", "Queries", "TINY_MODELS", "TargetError", "UnknownModelError",

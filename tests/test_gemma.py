@@ -73,7 +73,7 @@ def test_adaptive_integration_reaches_the_tolerance(refined):
 
 
 def test_locate_reports_the_grid_it_ended_on(gemma, refined):
-    res = knlens.studies.knowledge_neurons(gemma, FACT, attributions=refined, n_random=3, specificity=False, progress=False)
+    res = knlens.locate(gemma, FACT, attributions=refined, n_random=3, specificity=False, progress=False)
     assert list(res.completeness["steps"]) == [a.settings.steps for a in refined]
     assert set(res.completeness["grid"]) == {"gauss-legendre"}
     assert (res.completeness["relative_error"] <= 0.05).all()
