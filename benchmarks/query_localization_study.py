@@ -1,4 +1,4 @@
-"""Query localization on ParaRel (Chen et al., ICLR 2025; methods.md §4), with tests that can fail.
+"""Query localization on ParaRel (Chen et al., ICLR 2025; docs/methods.md, query localization), with tests that can fail.
 
 One command (from the project root)::
 

@@ -69,7 +69,7 @@ def main() -> None:
         out[name] = trace(model, prompt, target, subject=subject, samples=args.samples, seed=0,
                           batch_size=args.batch_size, known_only=not tiny, **kw)
         times[name] = time.perf_counter() - t
-        assert out[name].settings["engine"] == kw["engine"], f"the engine fell back: {out[name].settings['engine_note']}"
+        assert out[name].settings.engine == kw["engine"], f"the engine fell back: {out[name].settings.engine_note}"
         print(f"  {name:17s} {times[name]:7.2f} s   (1-min load average {load:.1f} before, "
               f"{os.getloadavg()[0]:.1f} after)", flush=True)
     ref = out[ENGINES[0][0]]

@@ -6,7 +6,7 @@
 >>> attributions = knlens.attribute(model, fact, steps=8)
 >>> neurons = knlens.refined_neurons(attributions, preset="eleuther")
 
-Research analyses live in :mod:`knlens.analyses` (query localization, consistency of neurons).
+Research studies live in :mod:`knlens.studies` (query localization, consistency of neurons).
 """
 
 from knlens.core.versions import __version__

@@ -2,6 +2,6 @@
 
 import sys
 
-from knlens.cli.main import main
+from knlens.cli import main
 
 sys.exit(main())

@@ -37,10 +37,21 @@ def tiny(request):
     return knlens.tiny_model(request.param)
 
 
+def embedded_model(name: str):
+    """An embedded model, or a skip naming the weights package that is not installed."""
+    try:
+        return knlens.load_model(name)
+    except knlens.MissingWeightsError as err:
+        pytest.skip(f"embedded model {name} not installed: {err}")
+
+
 @pytest.fixture(scope="session")
 def real_model():
-    """The embedded SmolLM2-135M (skips when its weights package is not installed)."""
-    try:
-        return knlens.load_model("smollm2-135m")
-    except knlens.MissingWeightsError as err:
-        pytest.skip(f"embedded model not installed: {err}")
+    """The embedded SmolLM2-135M."""
+    return embedded_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The embedded Gemma-3-270M (the `gemma` extra)."""
+    return embedded_model("gemma3-270m")

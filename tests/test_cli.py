@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from knlens.cli.main import main
+from knlens.cli import main
+from knlens.studies.located import LocateResult
 from knlens.viz.report import remote_sources
 
 TINY = ["locate", "--model", "tiny-llama", "--prompt", "the capital of france is",
@@ -23,13 +23,13 @@ def test_locate_writes_the_files_and_prints_the_tables(tmp_path, capsys):
     out = tmp_path / "tmp"
     assert main([*TINY, "--out", str(out), "--quiet"]) == 0
     captured = capsys.readouterr()
-    for name in ("result.json", "neurons.csv", "interventions.csv", "completeness.csv", "attributions.safetensors",
-                 "report.html"):
+    for name in ("result.json", "neurons.csv", "interventions.csv", "completeness.csv", "report.html"):
         assert (out / name).is_file(), name
-    meta = json.loads((out / "result.json").read_text())
-    assert meta["fact"]["prompts"][1] == "the capital city of france is" and meta["fact"]["target"] == " paris"
-    assert meta["settings"]["model"] == "tiny-llama" and meta["settings"]["steps"] == 4
-    assert meta["settings"]["n_random"] == 5 and meta["settings"]["hook_point"] == "hook_post"
+    assert list(out.glob("*.safetensors")), "the tensors are saved as safetensors"
+    saved = LocateResult.load(out)  # written by the result's own save(dir)
+    assert saved.fact.prompts[1] == "the capital city of france is" and saved.fact.target == " paris"
+    assert saved.settings.model == "tiny-llama" and saved.settings.steps == 4
+    assert saved.settings.n_random == 5 and saved.settings.hook_point == "hook_post"
     neurons = pd.read_csv(out / "neurons.csv")
     assert {"layer", "neuron", "mean_score", "n_coarse", "refined"} <= set(neurons.columns)
     iv = pd.read_csv(out / "interventions.csv")
@@ -108,8 +108,10 @@ MISUSES = [
     (["locate", *PROMPT, "--steps", "-3"], "--steps must be at least 1"),
     (["locate", *PROMPT, "--n-random", "-1"], "--n-random"),
     (["locate", *TINY_OPTS, "--prompt", "the capital of france is", "--target", ""], "target is empty"),
-    (["locate", *TINY_OPTS, "--fact", "capital-frnace"], "did you mean capital-france"),
+    (["locate", *TINY_OPTS, "--fact", "capital-frnace"], "did you mean 'capital-france'?"),
     (["trace", *PROMPT], "needs the subject"),
+    (["study", "query-localisation"], "invalid choice: 'query-localisation'"),
+    (["study", "query-localization", "--min-prompts", "2"], "need 3 ≤ min_prompts ≤ max_prompts"),
     (["trace", *PROMPT, "--subject", "germany"], "does not occur in the prompt"),
     ([*TRACE, "--window", "0"], "--window must be at least 1"),
     ([*TRACE, "--samples", "0"], "--samples must be at least 1"),
@@ -161,7 +163,7 @@ def test_unwritable_out_fails_before_any_work(command, tmp_path, capsys, monkeyp
 
 
 def test_output_dir_creates_the_folder_and_raises_output_error(tmp_path):
-    from knlens.cli.main import output_dir
+    from knlens.cli.common import output_dir
     from knlens.core.errors import KnlensError, OutputError
 
     assert output_dir(str(tmp_path / "new" / "deep")).is_dir()
@@ -171,3 +173,148 @@ def test_output_dir_creates_the_folder_and_raises_output_error(tmp_path):
     assert isinstance(info.value, KnlensError) and isinstance(info.value, OSError)
     with pytest.raises(OutputError, match="is a file, not a folder"):
         output_dir(str(tmp_path / "file"))
+
+
+
+def test_write_outputs_saves_the_result_then_the_extras(tmp_path, capsys):
+    """``--out``: the result's own save(dir) first, then the readable extras; ``wrote`` lists what changed."""
+    from knlens.cli.common import write_outputs
+    from knlens.core.errors import OutputError
+
+    class Saved:
+        def save(self, directory):
+            (directory / "result.json").write_text("{}")
+            (directory / "tensors.safetensors").write_bytes(b"")
+            return directory
+
+    (tmp_path / "old.txt").write_text("there before, left alone")
+    written = write_outputs(tmp_path, Saved(), {"table.csv": lambda p: p.write_text("a\n")})
+    assert [p.name for p in written] == ["result.json", "tensors.safetensors", "table.csv"]
+    assert capsys.readouterr().out == "\nwrote " + ", ".join(str(p) for p in written) + "\n"
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied")
+    with pytest.raises(OutputError, match="cannot write the results to --out .*: Permission denied"):
+        write_outputs(tmp_path, Saved(), {"x.csv": denied})
+
+# ------------------------------------------------------------------ one fact lookup, with close-match hints
+def test_unknown_fact_names_the_close_match():
+    from knlens.cli.common import builtin_fact
+    from knlens.data.builtin import UnknownFactError
+
+    assert builtin_fact("capital-france").name == "capital-france"
+    with pytest.raises(UnknownFactError) as info:
+        builtin_fact("capital-frnace")
+    assert str(info.value) == ("unknown fact 'capital-frnace'; did you mean 'capital-france'? "
+                               "(knlens locate --list-facts lists them)")
+    with pytest.raises(UnknownFactError, match="did you mean 'capital-france'"):
+        builtin_fact("Capital-France")  # case is ignored in the hint, not in the lookup
+    with pytest.raises(UnknownFactError) as info:
+        builtin_fact("zzzz")
+    assert str(info.value) == "unknown fact 'zzzz' (knlens locate --list-facts lists them)"
+
+
+def test_close_names_keeps_the_matches_near_the_best():
+    from knlens.cli.common import close_names
+
+    names = ["capital-france", "capital-greece", "capital-china", "symbol-gold"]
+    assert close_names("capital-frnace", names) == ["capital-france"]
+    assert close_names("capital-xx", ["capital-aa", "capital-bb", "capital-cc", "capital-dd"]) == [
+        "capital-aa", "capital-bb", "capital-cc"]  # equally close: the first three
+    assert close_names("zzzz", names) == [] and close_names("x", []) == []
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+@pytest.mark.parametrize("command", ["locate", "trace", "consistency"])
+def test_every_subcommand_hints_the_close_fact_before_loading(command, capsys, monkeypatch):
+    import knlens.core.models
+
+    monkeypatch.setattr(knlens.core.models, "load_model", _no_model)
+    assert main([command, *TINY_OPTS, "--fact", "capital-frnace"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == ("error: unknown fact 'capital-frnace'; did you mean 'capital-france'? "
+                            "(knlens locate --list-facts lists them)\n")
+    assert captured.out == ""
+
+
+# ------------------------------------------------------------------ the one error handler, on every subcommand
+RUNNABLE = {"locate": ["locate", *PROMPT, "--steps", "2", "--n-random", "1"], "trace": TRACE, "consistency": CONS,
+            "study": ["study", "query-localization", "--model", "tiny-llama", "--quiet"]}
+
+
+@pytest.mark.parametrize("command", sorted(RUNNABLE))
+def test_a_knlens_error_inside_any_subcommand_is_one_line(command, capsys, monkeypatch):
+    """Raised deep in the command (here by the model loader), a multi-line KnlensError becomes one line."""
+    import knlens.core.models
+    from knlens.core.errors import UnknownModelError
+
+    def fail(*args, **kwargs):
+        raise UnknownModelError("cannot load model 'x':\n  first reason\n  second reason")
+    monkeypatch.setattr(knlens.core.models, "load_model", fail)
+    assert main(RUNNABLE[command]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: cannot load model 'x': first reason second reason\n"
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize("command", sorted(RUNNABLE))
+def test_argparse_misuse_of_any_subcommand_is_one_line(command, capsys):
+    assert main([*RUNNABLE[command], "--no-such-option"]) == 2
+    assert capsys.readouterr().err == "error: unrecognized arguments: --no-such-option (see knlens --help)\n"
+    assert main([*RUNNABLE[command], "--model"]) == 2  # an option without its value: the subcommand's parser
+    assert capsys.readouterr().err == f"error: argument --model: expected one argument (see knlens {command} --help)\n"
+
+
+@pytest.mark.parametrize("command", sorted(RUNNABLE))
+def test_the_handler_leaves_bugs_and_interrupts_alone(command, capsys, monkeypatch):
+    """Only KnlensError is bad input: a bug keeps its traceback; Ctrl-C exits 130."""
+    import knlens.core.models
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(knlens.core.models, "load_model", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(RUNNABLE[command])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(knlens.core.models, "load_model", interrupt)
+    assert main(RUNNABLE[command]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+
+
+# ------------------------------------------------------------------ one package: layout and imports
+def test_every_subcommand_is_one_module_with_add_parser_and_run():
+    import argparse
+
+    from knlens.cli import build_parser, consistency, locate, study, trace
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == ["locate", "trace", "consistency", "study"]
+    for module in (locate, trace, consistency, study):
+        name = module.__name__.rsplit(".", 1)[1]
+        assert sub.choices[name].get_default("run") is module.run
+
+
+def test_cli_modules_import_only_downward():
+    """common imports no subcommand; a subcommand imports common, never another subcommand; no tricks."""
+    import ast
+
+    import knlens.cli
+
+    folder = Path(knlens.cli.__file__).parent
+    assert sorted(p.name for p in folder.glob("*.py")) == ["__init__.py", "common.py", "consistency.py",
+                                                           "locate.py", "study.py", "trace.py"]
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        cli = {m for m in imported if m.startswith("knlens.cli")}
+        assert "importlib" not in imported, path.name
+        if path.name == "common.py":
+            assert cli == set(), cli
+        elif path.name != "__init__.py":
+            assert cli == {"knlens.cli.common"}, (path.name, cli)

@@ -4,7 +4,6 @@ floors, the enhance rule, multi-token P(target), selection presets, and the engi
 from __future__ import annotations
 
 import html
-import json
 import warnings
 
 import pandas as pd
@@ -15,7 +14,7 @@ from scipy import stats
 import knlens
 from knlens import Fact, NeuronSet
 from knlens.run import staircase
-from knlens.cli.main import format_result
+from knlens.cli.locate import format_result
 from knlens.stats.tests import empirical_floor, floor_note, wilcoxon_floor
 from knlens.methods.controls import magnitude_bins, matched_control, matched_widening, random_control
 from knlens.run.engine import activations_at, target_probs
@@ -25,6 +24,7 @@ from knlens.run.hooks import hook_name, neuron_hooks, set_value, zero_ablate
 from knlens.methods.interventions import intervene, measure, per_prompt
 from knlens.studies.knowledge_neurons import locate
 from knlens.core.tokens import encode
+from knlens.results.contract import same
 from knlens.viz.report import render_html
 from knlens.methods.selection import (PRESETS, SelectionPreset, min_prompts, refine_by_relation, refine_facts,
                                       refinement, refined_neurons)
@@ -166,7 +166,7 @@ def test_enhance_at_the_pre_activation_warns_and_says_how_many_are_negative(tiny
     q = encode(tiny_gpt2, list(fact.prompts), fact.target)
     pre = activations_at(tiny_gpt2, q, [hook_name(0, "hook_pre"), hook_name(1, "hook_pre")])
     negative = sum(int(pre[hook_name(n.layer, "hook_pre")][:, n.index].mean() < 0) for n in kn)
-    assert f"{negative} of the 3 neurons" in str(rec[0].message) and res.settings["non_monotone_note"]
+    assert f"{negative} of the 3 neurons" in str(rec[0].message) and res.settings.non_monotone_note
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         measure(tiny_gpt2, [fact], [kn], n_random=1, point="hook_pre", actions={"suppress": 0.0})
@@ -316,9 +316,8 @@ def test_locate_records_the_engine_that_ran_not_the_one_asked_for(tiny_llama, mo
     assert ran != "fast" and res.settings.engine == ran and res.settings.engine_requested == "fast"
     assert f"engine {ran} (asked for fast; fell back)" in format_result(res)
     assert html.escape(f"engine '{ran} (asked for fast; fell back)'") in render_html(res)
-    res.save(tmp_path)
-    meta = json.loads((tmp_path / "result.json").read_text())
-    assert meta["settings"]["engine"] == ran and meta["settings"]["engine_requested"] == "fast"
+    back = knlens.LocateResult.load(res.save(tmp_path))
+    assert back.settings.engine == ran and back.settings.engine_requested == "fast"
 
 
 def test_locate_shows_every_control_with_numbers(tiny_llama, tmp_path):
@@ -334,14 +333,13 @@ def test_locate_shows_every_control_with_numbers(tiny_llama, tmp_path):
         assert needle in text, needle
     for needle in ("magnitude-matched", "Held-out paraphrases", "Specificity", "p_specific", "p_floor"):
         assert needle in page, needle
-    paths = res.save(tmp_path)
-    assert {"heldout.csv", "specificity.csv"} <= {p.name for p in paths.values()}
+    d = res.save(tmp_path)
+    assert {"heldout.csv", "specificity.csv"} <= {p.name for p in d.iterdir()}
     back = knlens.LocateResult.load(tmp_path)
-    pd.testing.assert_frame_equal(back.tests(), tests, check_dtype=False)
-    pd.testing.assert_frame_equal(back.heldout.folds, res.heldout.folds, check_dtype=False)
+    assert same(back, res)
+    pd.testing.assert_frame_equal(back.tests(), tests, check_exact=True)
+    pd.testing.assert_frame_equal(back.heldout.folds, res.heldout.folds, check_exact=True)
     assert back.specificity.basis == res.specificity.basis and back.selection == res.selection
-    meta = json.loads((tmp_path / "result.json").read_text())
-    assert {"heldout", "specificity", "tests", "selection"} <= set(meta)
 
 
 def test_wilcoxon_over_prompts_matches_scipy(tiny_llama):
@@ -354,7 +352,7 @@ def test_wilcoxon_over_prompts_matches_scipy(tiny_llama):
 
 
 def test_significance_table_says_when_the_effect_goes_the_other_way():
-    from knlens.methods.interventions import InterventionResult
+    from knlens.methods.interventions import InterventionResult, InterventionSettings
     from knlens.methods.significance import significance_table
 
     rows = []
@@ -364,7 +362,7 @@ def test_significance_table_says_when_the_effect_goes_the_other_way():
                              draw=-1, relative=kn_rel))
             rows += [dict(fact="f", prompt=prompt, action=action, factor=factor, neurons="random", control="uniform",
                           draw=d, relative=0.01 * d) for d in range(9)]
-    iv = InterventionResult(pd.DataFrame(rows), {"actions": {"suppress": 0.0, "enhance": 2.0}, "controls": ["uniform"]})
+    iv = InterventionResult(pd.DataFrame(rows), InterventionSettings(controls=("uniform",)))
     t = significance_table(iv).set_index(["action", "test"])
     assert t.loc[("suppress", "p_empirical (one-sided)"), "note"] == "the tested set moves P(target) the other way (+30.0 %)"
     assert t.loc[("suppress", "p_empirical (one-sided)"), "p"] == 1.0

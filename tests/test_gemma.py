@@ -8,19 +8,11 @@ import pytest
 import torch
 
 import knlens
-from knlens.cli.main import format_result
+from knlens.cli.locate import format_result
 
 pytestmark = pytest.mark.integration
 
 FACT = knlens.Fact(["The capital of France is", "The capital city of France is"], " Paris")
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    try:
-        return knlens.load_model("gemma3-270m")
-    except knlens.MissingWeightsError as err:
-        pytest.skip(f"embedded Gemma weights not installed: {err}")
 
 
 @pytest.fixture(scope="module")

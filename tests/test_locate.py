@@ -17,6 +17,7 @@ from knlens.studies.located import LocateResult
 from knlens.studies.knowledge_neurons import locate
 from knlens.methods.activations import token_activations
 from knlens.core.tokens import encode
+from knlens.results.contract import same
 from knlens.viz.report import remote_sources, render_html, write_html
 from knlens.methods.selection import SelectionPreset
 
@@ -123,28 +124,33 @@ def test_empty_refined_set_is_reported_and_the_best_neurons_are_tested(results):
     assert not res.table["refined"].any() and res.table["tested"].sum() == res.settings.fallback_k
     assert "no refined neurons" in res.tested_label
     assert "No refined knowledge neuron" in render_html(res)
-    from knlens.cli.main import format_result
+    from knlens.cli.locate import format_result
 
     assert "No refined knowledge neuron" in format_result(res)
 
 
 def test_save_load_round_trip_without_pickle(results, tmp_path):
     _, res, _ = results
-    paths = res.save(tmp_path / "out")  # 3 prompts and no specificity: no heldout.csv / specificity.csv
-    assert {p.name for p in paths.values()} == {"result.json", "neurons.csv", "interventions.csv",
-                                                "completeness.csv", "attributions.safetensors"}
-    meta = json.loads((tmp_path / "out" / "result.json").read_text())  # strict JSON (no NaN)
-    assert meta["fact"]["target"] == " paris" and meta["settings"]["steps"] == 4
-    assert meta["neurons"] == [list(n) for n in res.neurons]
-    assert pd.read_csv(paths["neurons.csv"])[["layer", "neuron"]].values.tolist() == \
+    d = res.save(tmp_path / "out")  # 3 prompts and no specificity: no heldout.csv / specificity.csv
+    assert {p.name for p in d.iterdir()} == {"result.json", "tensors.safetensors", "neurons.csv",
+                                             "interventions.csv", "completeness.csv"}
+
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"result.json holds {constant}: not strict JSON")
+    doc = json.loads((d / "result.json").read_text(), parse_constant=no_nan)
+    fields = doc["result"]["fields"]
+    assert doc["type"] == "knlens.studies.located:LocateResult" and doc["key"] == res.key
+    assert fields["fact"]["fields"]["target"] == " paris" and fields["settings"]["fields"]["steps"] == 4
+    assert fields["neurons"] == {"__neurons__": [list(n) for n in res.neurons]}
+    assert pd.read_csv(d / "neurons.csv")[["layer", "neuron"]].values.tolist() == \
         res.table[["layer", "neuron"]].values.tolist()
-    back = LocateResult.load(tmp_path / "out")
+    back = LocateResult.load(d)
+    assert same(back, res) and back == res
     assert back.fact == res.fact and back.neurons == res.neurons and back.settings == res.settings
-    pd.testing.assert_frame_equal(back.table, res.table, check_dtype=False)
-    pd.testing.assert_frame_equal(back.effects(), res.effects(), check_dtype=False)
+    pd.testing.assert_frame_equal(back.table, res.table, check_exact=True)
+    pd.testing.assert_frame_equal(back.effects(), res.effects(), check_exact=True)
     assert torch.equal(back.mean_scores, res.mean_scores)
-    assert all(torch.allclose(x.values, y.values) for x, y in zip(back.activations, res.activations))
-    json.loads(res.to_json())
+    assert all(torch.equal(x.values, y.values) for x, y in zip(back.activations, res.activations))
 
 
 def test_report_is_self_contained(results, tmp_path):
@@ -175,7 +181,7 @@ def test_precomputed_attributions_and_hook_point(tiny_llama):
     assert any("not monotone" in n for n in res.notes)
     assert res.settings.hook_point == "hook_pre" and res.settings.steps == 4 and "attribute_s" not in res.timings
     assert all(x is y for x, y in zip(res.attributions, attrs))
-    assert res.interventions.settings["hook_point"] == "hook_pre"
+    assert res.interventions.settings.hook_point == "hook_pre"
     for ta, a in zip(res.activations, attrs):  # activations read at the same hook point
         at_target = torch.tensor([float(a.activations[n.layer, n.index]) for n in res.tested])
         assert ta.values[ta.target_position] == pytest.approx(at_target, rel=1e-4, abs=1e-5)

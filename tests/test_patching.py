@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import warnings
 
 import pytest
@@ -95,7 +94,7 @@ def test_trace_engines_equal_loop(model, method, engine):
     if method == "substitute":
         kw["other"] = "germany"
     batched = trace(model, PROMPT, TARGET, engine=engine, batch_size=3, **kw)
-    assert batched.settings["engine"] == engine  # no silent fallback
+    assert batched.settings.engine == engine  # no silent fallback
     loop = trace(model, PROMPT, TARGET, engine="reference", **kw)
     assert batched.p_corrupted == pytest.approx(loop.p_corrupted, abs=1e-7)
     for kind in kinds:
@@ -118,7 +117,7 @@ def test_fast_trace_default_windows_relation_and_multi_token(model, corrupt):
     loop = trace(model, PROMPT, " paris is", engine="reference", **kw)
     for batch_size in (1, 1000):
         fast = trace(model, PROMPT, " paris is", batch_size=batch_size, **kw)
-        assert fast.settings["engine"] == "fast"
+        assert fast.settings.engine == "fast"
         for kind in loop.kinds:
             torch.testing.assert_close(fast.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
 
@@ -129,7 +128,7 @@ def test_fast_trace_falls_back_when_blocks_cannot_be_driven(model, monkeypatch):
     monkeypatch.setattr(staircase, "model_tail", lambda model: None)
     with pytest.warns(EngineFallbackWarning, match="staircase cannot be built"):
         fast = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",))
-    assert fast.settings["engine"] == "batched" and fast.settings["engine_requested"] == "fast"
+    assert fast.settings.engine == "batched" and fast.settings.engine_requested == "fast"
     torch.testing.assert_close(fast.effects["mlp"], ref.effects["mlp"], atol=0, rtol=0)
 
 
@@ -158,7 +157,7 @@ def test_trace_fact_relation_and_result(tmp_path, tiny_llama):
     fig = t.plot()
     assert len(fig.axes) >= 2
     g = group_effects([t, t])
-    assert set(g.columns) == {"kind", "group", "layer", "effect", "n"}
+    assert set(g.frame.columns) == {"kind", "group", "layer", "effect", "n"}
 
 
 def test_noise_scale_and_seed(tiny_gpt2):
@@ -198,15 +197,15 @@ CLI = ["trace", "--model", "tiny-gpt2", "--prompt", PROMPT, "--target", TARGET, 
 
 
 def test_trace_command(tmp_path, capsys):
-    from knlens.cli.main import main
+    from knlens.cli import main
 
     assert main([*CLI, "--kinds", "mlp", "--samples", "1", "--window", "1", "--allow-unknown",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "P clean" in out and "mlp (window 1)" in out and "last subject" in out
     assert "engine fast   noise samples 1" in out
-    assert {p.name for p in tmp_path.iterdir()} >= {"trace.json", "trace.safetensors", "trace.csv", "trace.png"}
-    assert Trace.load(tmp_path / "trace").effects["mlp"].shape == (2, N_TOK)
+    assert {p.name for p in tmp_path.iterdir()} >= {"result.json", "tensors.safetensors", "trace.csv", "trace.png"}
+    assert Trace.load(tmp_path).effects["mlp"].shape == (2, N_TOK)
 
 
 @pytest.mark.parametrize("misuse", [
@@ -215,7 +214,7 @@ def test_trace_command(tmp_path, capsys):
     ["--target", " ugh"], [],  # [] : a random model does not know the fact, and --allow-unknown is not given
     ["--out", "FILE/sub"]])
 def test_trace_command_misuse_is_one_error_line(misuse, tmp_path, capsys):
-    from knlens.cli.main import main
+    from knlens.cli import main
 
     (tmp_path / "FILE").write_text("a file, not a folder")
     misuse = [str(tmp_path / m) if m == "FILE/sub" else m for m in misuse]
@@ -257,17 +256,17 @@ def test_broken_cache_falls_back_to_numbers_equal_to_the_loop(model, breakage, m
     with cache_ignored(model) if breakage == "cache ignored" else contextlib.nullcontext():
         with pytest.warns(EngineFallbackWarning, match=why):
             t = trace(model, PROMPT, TARGET, **kw)
-    assert t.settings["engine"] == "batched" and t.settings["engine_requested"] == "fast"
-    assert t.settings["engine_note"].startswith("fast -> batched: ")
+    assert t.settings.engine == "batched" and t.settings.engine_requested == "fast"
+    assert t.settings.engine_note.startswith("fast -> batched: ")
     assert t.p_clean == loop.p_clean and t.p_corrupted == loop.p_corrupted
     for kind in loop.kinds:
         torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
     t.save(tmp_path / "t")
-    assert json.loads((tmp_path / "t.json").read_text())["settings"]["engine"] == "batched"
+    assert Trace.load(tmp_path / "t").settings.engine == "batched"
 
 
 def test_broken_prefix_is_reported_by_the_command(monkeypatch, capsys):
-    from knlens.cli.main import main
+    from knlens.cli import main
 
     _break_prefix(monkeypatch)
     with pytest.warns(EngineFallbackWarning):
@@ -289,7 +288,7 @@ def test_broken_cache_and_batching_fall_back_to_the_loop(model, monkeypatch):
         t = trace(model, PROMPT, TARGET, **kw)
     notes = [str(w.message) for w in caught if issubclass(w.category, EngineFallbackWarning)]
     assert len(notes) == 2 and "'fast'" in notes[0] and "'batched'" in notes[1] and "rows of one batch" in notes[1]
-    assert t.settings["engine"] == "reference"
+    assert t.settings.engine == "reference"
     for kind in loop.kinds:
         torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=0, rtol=0)
 
@@ -299,7 +298,7 @@ def test_sound_engines_do_not_warn(model):
         warnings.simplefilter("error", EngineFallbackWarning)
         for engine in ("fast", "batched"):
             t = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, kinds=("mlp",), engine=engine)
-            assert t.settings["engine"] == engine and t.settings["engine_note"] == ""
+            assert t.settings.engine == engine and t.settings.engine_note == ""
 
 
 # ------------------------------------------------------------ the embeddings as the model adds them
@@ -331,17 +330,17 @@ def test_noise_and_replacements_come_from_hook_embed(tiny_gemma3):
     same = trace(model, PROMPT, TARGET, subject=SUBJECT, corruption="substitute", other=SUBJECT, kinds=("mlp",))
     assert same.p_corrupted == pytest.approx(same.p_clean, abs=1e-6, rel=0)
     t = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1)
-    assert t.settings["corruption"]["scale"] == pytest.approx(3 * float(added.std()), rel=1e-4)
+    assert t.settings.corruption["scale"] == pytest.approx(3 * float(added.std()), rel=1e-4)
     loop = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=2, window=1, engine="reference")
-    assert t.settings["engine"] == "fast"
+    assert t.settings.engine == "fast"
     for kind in loop.kinds:
         torch.testing.assert_close(t.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
 
 
 def test_default_noise_is_meng_et_al(tiny_gpt2):
     t = trace(tiny_gpt2, PROMPT, TARGET, subject=SUBJECT, kinds=("resid",))
-    assert t.settings["samples"] == t.settings["corruption"]["samples"] == 10
-    assert t.settings["corruption"]["statistics_from"] == "hook_embed"
+    assert t.settings.samples == t.settings.corruption["samples"] == 10
+    assert t.settings.corruption["statistics_from"] == "hook_embed"
 
 
 # ------------------------------------------------------------------------------ known facts only
@@ -355,11 +354,11 @@ def test_only_known_facts_are_traced(tiny_llama):
         patching.trace(tiny_llama, PROMPT, TARGET, subject=SUBJECT, samples=1)
     known = _top_word(tiny_llama, PROMPT)
     t = patching.trace(tiny_llama, PROMPT, known, subject=SUBJECT, samples=1, kinds=("resid",))
-    assert t.settings["known"] and t.settings["clean_top_token"] == t.settings["target_token"]
+    assert t.settings.known and t.settings.clean_top_token == t.settings.target_token
     facts = [knlens.Fact([PROMPT], TARGET, subject=SUBJECT, name="not-known"),
              knlens.Fact([PROMPT], known, subject=SUBJECT, name="known")]
     with pytest.warns(UserWarning, match="skipped 1 of 2 facts the model does not know .*not-known"):
         traces = trace_facts(tiny_llama, facts, samples=1, kinds=("resid",))
     assert [t.target for t in traces] == [known]
     everything = trace_facts(tiny_llama, facts, known_only=False, samples=1, kinds=("resid",))
-    assert [t.settings["known"] for t in everything] == [False, True]
+    assert [t.settings.known for t in everything] == [False, True]

@@ -130,7 +130,7 @@ def test_synapse_scaling(tiny_gpt2):
     n_tokens = tiny_gpt2.to_tokens(PROMPTS[0]).shape[1]
     assert drawn == set(range(1, n_tokens - 1)) - set(top)
     res = synapse_scaling(tiny_gpt2, PROMPTS[0], " paris", NeuronSet([(1, 3), (1, 5)]), alphas=(0.0, 1.0, 3.0),
-                          n_controls=2)
+                          n_controls=2).frame
     assert res.groupby("group").size().to_dict() == {"control": 6, "synapse": 3}
     one = res[res.alpha == 1.0]
     assert np.allclose(one.relative_p, 0.0, atol=1e-6) and np.allclose(one.activation_relative, 0.0, atol=1e-6)
@@ -184,12 +184,11 @@ def test_fact_consistency_and_study(consistency, tmp_path):
     assert s.loc[("jaccard", "static"), "share_inconsistent"] == pytest.approx(0.6)
     assert s.loc[("niu", "static"), "n_inconsistent"] == 2
     assert not any("welch" in c or "cross" in c for c in s.columns)
-    study.save(tmp_path / "s.json")
-    back = ConsistencyStudy.load(tmp_path / "s.json")
-    assert back.to_frame().equals(study.to_frame())
+    back = ConsistencyStudy.load(study.save(tmp_path / "s"))
+    assert back.to_frame().equals(study.to_frame()) and back == study
     assert study.plot() is not None
     with pytest.raises(knlens.KnlensError):
-        back.pairs("niu")  # vectors are not saved
+        back.pairs("niu")  # these facts have no attribution vectors
 
 
 TEMPLATES = ("[X] is a", "[X] was a", "[X] became a")
@@ -240,7 +239,8 @@ def test_bimodality_of_study():
 
 def test_query_kn_mapping(tiny_llama):
     sets = [NeuronSet([(1, 3), (0, 4)]), NeuronSet([(1, 3)]), NeuronSet([(0, 9)])]
-    frame = query_kn_mapping(tiny_llama, FACT, sets, n_random=2)
+    mapping = query_kn_mapping(tiny_llama, FACT, sets, n_random=2)
+    frame = mapping.frame
     assert frame.relation.value_counts().to_dict() == {"own": 3, "paraphrase": 6, "intersection": 6,
                                                         "own-random": 6, "paraphrase-random": 12}
     own = frame[frame.relation == "own"].set_index("query")
@@ -255,8 +255,9 @@ def test_query_kn_mapping(tiny_llama):
     assert (rnd.n_neurons == rnd.source.map(lambda j: len(sets[j]))).all()
     summ = mapping_summary(frame)
     assert list(summ.relation) == ["own", "own-random", "paraphrase", "paraphrase-random", "intersection"]
+    assert summ.equals(mapping.summary()) and mapping.tests().equals(mapping_tests(frame))
     # excluded (generic) neurons leave every set first
-    ex = query_kn_mapping(tiny_llama, FACT, sets, exclude=NeuronSet([(1, 3)]))
+    ex = query_kn_mapping(tiny_llama, FACT, sets, exclude=NeuronSet([(1, 3)])).frame
     assert ex[ex.relation == "own"].n_neurons.tolist() == [1, 0, 1]
     with pytest.raises(knlens.KnlensError):
         query_kn_mapping(tiny_llama, FACT, sets[:2])
@@ -293,7 +294,7 @@ def test_consistency_aware_selection(tiny_llama, consistency):
     k = 4
     sets = equal_size_selections(consistency.vectors[:2], k)
     assert {len(s) for s in sets.values()} == {k}
-    res = compare_selections(tiny_llama, FACT, sets, query=0, held_out=[2], others=[OTHER])
+    res = compare_selections(tiny_llama, FACT, sets, query=0, held_out=[2], others=[OTHER]).frame
     assert list(res.set) == list(sets)
     assert set(res.columns) >= {"reliability", "generality", "held_out", "locality"}
     assert res[["generality", "held_out", "locality"]].notna().all().all()
@@ -327,19 +328,14 @@ def test_hooks_removed_after_failing_run(tiny_llama):
 
 
 def test_consistency_command(tmp_path, capsys):
-    import argparse
+    from knlens.cli import main
 
-    from knlens.cli.analyses import add_consistency_parser
-
-    parser = argparse.ArgumentParser()
-    add_consistency_parser(parser.add_subparsers())
     argv = ["consistency", "--model", "tiny-llama", "--target", " paris", "--all-facts", "--steps", "2",
             "--mapping", "--out", str(tmp_path), "--quiet"]
     for p in PROMPTS:
         argv += ["--prompt", p]
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "jaccard" in out and "share_inconsistent" in out and "intersection" in out and "welch" not in out
-    assert {p.name for p in tmp_path.iterdir()} >= {"consistency.json", "facts.csv", "summary.csv", "mapping.csv"}
-    assert len(ConsistencyStudy.load(tmp_path / "consistency.json").facts) == 1
+    assert {p.name for p in tmp_path.iterdir()} >= {"result.json", "facts.csv", "summary.csv", "mapping.csv"}
+    assert len(ConsistencyStudy.load(tmp_path).facts) == 1

@@ -17,28 +17,40 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from knlens.run.engine import chunks
+from knlens.run.engine import chunks, forward
 from knlens.core.facts import Fact
-from knlens.run.hooks import capture, hook_name, hooked
+from knlens.run.hooks import capture, hook_name
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
+from knlens.results.contract import Result
 
-__all__ = ["TokenActivations", "token_activations"]
+__all__ = ["TokenActivations", "TokenActivationsSettings", "token_activations"]
+
+
+@dataclass(frozen=True)
+class TokenActivationsSettings:
+    """The model and the hook point the activations were read at."""
+
+    model: str = "?"
+    hook_point: str = "hook_post"
 
 
 @dataclass(frozen=True, eq=False)
-class TokenActivations:
+class TokenActivations(Result):
     """Activations of ``neurons`` (at the locate hook point) at every token of one prompt.
 
     ``values[t, j]`` is neuron ``j`` of ``neurons`` at token ``t``; ``target_position`` is the token whose
     activation integrated gradients used (the last prompt token, or ``[MASK]``).
     """
 
+    study = "token_activations"
+
     prompt: str
     tokens: tuple[str, ...]
     neurons: NeuronSet
     values: Float[Tensor, "pos neuron"]
     target_position: int
+    settings: TokenActivationsSettings = TokenActivationsSettings()
 
     def to_frame(self) -> pd.DataFrame:
         """One row per token (``position, token``) and one column per neuron (``"L3.N17"``)."""
@@ -47,15 +59,20 @@ class TokenActivations:
         frame.insert(0, "position", range(len(self.tokens)))
         return frame
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt": self.prompt, "tokens": list(self.tokens), "neurons": [list(n) for n in self.neurons],
-                "values": self.values.double().tolist(), "target_position": self.target_position}
+    def plot(self, ax: Any = None) -> Any:
+        """Token × neuron heatmap of the activations (the target position starred); returns the figure."""
+        import matplotlib.pyplot as plt
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TokenActivations:
-        neurons = NeuronSet(tuple(n) for n in d["neurons"])
-        values = torch.tensor(d["values"], dtype=torch.float32).reshape(len(d["tokens"]), len(neurons))
-        return cls(d["prompt"], tuple(d["tokens"]), neurons, values, int(d["target_position"]))
+        fig, ax = plt.subplots(figsize=(max(3, 0.5 * len(self.neurons) + 2), 0.3 * len(self.tokens) + 1.2)) \
+            if ax is None else (ax.figure, ax)
+        v = self.values.double().numpy()
+        vmax = float(abs(v).max()) if v.size else 1.0
+        im = ax.imshow(v, aspect="auto", cmap="RdBu_r", vmin=-(vmax or 1.0), vmax=vmax or 1.0)
+        ax.set_yticks(range(len(self.tokens)), [f"{t!r}*" if i == self.target_position else repr(t)
+                                                for i, t in enumerate(self.tokens)], fontsize=8)
+        ax.set_xticks(range(len(self.neurons)), [str(n) for n in self.neurons], fontsize=8, rotation=90)
+        fig.colorbar(im, ax=ax, label="activation")
+        return fig
 
 
 @torch.no_grad()
@@ -81,11 +98,12 @@ def token_activations(model: Any, fact: Fact, neurons: NeuronSet, *, hook_point:
     for s in chunks(len(q), batch_size):
         sub = q.select(torch.arange(len(q))[s])
         seen: dict[int, list[Tensor]] = {l: [] for l in by_layer}
-        with hooked(model, [(hook_name(l, hook_point), capture(seen[l], neurons=idx)) for l, idx in by_layer.items()]):
-            model(sub.tokens, attention_mask=sub.attention_mask)
+        forward(model, sub.tokens, [(hook_name(l, hook_point), capture(seen[l], neurons=idx))
+                                    for l, idx in by_layer.items()], attention_mask=sub.attention_mask)
         for l, idx in by_layer.items():
             act = seen[l][0]  # [rows, pos, len(idx)]
             values[s, :act.shape[1], [columns[(l, i)] for i in idx]] = act.float().cpu()
+    settings = TokenActivationsSettings(getattr(model.cfg, "model_name", "?"), hook_point)
     out = []
     for i in range(len(q)):
         n = int(q.attention_mask[i].sum())
@@ -93,5 +111,5 @@ def token_activations(model: Any, fact: Fact, neurons: NeuronSet, *, hook_point:
         out.append(TokenActivations(prompt=q.prompts[int(q.prompt_index[i])],
                                     tokens=tuple(str(t) for t in model.to_str_tokens(ids)),
                                     neurons=neurons, values=values[i, :n].clone(),
-                                    target_position=int(q.position[i])))
+                                    target_position=int(q.position[i]), settings=settings))
     return out

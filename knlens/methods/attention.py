@@ -16,10 +16,8 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
@@ -28,12 +26,14 @@ from torch import Tensor
 from knlens.core.errors import KnlensError, PromptError, SettingsError
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
+from knlens.methods.attention_results import AttentionPatch, AttentionPatchSettings, SynapseScaling, SynapseSettings
 from knlens.methods.tracing.corruption import EMBED_HOOK, Corruption, corruption_hook
 from knlens.methods.tracing.spans import prefix_tokens, subject_token_span
 from knlens.run.engine import Quantity, forward, read_quantity
 from knlens.run.hooks import Hook, HookFn, hook_name
 
-__all__ = ["AttentionPatch", "attention_patch", "scale_attention", "attended_positions", "synapse_scaling"]
+__all__ = ["AttentionPatch", "AttentionPatchSettings", "attention_patch", "scale_attention", "attended_positions",
+           "SynapseScaling", "SynapseSettings", "synapse_scaling"]
 
 
 def _neuron_reads(neurons: NeuronSet, position: int, store: dict[int, list[Tensor]]) -> list[Hook]:
@@ -69,48 +69,6 @@ def _read_run(model: Any, tokens: Tensor, position: int, target: int, neurons: N
 def _single(model: Any, prompt: str, target: str) -> tuple[Tensor, int, int]:
     row = encode(model, [prompt], target).row(0)
     return row.tokens, int(row.position[0]), int(row.target[0])
-
-
-@dataclass(frozen=True)
-class AttentionPatch:
-    """Neuron activations and P(target) with attention outputs patched at the last token, per patched layer.
-
-    ``frame``: one row per (patched, neuron) with ``act_clean, act_patched, change, relative``;
-    ``probs``: one row per patched configuration with ``p_clean, p_patched``. ``patched`` is the layer
-    number as a string, or ``"all"`` for every layer at once.
-    """
-
-    frame: pd.DataFrame
-    probs: pd.DataFrame
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        return self.frame.merge(self.probs, on="patched")
-
-    def explained(self) -> pd.DataFrame:
-        """Per patched configuration: mean relative change of the neurons' activations and of P."""
-        g = self.frame.groupby("patched", sort=False)
-        out = pd.DataFrame({"mean_relative_activation_change": g["relative"].mean(),
-                            "mean_abs_relative_activation_change": g["relative"].apply(lambda s: s.abs().mean())})
-        out = out.reset_index().merge(self.probs, on="patched")
-        out["relative_p_change"] = (out.p_patched - out.p_clean) / out.p_clean
-        return out
-
-    def plot(self) -> Any:
-        import matplotlib.pyplot as plt
-
-        e = self.explained()
-        fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(e)), 3))
-        x = np.arange(len(e))
-        ax.bar(x - 0.2, e["mean_relative_activation_change"], 0.4, label="neurons' activation")
-        ax.bar(x + 0.2, e["relative_p_change"], 0.4, label="P(target)")
-        ax.set_xticks(x, e["patched"], fontsize=8)
-        ax.set_xlabel("attention output patched at layer")
-        ax.set_ylabel("relative change")
-        ax.axhline(0, color="0.3", lw=0.8)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        return fig
 
 
 def _source_attention(model: Any, tokens: Tensor, position: int, layers: Sequence[int], point: str,
@@ -199,9 +157,10 @@ def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
             a0, a1 = float(acts[0, j]), float(acts[r, j])
             recs.append({"patched": label, "layer": layer, "neuron": idx, "act_clean": a0, "act_patched": a1,
                          "change": a1 - a0, "relative": (a1 - a0) / abs(a0) if a0 != 0 else float("nan")})
-    return AttentionPatch(pd.DataFrame(recs), pd.DataFrame(prec),
-                          {"prompt": prompt, "target": target, "source": src_desc, "point": point,
-                           "heads": list(heads) if heads is not None else None, "position": "last"})
+    settings = AttentionPatchSettings(prompt, target, src_desc, neurons, point,
+                                      tuple(int(h) for h in heads) if heads is not None else None,
+                                      tuple(layer_list))
+    return AttentionPatch(pd.DataFrame(recs), pd.DataFrame(prec), settings)
 
 
 def scale_attention(alpha: float | Float[Tensor, "batch"], keys: Bool[Tensor, "batch key"] | Sequence[int],
@@ -283,20 +242,21 @@ def attended_positions(model: Any, prompt: str, *, k: int = 1, layers: Sequence[
 @torch.no_grad()
 def synapse_scaling(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
                     alphas: Sequence[float] = (0.0, 0.5, 1.0, 2.0, 4.0), k: int = 1,
-                    layers: Sequence[int] | None = None, n_controls: int = 5, seed: int = 0) -> pd.DataFrame:
+                    layers: Sequence[int] | None = None, n_controls: int = 5, seed: int = 0) -> SynapseScaling:
     """Scale the last token's attention to its ``k`` most-attended positions ("knowledge synapses") by each
     α in every layer of ``layers`` (default all), and, as control, to ``n_controls`` random draws of ``k``
     other positions (:func:`attended_positions`).
 
-    Returns one row per (group, draw, α): ``group`` (``synapse``/``control``), ``draw``, ``alpha``,
-    ``positions``, ``mass`` (the positions' clean attention weight from the last token, mean over heads and
-    ``layers``: scaling by α moves about ``|α − 1|·mass`` of attention), ``p_target``, ``relative_p`` and the
-    mean (absolute) relative change of the neurons' activations at the last token. All rows run as one batch.
+    Returns a :class:`SynapseScaling`; its ``frame`` has one row per (group, draw, α): ``group``
+    (``synapse``/``control``), ``draw``, ``alpha``, ``positions``, ``mass`` (the positions' clean attention
+    weight from the last token, mean over heads and ``layers``: scaling by α moves about ``|α − 1|·mass`` of
+    attention), ``p_target``, ``relative_p`` and the mean (absolute) relative change of the neurons'
+    activations at the last token. All rows run as one batch.
 
     >>> from knlens import load_model, NeuronSet
     >>> r = synapse_scaling(load_model("tiny-gpt2"), "the capital of france is", " paris", NeuronSet([(1, 3)]),
     ...                     alphas=(0.0, 1.0), n_controls=2)
-    >>> r.groupby("group").size().to_dict()
+    >>> r.frame.groupby("group").size().to_dict()
     {'control': 4, 'synapse': 2}
     """
     tokens, pos, tgt = _single(model, prompt, target)
@@ -304,6 +264,7 @@ def synapse_scaling(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
     top, controls = attended_positions(model, prompt, k=k, layers=layer_list, n_controls=n_controls, seed=seed)
     weight = _attention_from(model, tokens, pos, layer_list)
     groups = [("synapse", 0, top)] + [("control", d, c) for d, c in enumerate(controls)]
+    alphas = tuple(float(a) for a in alphas)
     configs = [(g, d, a, ps) for g, d, ps in groups for a in alphas]
     n_rows = 1 + len(configs)
     alpha_t = torch.tensor([1.0] + [a for _, _, a, _ in configs])
@@ -320,4 +281,6 @@ def synapse_scaling(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
                      "relative_p": float((p[r] - p[0]) / p[0]) if float(p[0]) > 0 else float("nan"),
                      "activation_relative": float(rel.mean()) if rel.numel() else float("nan"),
                      "activation_abs_relative": float(rel.abs().mean()) if rel.numel() else float("nan")})
-    return pd.DataFrame(rows)
+    settings = SynapseSettings(neurons, alphas, k, None if layers is None else tuple(int(l) for l in layers),
+                               n_controls, seed)
+    return SynapseScaling(prompt, target, pd.DataFrame(rows), settings)

@@ -35,17 +35,27 @@ from knlens.methods.controls import CONTROLS
 from knlens.core.errors import ControlError
 from knlens.core.facts import Fact
 from knlens.methods.interventions import InterventionResult, measure
-from knlens.results.jsonable import records
+from knlens.results.contract import Result
 from knlens.core.neurons import NeuronSet
 from knlens.methods.selection import SelectionPreset, best_by_mean, get_preset, refinement
 
-__all__ = ["HeldOut", "held_out", "MIN_PROMPTS_DEFAULT_ON"]
+__all__ = ["HeldOut", "HeldOutSettings", "held_out", "MIN_PROMPTS_DEFAULT_ON"]
 
 MIN_PROMPTS_DEFAULT_ON = 4  # locate runs the held-out evaluation by default from this many prompts on
 
 
+@dataclass(frozen=True)
+class HeldOutSettings:
+    """The selection each fold repeated: the preset (its name, or ``(custom)``), the fallback size and the
+    fact's number of prompts (= folds). The measurement's settings are ``interventions.settings``."""
+
+    preset: str = "dai"
+    fallback_k: int = 3
+    n_prompts: int = 0
+
+
 @dataclass(frozen=True, eq=False)
-class HeldOut:
+class HeldOut(Result):
     """Leave-one-prompt-out selection and measurement.
 
     ``folds``: one row per held-out prompt — ``fold, held_out`` (the prompt), ``n_selection`` (prompts the
@@ -56,24 +66,24 @@ class HeldOut:
     held-out one. ``note``: the split and its consequence in words.
     """
 
+    study = "heldout"
+
     folds: pd.DataFrame
     interventions: InterventionResult
     note: str
+    settings: HeldOutSettings = HeldOutSettings()
+
+    def to_frame(self) -> pd.DataFrame:
+        """The folds, one row per held-out prompt."""
+        return self.folds.copy()
 
     def effects(self) -> pd.DataFrame:
         """The held-out interventions per action and set (see :meth:`InterventionResult.effects`)."""
         return self.interventions.effects()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"folds": records(self.folds), "note": self.note,
-                "interventions": {"settings": self.interventions.settings,
-                                  "frame": records(self.interventions.frame)}}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> HeldOut:
-        iv = d["interventions"]
-        frame = pd.DataFrame.from_records(iv["frame"]).fillna({"relative": float("nan"), "control": ""})
-        return cls(pd.DataFrame.from_records(d["folds"]), InterventionResult(frame, iv["settings"]), d["note"])
+    def plot(self) -> Any:
+        """The held-out interventions' mean relative change per action and set."""
+        return self.interventions.plot()
 
 
 def _note(folds: pd.DataFrame, n: int, cfg: SelectionPreset, preset_name: str) -> str:
@@ -124,4 +134,4 @@ def held_out(model: Any, fact: Fact, attributions: Sequence[Attribution], preset
     folds = pd.DataFrame(rows)
     iv = measure(model, facts, sets, n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, point=point,
                  baseline=baseline, batch_size=batch_size)
-    return HeldOut(folds, iv, _note(folds, n, cfg, preset_name))
+    return HeldOut(folds, iv, _note(folds, n, cfg, preset_name), HeldOutSettings(preset_name, fallback_k, n))

@@ -1,4 +1,4 @@
-"""Suppress / enhance neurons at the target position and measure the change of P(target) (methods.md §1).
+"""Suppress / enhance neurons at the target position and measure the change of P(target) (docs/methods.md, suppress and enhance).
 
 An action with factor ``f`` moves each selected neuron along the integrated-gradients path:
 ``a ← b + f·(a − b)`` at the target position, ``b`` the IG baseline (0 by default). Suppress is ``f = 0``
@@ -48,8 +48,9 @@ from knlens.core.facts import Fact
 from knlens.run.hooks import Hook, HookFn, hook_name, position_mask
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import Queries, encode
+from knlens.results.contract import Result
 
-__all__ = ["InterventionResult", "random_control", "path_scale", "intervene", "measure", "per_prompt", "FACTORS",
+__all__ = ["InterventionResult", "InterventionSettings", "random_control", "path_scale", "intervene", "measure", "per_prompt", "FACTORS",
            "NON_MONOTONE_POINTS"]
 
 FACTORS: dict[str, float] = {"suppress": 0.0, "enhance": 2.0}
@@ -153,7 +154,27 @@ def _stat_rows(sub: pd.DataFrame, control: str, by: list[str]) -> dict[str, Any]
 
 
 @dataclass(frozen=True)
-class InterventionResult:
+class InterventionSettings:
+    """How :func:`measure` moved the neurons: ``actions`` (name → factor f of ``a ← b + f·(a − b)``), the random
+    ``controls`` and their ``n_random`` draws (``n_bins`` magnitude bins; ``matched_widened`` neurons whose bin
+    had to be widened), the hook point and position, the baseline ``b`` and, at a hook point where ×f is not
+    monotone in the neuron's output, a note saying so."""
+
+    actions: dict[str, float] = field(default_factory=lambda: dict(FACTORS))
+    n_random: int = 20
+    controls: tuple[str, ...] = CONTROLS
+    n_bins: int = 10
+    matched_widened: int = 0
+    seed: int = 0
+    hook_point: str = "hook_post"
+    position: str = "target"
+    baseline: str = "zero"  # "zero" | "custom tensor"
+    rule: str = "a <- b + factor * (a - b)"
+    non_monotone_note: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class InterventionResult(Result):
     """Per (fact, prompt, action, neuron set) probabilities before and after, and the tests.
 
     ``frame`` has columns ``fact, relation, prompt, action, factor, neurons, control, draw, n_neurons,
@@ -163,14 +184,32 @@ class InterventionResult:
     ``p_*`` is the product of the teacher-forced per-token probabilities.
     """
 
+    study = "interventions"
+
     frame: pd.DataFrame
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: InterventionSettings = InterventionSettings()
 
     def to_frame(self) -> pd.DataFrame:
+        """A copy of the table (``frame``)."""
         return self.frame.copy()
 
+    def plot(self) -> Any:
+        """Mean relative change of P(target) per action and set (knowledge, then each control)."""
+        import matplotlib.pyplot as plt
+
+        e = self.effects()
+        labels = [f"{a}\n{c or k}" for a, k, c in zip(e["action"], e["neurons"], e["control"])]
+        fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(e)), 3))
+        ax.bar(range(len(e)), e["relative"] * 100, yerr=e["relative_std"].fillna(0) * 100,
+               color=["#c33" if k == "knowledge" else "0.6" for k in e["neurons"]])
+        ax.set_xticks(range(len(e)), labels, fontsize=8)
+        ax.set_ylabel("mean ΔP(target) / P (%)")
+        ax.axhline(0, color="0.3", lw=0.8)
+        fig.tight_layout()
+        return fig
+
     def delta(self) -> pd.DataFrame:
-        """Δ = mean(p_after − p_before) / mean(p_before) by action, neuron kind and control (methods.md §1)."""
+        """Δ = mean(p_after − p_before) / mean(p_before) by action, neuron kind and control (docs/methods.md, suppress and enhance)."""
         g = self.frame.groupby(["action", "neurons", "control"], sort=False)
         return (g["change"].mean() / g["p_before"].mean()).rename("delta").reset_index()
 
@@ -210,7 +249,7 @@ class InterventionResult:
         for action, sub in self.frame.groupby("action", sort=False):
             row: dict[str, Any] = {"action": action,
                                    "knowledge_relative": sub[sub.neurons == "knowledge"]["relative"].mean()}
-            for control in self.settings.get("controls", ("uniform",)):
+            for control in self.settings.controls:
                 st = _stat_rows(sub, control, keys)
                 tag = "" if control == "uniform" else f"_{control}"
                 name = "random" if control == "uniform" else control
@@ -250,7 +289,7 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
     if unknown:
         raise ControlError(f"unknown control(s) {unknown}; choose from {list(CONTROLS)}")
     _check_baseline(model, baseline)
-    actions = dict(FACTORS if actions is None else actions)
+    actions = {k: float(v) for k, v in (FACTORS if actions is None else actions).items()}
     non_monotone = point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values())
     records, widened, negative = [], 0, 0
     for f_idx, (fact, kn) in enumerate(zip(facts, neuron_sets)):
@@ -291,7 +330,6 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
         warnings.warn(note, UserWarning, stacklevel=2)
     return InterventionResult(
         pd.DataFrame.from_records(records),
-        {"actions": actions, "n_random": n_random, "controls": list(controls), "n_bins": n_bins,
-         "matched_widened": widened, "seed": seed, "hook_point": point, "position": "target",
-         "baseline": "zero" if baseline is None else "custom tensor", "rule": "a <- b + factor * (a - b)",
-         "non_monotone_note": note})
+        InterventionSettings(actions=actions, n_random=n_random, controls=tuple(controls), n_bins=n_bins,
+                             matched_widened=int(widened), seed=seed, hook_point=point, position="target",
+                             baseline="zero" if baseline is None else "custom tensor", non_monotone_note=note))

@@ -1,4 +1,4 @@
-"""From attribution scores to knowledge neurons: coarse, refined and generic neurons (methods.md §1).
+"""From attribution scores to knowledge neurons: coarse, refined and generic neurons (docs/methods.md, knowledge-neuron selection).
 
 * coarse neurons of one prompt: score ≥ t · max (Dai: t = 0.2) or > t · max (EleutherAI: t = 0.3);
 * refined neurons of a fact: coarse in at least ``max(p·n, min_count)`` of its n prompts (Dai: p = 0.7,

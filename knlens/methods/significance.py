@@ -39,10 +39,10 @@ def _intervention_rows(evaluation: str, iv: InterventionResult, pair_unit: str) 
     rows = []
     for t in tests.itertuples(index=False):
         t = t._asdict()
-        kn, factor = t["knowledge_relative"], iv.settings["actions"][t["action"]]
+        kn, factor = t["knowledge_relative"], iv.settings.actions[t["action"]]
         wrong_way = (kn > 0) if factor < 1 else (kn < 0)
         other_way = f"the tested set moves P(target) the other way ({100 * kn:+.1f} %)" if wrong_way else ""
-        for control in iv.settings.get("controls", ("uniform",)):
+        for control in iv.settings.controls:
             tag = "" if control == "uniform" else f"_{control}"
             p_emp, p_w = t[f"p_empirical{tag}"], t[f"p_wilcoxon{tag}"]
             n_draws, n_pairs = int(t["n_random_draws"]), int(t["n_pairs"])

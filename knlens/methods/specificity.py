@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,11 +36,11 @@ from knlens.run.engine import target_probs
 from knlens.core.errors import ControlError, PromptError, TargetError
 from knlens.core.facts import Fact
 from knlens.methods.interventions import FACTORS, NON_MONOTONE_POINTS, intervene, per_prompt
-from knlens.results.jsonable import records
+from knlens.results.contract import Result
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import Queries, encode
 
-__all__ = ["Specificity", "specificity", "other_relation_facts"]
+__all__ = ["Specificity", "SpecificitySettings", "specificity", "other_relation_facts"]
 
 
 def other_relation_facts(model: Any, fact: Fact, pool: Sequence[Fact] | None = None) -> tuple[list[Fact], str]:
@@ -90,8 +90,19 @@ def _stack(qs: Sequence[Queries]) -> Queries:
                    torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts), "")
 
 
+@dataclass(frozen=True)
+class SpecificitySettings:
+    """The intervention (``actions``: name → factor, at ``hook_point`` with baseline ``"zero"`` or
+    ``"custom tensor"``) and the other facts it was applied to (``others``: their names)."""
+
+    actions: dict[str, float] = field(default_factory=lambda: dict(FACTORS))
+    hook_point: str = "hook_post"
+    baseline: str = "zero"
+    others: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True, eq=False)
-class Specificity:
+class Specificity(Result):
     """The fact's neurons on other facts.
 
     ``frame``: per fact (the fact itself first, ``own`` = True) and action — ``fact, relation, own, action,
@@ -99,8 +110,31 @@ class Specificity:
     (p_after − p_before) / p_before). ``basis``: how the other facts were chosen.
     """
 
+    study = "specificity"
+
     frame: pd.DataFrame
     basis: str
+    settings: SpecificitySettings = SpecificitySettings()
+
+    def to_frame(self) -> pd.DataFrame:
+        """A copy of the table (``frame``)."""
+        return self.frame.copy()
+
+    def plot(self) -> Any:
+        """Per action: histogram of the other facts' Δ, the fact's own Δ as a line."""
+        import matplotlib.pyplot as plt
+
+        actions = list(dict.fromkeys(self.frame["action"]))
+        fig, axes = plt.subplots(1, len(actions), figsize=(4.2 * len(actions), 2.8), squeeze=False)
+        for ax, action in zip(axes[0], actions):
+            sub = self.frame[self.frame["action"] == action]
+            ax.hist(sub[~sub.own]["delta"] * 100, bins=min(20, max(5, len(sub) // 2)), color="0.6",
+                    label="other facts")
+            ax.axvline(float(sub[sub.own]["delta"].iloc[0]) * 100, color="#c33", lw=2, label="own fact")
+            ax.set_title(f"{action}: Dai's Δ (%)", fontsize=9)
+        axes[0][-1].legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        return fig
 
     def summary(self) -> pd.DataFrame:
         """Per action: ``own_delta``, the other facts' pooled Δ (``others_delta``, Dai's figure), the mean
@@ -127,14 +161,6 @@ class Specificity:
         delta = (g["p_after"].mean() - g["p_before"].mean()) / g["p_before"].mean()
         return delta.unstack("action").reset_index()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"basis": self.basis, "frame": records(self.frame)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Specificity:
-        frame = pd.DataFrame.from_records(d["frame"]).fillna({"relative": float("nan")})
-        return cls(frame.astype({"own": bool}), d["basis"])
-
 
 def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[Fact] | None = None,
                 actions: dict[str, float] | None = None, point: str = "hook_post",
@@ -151,7 +177,7 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
     if not others:
         raise ControlError(f"no fact of another relation to test the specificity of {fact.name or fact.prompts[0]!r} "
                            f"on ({basis})")
-    actions = dict(FACTORS if actions is None else actions)
+    actions = {k: float(v) for k, v in (FACTORS if actions is None else actions).items()}
     if point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values()):
         warnings.warn(f"specificity: x2 at {point} is not monotone in the neurons' output (see knlens.methods.interventions)",
                       UserWarning, stacklevel=2)
@@ -170,4 +196,6 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
             per.append({"fact": fc.name or f"fact{i}", "relation": fc.relation, "own": i == 0, "action": action,
                         "factor": float(factor), "p_before": float(b.mean()), "p_after": float(a.mean()),
                         "delta": float((a - b).mean() / b.mean()), "relative": float(((a - b) / b).mean())})
-    return Specificity(pd.DataFrame(per), basis)
+    settings = SpecificitySettings(actions, point, "zero" if baseline is None else "custom tensor",
+                                   tuple(fc.name or fc.prompts[0] for fc in others))
+    return Specificity(pd.DataFrame(per), basis, settings)

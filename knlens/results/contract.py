@@ -101,11 +101,21 @@ def _slug(text: str) -> str:
 
 
 def _fact_id(result: Any) -> str:
-    for name in ("fact", "prompt"):
-        value = getattr(result, name, None)
+    """The input a result is about: its fact (or prompt, or name); for a result over several facts, their
+    count and a hash of their names (from a ``facts`` field or a table's ``fact`` column)."""
+    for attr in ("fact", "prompt", "name"):
+        value = getattr(result, attr, None)
         if value is not None:
             return _slug(getattr(value, "name", None) or str(getattr(value, "prompts", [value])[0]))
-    return "-"
+    names: list[str] = [str(getattr(f, "name", None) or getattr(f, "prompt", f)) for f in getattr(result, "facts", ())]
+    frame = getattr(result, "frame", None)
+    if not names and isinstance(frame, pd.DataFrame) and "fact" in frame:
+        names = [str(x) for x in dict.fromkeys(frame["fact"].tolist())]
+    if not names:
+        return "-"
+    if len(names) == 1:
+        return _slug(names[0])
+    return f"{len(names)}-facts-{hashlib.sha256(chr(10).join(names).encode()).hexdigest()[:8]}"
 
 
 def settings_hash(settings: Any) -> str:

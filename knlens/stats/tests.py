@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 from knlens.core.errors import InsufficientDataError
 from knlens.stats.samples import finite
 
-__all__ = ["paired_permutation_test", "empirical_floor", "wilcoxon_floor", "floor_note"]
+__all__ = ["paired_permutation_test", "paired_group_test", "empirical_floor", "wilcoxon_floor", "floor_note"]
 
 
 def paired_permutation_test(differences: Sequence[float] | np.ndarray, *, n_permutations: int = 10000,
@@ -55,6 +56,28 @@ def paired_permutation_test(differences: Sequence[float] | np.ndarray, *, n_perm
         p, floor, exact = float((1 + extreme.sum()) / (1 + n_permutations)), 1.0 / (1 + n_permutations), False
     return {"n": n, "mean": float(d.mean()), "share_positive": float((d > 0).mean()), "p": p, "p_floor": floor,
             "exact": exact}
+
+
+def paired_group_test(frame: pd.DataFrame, a: str, b: str, value: str, *, by: str, unit: str = "fact",
+                      n_permutations: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """:func:`paired_permutation_test` of rows ``by == a`` against rows ``by == b``, paired by ``unit``.
+
+    Each unit contributes mean(value | a) − mean(value | b) over its rows; units lacking either group are
+    left out. Returns ``comparison, value, n_units, mean_a, mean_b, difference, share_a_above_b, p, p_floor``.
+
+    >>> f = pd.DataFrame({"fact": [1, 1, 2, 2], "set": ["x", "y", "x", "y"], "v": [0.5, 0.1, 0.4, 0.3]})
+    >>> r = paired_group_test(f, "x", "y", "v", by="set")
+    >>> r["n_units"], round(r["difference"], 3), r["p"]
+    (2, 0.25, 0.5)
+    """
+    means = frame.groupby([unit, by])[value].mean().unstack(by)
+    if a not in means or b not in means:
+        raise InsufficientDataError(f"no rows with {by} = {a!r} or {b!r} to compare")
+    d = (means[a] - means[b]).dropna()
+    t = paired_permutation_test(d.to_numpy(), n_permutations=n_permutations, seed=seed)
+    return {"comparison": f"{a} − {b}", "value": value, "n_units": t["n"], "mean_a": float(means.loc[d.index, a].mean()),
+            "mean_b": float(means.loc[d.index, b].mean()), "difference": t["mean"],
+            "share_a_above_b": t["share_positive"], "p": t["p"], "p_floor": t["p_floor"]}
 
 
 def empirical_floor(n_draws: int) -> float:

@@ -1,4 +1,4 @@
-"""Consistency of knowledge neurons across paraphrases (Chen et al., ICLR 2025; methods.md §4).
+"""Consistency of knowledge neurons across paraphrases (Chen et al., ICLR 2025; docs/methods.md, consistency across paraphrases).
 
 Per fact, one neuron set per paraphrase: the coarse neurons of that prompt (IG score ≥ ``threshold`` ×
 the prompt's maximum, optionally only the ``top_k`` best). A fact's consistency is the mean pairwise
@@ -27,10 +27,8 @@ Three questions about many facts (:class:`ConsistencyStudy`):
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,13 +45,14 @@ from knlens.methods.selection import coarse
 from knlens.core.errors import InsufficientDataError
 from knlens.stats.sets import abs_cosine, jaccard_consistency, niu_similarity
 from knlens.stats.thresholds import bimodality, otsu_threshold
+from knlens.results.contract import Result
 from knlens.stats.tests import paired_permutation_test
 
 if TYPE_CHECKING:  # pragma: no cover
     from knlens.core.facts import Fact
 
-__all__ = ["STATIC_THRESHOLD", "SCORES", "per_prompt_neurons", "FactConsistency", "fact_consistency",
-           "ConsistencyStudy", "consistency_study"]
+__all__ = ["STATIC_THRESHOLD", "SCORES", "per_prompt_neurons", "ConsistencySettings", "FactConsistency",
+           "fact_consistency", "ConsistencyStudy", "consistency_study"]
 
 STATIC_THRESHOLD = 0.3
 SCORES = ("jaccard", "niu")
@@ -77,12 +76,31 @@ def per_prompt_neurons(attributions: Sequence[Attribution], *, threshold: float 
 
 
 @dataclass(frozen=True)
-class FactConsistency:
+class ConsistencySettings:
+    """How the per-prompt neuron sets were made: the model, integrated-gradients ``steps``, coarse
+    ``threshold`` (× the prompt's maximum; ``strict``: >), at most ``top_k`` neurons per prompt, and the
+    other :func:`~knlens.attribute` keywords as text (``options``)."""
+
+    model: str = "?"
+    steps: int = 20
+    threshold: float = 0.2
+    strict: bool = False
+    top_k: int | None = None
+    per_prompt_set: str = "coarse"
+    knlens_version: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class FactConsistency(Result):
     """Per-paraphrase neuron sets of one fact, their consistency scores and the attributions' checks.
 
     ``templates``: each prompt with the subject replaced by ``[X]`` (the prompt itself without a subject);
-    ``completeness``: each prompt's relative completeness error of integrated gradients.
+    ``completeness``: each prompt's relative completeness error of integrated gradients; ``vectors``: the
+    prompts' attribution scores (saved with the result; None when not known).
     """
+
+    study = "fact_consistency"
 
     name: str
     prompts: tuple[str, ...]
@@ -94,19 +112,29 @@ class FactConsistency:
     relation: str | None = None
     templates: tuple[str, ...] = ()
     completeness: tuple[float, ...] = ()
-    vectors: Float[Tensor, "prompt layer neuron"] | None = None  # attribution scores (not saved)
+    vectors: Float[Tensor, "prompt layer neuron"] | None = None
+    settings: ConsistencySettings = ConsistencySettings()
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "prompts": list(self.prompts), "target": self.target,
-                "sets": [json.loads(s.to_json()) for s in self.sets], "jaccard": self.jaccard,
-                "niu": self.niu, "p_clean": list(self.p_clean), "relation": self.relation,
-                "templates": list(self.templates), "completeness": list(self.completeness)}
+    def to_frame(self) -> pd.DataFrame:
+        """One row per prompt: ``prompt, template, n_neurons, p_clean, completeness_error``."""
+        n = len(self.prompts)
+        return pd.DataFrame({"prompt": list(self.prompts), "template": list(self.templates or self.prompts),
+                             "n_neurons": [len(s) for s in self.sets], "p_clean": list(self.p_clean),
+                             "completeness_error": list(self.completeness or (float("nan"),) * n)})
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FactConsistency:
-        return cls(d["name"], tuple(d["prompts"]), d["target"],
-                   tuple(NeuronSet.from_json(json.dumps(s)) for s in d["sets"]), d["jaccard"], d["niu"],
-                   tuple(d["p_clean"]), d["relation"], tuple(d["templates"]), tuple(d["completeness"]))
+    def plot(self) -> Any:
+        """The Jaccard index of every pair of prompts' neuron sets."""
+        import matplotlib.pyplot as plt
+
+        n = len(self.sets)
+        m = np.array([[self.sets[i].jaccard(self.sets[j]) for j in range(n)] for i in range(n)])
+        fig, ax = plt.subplots(figsize=(0.5 * n + 2.5, 0.5 * n + 2))
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xlabel("prompt")
+        ax.set_ylabel("prompt")
+        ax.set_title(f"{self.name}: mean Jaccard {self.jaccard:.2f}", fontsize=9)
+        fig.colorbar(im, ax=ax, label="Jaccard")
+        return fig
 
 
 def fact_consistency(model: Any, fact: Fact, *, attributions: Sequence[Attribution] | None = None,
@@ -129,24 +157,30 @@ def fact_consistency(model: Any, fact: Fact, *, attributions: Sequence[Attributi
     sets = per_prompt_neurons(attrs, threshold=threshold, strict=strict, top_k=top_k)
     vec = torch.stack([a.scores.detach().float() for a in attrs])
     templates = tuple(p.replace(fact.subject, "[X]") if fact.subject else p for p in fact.prompts)
+    a0 = attrs[0].settings
+    settings = ConsistencySettings(a0.model, a0.steps, float(threshold), strict, top_k, "coarse", a0.knlens_version,
+                                   {k: str(v) for k, v in attribute_kw.items()})
     return FactConsistency(fact.name or f"{fact.prompts[0]} →{fact.target}", tuple(fact.prompts), fact.target,
-                           tuple(sets), jaccard_consistency(sets), niu_similarity(vec),
+                           tuple(sets), float(jaccard_consistency(sets)), float(niu_similarity(vec)),
                            tuple(float(a.clean_value) for a in attrs), fact.relation, templates,
-                           tuple(a.relative_completeness_error for a in attrs), vec)
+                           tuple(float(a.relative_completeness_error) for a in attrs), vec, settings)
 
 
-@dataclass(frozen=True)
-class ConsistencyStudy:
+@dataclass(frozen=True, eq=False)
+class ConsistencyStudy(Result):
     """Consistency of many facts: their split into consistent (K_I) and inconsistent (K_II) facts, the
     within- versus between-fact test and the bimodality check (see the module docstring).
 
     A fact is *consistent* when its score is ≥ the threshold. Thresholds: Otsu's (computed on the
-    sample of scores) and a static one (0.3), for both scores (``jaccard`` and ``niu``).
+    sample of scores) and a static one (0.3), for both scores (``jaccard`` and ``niu``). Saved with the
+    facts' attribution vectors, so a loaded study answers every question a computed one does.
     """
+
+    study = "consistency"
 
     facts: tuple[FactConsistency, ...]
     static_threshold: float = STATIC_THRESHOLD
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: ConsistencySettings = ConsistencySettings()
 
     def thresholds(self) -> dict[tuple[str, str], float]:
         """Otsu's threshold of each score (NaN with fewer than two facts) and the static one."""
@@ -193,8 +227,8 @@ class ConsistencyStudy:
         if score not in SCORES:
             raise KnlensError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         if score == "niu" and any(f.vectors is None for f in self.facts):
-            raise KnlensError("the niu score of prompt pairs needs the attribution vectors, which are not saved: "
-                              "recompute the study (consistency_study) instead of loading it")
+            raise KnlensError("the niu score of prompt pairs needs every fact's attribution vectors, and some facts "
+                              "have none (vectors=None): compute them with fact_consistency / consistency_study")
         names = [f.name for f in self.facts]
         if len(set(names)) != len(names):
             raise KnlensError("fact names must be unique to pair their prompts; rename the duplicated facts")
@@ -264,17 +298,6 @@ class ConsistencyStudy:
         fig.tight_layout()
         return fig
 
-    def save(self, path: str | Path) -> None:
-        """JSON (facts with their neuron sets, settings); the attribution vectors are not saved."""
-        Path(path).write_text(json.dumps({"facts": [f.to_dict() for f in self.facts],
-                                          "static_threshold": self.static_threshold,
-                                          "settings": self.settings}, indent=1, default=str))
-
-    @classmethod
-    def load(cls, path: str | Path) -> ConsistencyStudy:
-        d = json.loads(Path(path).read_text())
-        return cls(tuple(FactConsistency.from_dict(f) for f in d["facts"]), d["static_threshold"], d["settings"])
-
 
 def consistency_study(model: Any, facts: Sequence[Fact], *, steps: int = 20, threshold: float = 0.2,
                       top_k: int | None = None, static_threshold: float = STATIC_THRESHOLD,
@@ -294,7 +317,6 @@ def consistency_study(model: Any, facts: Sequence[Fact], *, steps: int = 20, thr
     out = tuple(fact_consistency(model, f, steps=steps, threshold=threshold, top_k=top_k, batch_size=batch_size,
                                  **attribute_kw) for f in it)
     from knlens.core.versions import __version__
-    return ConsistencyStudy(out, static_threshold,
-                            {"model": getattr(model.cfg, "model_name", "?"), "steps": steps, "threshold": threshold,
-                             "top_k": top_k, "per_prompt_set": "coarse", "knlens_version": __version__,
-                             **{k: str(v) for k, v in attribute_kw.items()}})
+    settings = ConsistencySettings(getattr(model.cfg, "model_name", "?"), steps, float(threshold), False, top_k,
+                                   "coarse", __version__, {k: str(v) for k, v in attribute_kw.items()})
+    return ConsistencyStudy(out, static_threshold, settings)

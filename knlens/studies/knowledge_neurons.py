@@ -1,6 +1,6 @@
 """Find a fact's knowledge neurons, check them causally, and keep everything needed to show them.
 
-:func:`locate` is the pipeline behind ``knlens locate`` (methods.md §1), one call per step:
+:func:`locate` is the pipeline behind ``knlens locate`` (docs/methods.md, the locate pipeline), one call per step:
 
 1. :func:`knlens.attribute` — integrated gradients of P(target) for every prompt (paraphrase) of the fact,
    with the completeness error Σ IG − (P(a) − P(0)) of each prompt;
@@ -181,8 +181,8 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         completeness = _completeness(model, fact, attrs, batch_size)
         done(None, "suppress / enhance vs random controls")
         effects = measure(model, [fact], [tested], **measure_kw)
-        if effects.settings["non_monotone_note"]:
-            notes.append(effects.settings["non_monotone_note"])
+        if effects.settings.non_monotone_note:
+            notes.append(effects.settings.non_monotone_note)
         done("interventions_s", "held-out prompts")
         heldout = run_held_out(model, fact, attrs, preset, full=refined, fallback_k=fallback_k,
                                **measure_kw) if held_out else None

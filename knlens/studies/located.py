@@ -9,31 +9,29 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from knlens.core.versions import __version__
 from knlens.methods.activations import TokenActivations
-from knlens.methods.attribution.result import Attribution, AttributionSettings
+from knlens.methods.attribution.result import Attribution
 from knlens.core.facts import Fact
 from knlens.methods.heldout import HeldOut
 from knlens.methods.interventions import InterventionResult
-from knlens.results.jsonable import jsonable, records
+from knlens.results.contract import RESULT_JSON, RESULT_TENSORS, Result
 from knlens.core.neurons import NeuronSet
 from knlens.methods.significance import significance_table
 from knlens.methods.specificity import Specificity
 
 __all__ = ["LocateResult", "LocateSettings", "RESULT_FILES"]
 
-RESULT_FILES = ("result.json", "neurons.csv", "interventions.csv", "completeness.csv", "attributions.safetensors")
+# what LocateResult.save writes (heldout.csv / specificity.csv too when those ran); load reads the first two only
+RESULT_FILES = (RESULT_JSON, RESULT_TENSORS, "neurons.csv", "interventions.csv", "completeness.csv")
 _CONTROL_COLOURS = {"uniform": "#9ab", "matched": "#db8"}
 
 
@@ -79,7 +77,7 @@ class LocateSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class LocateResult:
+class LocateResult(Result):
     """The knowledge neurons of one fact, their causal checks and their activations (see :func:`knlens.studies.knowledge_neurons`).
 
     * ``neurons`` — the refined knowledge neurons (possibly empty; see ``refined_empty``);
@@ -100,7 +98,12 @@ class LocateResult:
     * ``specificity`` — :class:`~knlens.methods.specificity.Specificity` (other relations' facts) or ``None``;
     * ``notes`` — what was skipped or needs care, in words;
     * ``activations`` — one :class:`TokenActivations` per prompt.
+
+    Saves and loads as every result does (``result.json`` + ``tensors.safetensors``); :meth:`save` adds CSV
+    copies of the tables to read by eye.
     """
+
+    study = "locate"
 
     fact: Fact
     attributions: tuple[Attribution, ...]
@@ -203,87 +206,20 @@ class LocateResult:
         fig.tight_layout()
         return fig
 
-    def show(self) -> Any:
-        """The circuitsvis token view of the tested neurons' activations (inline JavaScript, works offline)."""
-        from knlens.viz.report import token_view
-
-        return token_view(self)
-
     # ------------------------------------------------------------------ save / load
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary of everything except the full score matrices (those go to safetensors)."""
-        return jsonable({
-            "knlens_version": __version__,
-            "fact": self.fact.to_dict(),
-            "settings": asdict(self.settings),
-            "p_target": self.p_target,
-            "neurons": [list(n) for n in self.neurons],
-            "refined_empty": self.refined_empty,
-            "tested": [list(n) for n in self.tested],
-            "tested_label": self.tested_label,
-            "selection": self.selection,
-            "notes": list(self.notes),
-            "table": records(self.table),
-            "completeness": records(self.completeness),
-            "effects": records(self.effects()),
-            "tests": records(self.tests()),
-            "interventions": {"settings": self.interventions.settings,
-                              "frame": records(self.interventions.frame)},
-            "heldout": None if self.heldout is None else self.heldout.to_dict(),
-            "specificity": None if self.specificity is None else self.specificity.to_dict(),
-            "activations": [a.to_dict() for a in self.activations],
-            "attributions": [{"prompt": a.prompt, "target": a.target, "clean_value": a.clean_value,
-                              "layers": list(a.layers), "settings": asdict(a.settings)} for a in self.attributions],
-            "timings": self.timings,
-        })
-
-    def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    def save(self, directory: str | Path) -> dict[str, Path]:
-        """Write ``result.json``, ``neurons.csv``, ``interventions.csv``, ``completeness.csv``,
-        ``attributions.safetensors`` (per-prompt scores), and ``heldout.csv`` / ``specificity.csv`` when
-        those ran, into ``directory``; no pickle. Returns the paths."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = {name: d / name for name in RESULT_FILES}
-        paths["result.json"].write_text(self.to_json())
-        self.table.to_csv(paths["neurons.csv"], index=False)
-        self.interventions.frame.to_csv(paths["interventions.csv"], index=False)
-        self.completeness.to_csv(paths["completeness.csv"], index=False)
+    def save(self, directory: str | Path) -> Path:
+        """Write the result (``result.json``, ``tensors.safetensors``) and, to read by eye, ``neurons.csv``,
+        ``interventions.csv``, ``completeness.csv``, and ``heldout.csv`` / ``specificity.csv`` when those ran,
+        into ``directory``; no pickle. Returns the directory. :meth:`load` reads the first two files only."""
+        d = super().save(directory)
+        self.table.to_csv(d / "neurons.csv", index=False)
+        self.interventions.frame.to_csv(d / "interventions.csv", index=False)
+        self.completeness.to_csv(d / "completeness.csv", index=False)
         if self.heldout is not None:
-            paths["heldout.csv"] = d / "heldout.csv"
-            self.heldout.interventions.frame.to_csv(paths["heldout.csv"], index=False)
+            self.heldout.interventions.frame.to_csv(d / "heldout.csv", index=False)
         if self.specificity is not None:
-            paths["specificity.csv"] = d / "specificity.csv"
-            self.specificity.frame.to_csv(paths["specificity.csv"], index=False)
-        save_file({k: torch.stack([getattr(a, k) for a in self.attributions]).contiguous().float()
-                   for k in ("scores", "activations", "delta", "completeness_error")},
-                  paths["attributions.safetensors"])
-        return paths
-
-    @classmethod
-    def load(cls, directory: str | Path) -> LocateResult:
-        """Read a result written by :meth:`save`."""
-        d = Path(directory)
-        meta = json.loads((d / "result.json").read_text())
-        tensors = load_file(d / "attributions.safetensors")
-        attrs = tuple(Attribution(prompt=m["prompt"], target=m["target"], clean_value=m["clean_value"],
-                                  layers=tuple(m["layers"]), settings=AttributionSettings(**m["settings"]),
-                                  **{k: v[i] for k, v in tensors.items()}) for i, m in enumerate(meta["attributions"]))
-        iv = meta["interventions"]
-        frame = pd.DataFrame.from_records(iv["frame"]).fillna({"relative": float("nan"), "control": ""})
-        return cls(fact=Fact.from_dict(meta["fact"]), attributions=attrs,
-                   neurons=NeuronSet(tuple(n) for n in meta["neurons"]),
-                   tested=NeuronSet(tuple(n) for n in meta["tested"]),
-                   table=pd.DataFrame.from_records(meta["table"]),
-                   completeness=pd.DataFrame.from_records(meta["completeness"]),
-                   interventions=InterventionResult(frame, iv["settings"]),
-                   activations=tuple(TokenActivations.from_dict(a) for a in meta["activations"]),
-                   settings=LocateSettings(**meta["settings"]), selection=meta.get("selection", {}),
-                   heldout=HeldOut.from_dict(meta["heldout"]) if meta.get("heldout") else None,
-                   specificity=Specificity.from_dict(meta["specificity"]) if meta.get("specificity") else None,
-                   notes=tuple(meta.get("notes", ())), timings=meta.get("timings", {}))
+            self.specificity.frame.to_csv(d / "specificity.csv", index=False)
+        return d
 
     def __repr__(self) -> str:
         return (f"LocateResult(fact={self.fact.name or self.fact.prompts[0]!r} → {self.fact.target!r}, "

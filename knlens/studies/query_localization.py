@@ -16,7 +16,7 @@ fact, or of the query that asks for it? The study's instruments, each a composit
 >>> from knlens import load_model, Fact, NeuronSet
 >>> fact = Fact(["the capital of france is", "the capital city of france is"], " paris")
 >>> m = query_kn_mapping(load_model("tiny-llama"), fact, [NeuronSet([(1, 3)]), NeuronSet([(0, 2)])])
->>> sorted(m.relation)
+>>> sorted(m.frame.relation)
 ['intersection', 'intersection', 'own', 'own', 'paraphrase', 'paraphrase']
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -38,12 +38,14 @@ from knlens.methods.controls import random_control
 from knlens.methods.interventions import intervene, per_prompt
 from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace
+from knlens.results.contract import Result
 from knlens.run.engine import target_probs
 from knlens.stats.tests import paired_permutation_test
 
 __all__ = [
-    "MAPPING_RELATIONS", "query_kn_mapping", "mapping_summary", "mapping_tests",
-    "compare_selections", "EntityRelation", "entity_vs_relation",
+    "MAPPING_RELATIONS", "MappingSettings", "QueryKNMapping", "query_kn_mapping", "mapping_summary", "mapping_tests",
+    "ComparisonSettings", "SelectionComparison", "compare_selections", "EntityRelationSettings", "EntityRelation",
+    "entity_vs_relation",
 ]
 
 MAPPING_RELATIONS = ("own", "own-random", "paraphrase", "paraphrase-random", "intersection")
@@ -51,23 +53,73 @@ MAPPING_RELATIONS = ("own", "own-random", "paraphrase", "paraphrase-random", "in
 
 # ------------------------------------------------------------------------------- query-KN mapping
 
+@dataclass(frozen=True)
+class MappingSettings:
+    """The per-prompt neuron sets of :func:`query_kn_mapping` (before ``exclude``), the factor, the excluded
+    (generic) neurons and the random draws per set."""
+
+    sets: tuple[NeuronSet, ...]
+    factor: float = 0.0
+    exclude: NeuronSet | None = None
+    n_random: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class QueryKNMapping(Result):
+    """One fact's query-KN mapping: ``frame`` has one row per (query, source, relation, draw), see
+    :func:`query_kn_mapping`; :meth:`summary` and :meth:`tests` are :func:`mapping_summary` and
+    :func:`mapping_tests` of it (pool many facts with ``pd.concat([m.frame for m in mappings])``)."""
+
+    study = "query_kn_mapping"
+
+    fact: Fact
+    frame: pd.DataFrame
+    settings: MappingSettings
+
+    def to_frame(self) -> pd.DataFrame:
+        """A copy of the table (``frame``)."""
+        return self.frame.copy()
+
+    def summary(self) -> pd.DataFrame:
+        """:func:`mapping_summary` of the frame."""
+        return mapping_summary(self.frame)
+
+    def tests(self, *, n_permutations: int = 10000, seed: int = 0) -> pd.DataFrame:
+        """:func:`mapping_tests` of the frame (one fact: every test has n = 1)."""
+        return mapping_tests(self.frame, n_permutations=n_permutations, seed=seed)
+
+    def plot(self) -> Any:
+        """Mean relative change of P(target) per relation (own, paraphrase, their random controls, ...)."""
+        import matplotlib.pyplot as plt
+
+        s = self.summary()
+        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(s)), 3))
+        ax.bar(range(len(s)), s["relative"] * 100, color="0.5")
+        ax.set_xticks(range(len(s)), s["relation"], fontsize=8)
+        ax.set_ylabel("mean ΔP(target) / P (%)")
+        ax.axhline(0, color="0.3", lw=0.8)
+        fig.tight_layout()
+        return fig
+
+
 def query_kn_mapping(model: Any, fact: Fact, sets: Sequence[NeuronSet], *, factor: float = 0.0,
                      exclude: NeuronSet | None = None, n_random: int = 0, seed: int = 0,
-                     batch_size: int = 64) -> pd.DataFrame:
+                     batch_size: int = 64) -> QueryKNMapping:
     """Suppress (``factor=0``) on query i its own set S_i, each paraphrase's set S_j and S_i ∩ S_j.
 
     ``exclude`` (e.g. the relation's :func:`~knlens.methods.selection.generic_neurons`) is removed from every set
     first. ``n_random`` draws of :func:`~knlens.methods.interventions.random_control` per set S_j (same number of
     neurons in each layer) give the rows ``own-random`` (j = i) and ``paraphrase-random`` (j ≠ i), one per
-    draw (``draw`` column). Returns one row per (query, source, relation, draw) with ``n_neurons, p_before,
-    p_after, change, relative`` (= change / p_before). All (set, prompt) pairs run as rows of one batch
-    (:func:`knlens.methods.interventions.intervene`).
+    draw (``draw`` column). Returns a :class:`QueryKNMapping` whose ``frame`` has one row per (query, source,
+    relation, draw) with ``n_neurons, p_before, p_after, change, relative`` (= change / p_before). All
+    (set, prompt) pairs run as rows of one batch (:func:`knlens.methods.interventions.intervene`).
 
     >>> from knlens import load_model, Fact, NeuronSet
     >>> fact = Fact(["the capital of france is", "the capital city of france is"], " paris")
     >>> m = query_kn_mapping(load_model("tiny-llama"), fact, [NeuronSet([(1, 3)]), NeuronSet([(0, 2)])],
     ...                      n_random=2)
-    >>> sorted(m.relation.value_counts().items())
+    >>> sorted(m.frame.relation.value_counts().items())
     [('intersection', 2), ('own', 2), ('own-random', 4), ('paraphrase', 2), ('paraphrase-random', 4)]
     """
     n = len(fact.prompts)
@@ -75,6 +127,7 @@ def query_kn_mapping(model: Any, fact: Fact, sets: Sequence[NeuronSet], *, facto
         raise KnlensError(f"{len(sets)} neuron sets for {n} prompts: give one set per prompt")
     if n_random < 0:
         raise KnlensError(f"n_random must be >= 0, got {n_random}")
+    settings = MappingSettings(tuple(sets), float(factor), exclude, n_random, seed)
     sets = [s - exclude for s in sets] if exclude is not None else list(sets)
     q = encode(model, list(fact.prompts), fact.target)
     pairs = list(itertools.permutations(range(n), 2))
@@ -100,7 +153,7 @@ def query_kn_mapping(model: Any, fact: Fact, sets: Sequence[NeuronSet], *, facto
         for j in range(n):
             for d in range(n_random):
                 rec(i, j, "own-random" if i == j else "paraphrase-random", first_random + j * n_random + d, d)
-    return pd.DataFrame(rows)
+    return QueryKNMapping(fact, pd.DataFrame(rows), settings)
 
 
 def mapping_summary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -139,15 +192,56 @@ def mapping_tests(frame: pd.DataFrame, *, n_permutations: int = 10000, seed: int
 
 # ------------------------------------------------------------------------ consistency-aware selection
 
+@dataclass(frozen=True)
+class ComparisonSettings:
+    """The named neuron sets :func:`compare_selections` compared, the query prompt, the held-out prompts, the
+    other facts of the locality check (their names) and the factor."""
+
+    sets: dict[str, NeuronSet]
+    query: int = 0
+    held_out: tuple[int, ...] = ()
+    others: tuple[str, ...] = ()
+    factor: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class SelectionComparison(Result):
+    """Reliability, generality, held-out effect and locality of each neuron set (:func:`compare_selections`);
+    ``frame``: one row per set."""
+
+    study = "compare_selections"
+
+    fact: Fact
+    frame: pd.DataFrame
+    settings: ComparisonSettings
+
+    def to_frame(self) -> pd.DataFrame:
+        """A copy of the table (``frame``)."""
+        return self.frame.copy()
+
+    def plot(self) -> Any:
+        """Grouped bars: each measure (columns) per neuron set."""
+        import matplotlib.pyplot as plt
+
+        cols = ["reliability", "generality", "held_out", "locality"]
+        fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(self.frame)), 3))
+        self.frame.set_index("set")[cols].plot.bar(ax=ax, rot=0)
+        ax.set_ylabel("relative ΔP(target)")
+        ax.axhline(0, color="0.3", lw=0.8)
+        fig.tight_layout()
+        return fig
+
+
 def compare_selections(model: Any, fact: Fact, sets: Mapping[str, NeuronSet], *, query: int = 0,
                        held_out: Sequence[int] = (), others: Sequence[Fact] = (), factor: float = 0.0,
-                       batch_size: int = 64) -> pd.DataFrame:
+                       batch_size: int = 64) -> SelectionComparison:
     """Reliability, generality and locality of each neuron set under an intervention (default suppress).
 
     reliability: relative ΔP on the query ``fact.prompts[query]``; generality: mean relative ΔP on the
     fact's other prompts except ``held_out``; held_out: mean relative ΔP on the ``held_out`` prompts (those
     not used to select the neurons); locality: mean |relative ΔP| on the prompts of ``others`` (smaller is
     more local). For suppression a *more negative* reliability / generality means a stronger effect.
+    Returns a :class:`SelectionComparison` (its ``frame``: one row per set).
     """
     names = list(sets)
     n = len(fact.prompts)
@@ -173,17 +267,36 @@ def compare_selections(model: Any, fact: Fact, sets: Mapping[str, NeuronSet], *,
                      "generality": float(rel[s_i, used].mean()) if used else float("nan"),
                      "held_out": float(rel[s_i, list(held_out)].mean()) if held_out else float("nan"),
                      "locality": float(loc[s_i] / n_loc) if n_loc else float("nan")})
-    return pd.DataFrame(rows)
+    settings = ComparisonSettings(dict(sets), query, tuple(int(h) for h in held_out),
+                                  tuple(o.name or o.prompts[0] for o in others), float(factor))
+    return SelectionComparison(fact, pd.DataFrame(rows), settings)
 
 
 # ------------------------------------------------------------------------------ entity vs relation
 
 @dataclass(frozen=True)
-class EntityRelation:
+class EntityRelationSettings:
+    """The kinds traced and the other :func:`~knlens.methods.tracing.trace.trace` keywords, as text (each
+    trace's full settings are in its own ``settings``)."""
+
+    kinds: tuple[str, ...] = ("mlp", "attn")
+    options: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class EntityRelation(Result):
     """Causal traces of one prompt with the corruption on the subject and on the relation tokens."""
+
+    study = "entity_vs_relation"
 
     subject: Trace
     relation: Trace
+    settings: EntityRelationSettings = EntityRelationSettings()
+
+    @property
+    def prompt(self) -> str:
+        """The prompt (the key names the result by it)."""
+        return self.subject.prompt
 
     def to_frame(self) -> pd.DataFrame:
         """Per (corrupted part, kind): total effect, peak indirect effect with its layer / token, and the
@@ -208,4 +321,5 @@ def entity_vs_relation(model: Any, fact_or_prompt: Any, target: str | None = Non
                        kinds: Sequence[str] = ("mlp", "attn"), **trace_kw: Any) -> EntityRelation:
     """:func:`knlens.methods.tracing.trace.trace` twice: corrupting the subject, then the relation tokens."""
     return EntityRelation(trace(model, fact_or_prompt, target, kinds=kinds, corrupt="subject", **trace_kw),
-                          trace(model, fact_or_prompt, target, kinds=kinds, corrupt="relation", **trace_kw))
+                          trace(model, fact_or_prompt, target, kinds=kinds, corrupt="relation", **trace_kw),
+                          EntityRelationSettings(tuple(kinds), {k: str(v) for k, v in trace_kw.items()}))

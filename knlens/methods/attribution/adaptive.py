@@ -121,7 +121,7 @@ def describe(attributions: Sequence[Attribution]) -> str:
     >>> from knlens import attribute, load_model
     >>> attrs = attribute(load_model("tiny-llama"), ["the capital of france is"], " paris", steps=2)
     >>> describe(attrs)
-    'right 2, refined on Gauss-Legendre nodes (up to 128) where the relative completeness error > 0.05: ended on gauss-legendre ... (1 prompt)'
+    'right 2, refined on Gauss-Legendre nodes (up to 128) where the relative completeness error > 0.05: ... (1 prompt)'
     >>> describe(attribute(load_model("tiny-llama"), ["the capital of france is"], " paris", steps=2, tolerance=None))
     'fixed grid: right 2 (1 prompt)'
     """

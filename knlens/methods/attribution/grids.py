@@ -1,6 +1,6 @@
 """Quadrature rules for the integrated-gradients path integral ∫₀¹ f(α) dα ≈ Σ_k w_k f(α_k).
 
-The reference implementations disagree on the grid (methods.md §0): Dai et al.'s code takes the left
+The reference implementations disagree on the grid (docs/methods.md, quadrature grids): Dai et al.'s code takes the left
 sum α = i/m, i = 0..m−1; EleutherAI, Niu et al. and QRNCA take ``linspace(0, 1, m)`` with weights 1/m;
 the paper's formula is the right sum α = k/m, k = 1..m (knlens' default). Trapezoid and Gauss–Legendre
 converge faster and are offered for cheaper scans.

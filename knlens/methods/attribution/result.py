@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from knlens.core.neurons import NeuronSet
+from knlens.results.contract import Result
 
 __all__ = ["Attribution", "AttributionSettings"]
 
@@ -43,14 +41,16 @@ class AttributionSettings:
     refinement: str = ""
 
 
-@dataclass(frozen=True)
-class Attribution:
+@dataclass(frozen=True, eq=False)
+class Attribution(Result):
     """Scores ``[layer, neuron]`` of one prompt for one target, plus the integrated-gradients checks.
 
     ``delta[l]`` is f(a) − f(baseline) when layer ``l`` is moved along the path, ``completeness_error[l]``
     is ``|Σ_neurons scores[l] − delta[l]|`` (0 for exact integration), ``activations`` the clean
-    activations at the target position.
+    activations at the target position. Saves and loads as every result does (:class:`~knlens.results.contract.Result`).
     """
+
+    study = "attribution"
 
     prompt: str
     target: str
@@ -96,20 +96,3 @@ class Attribution:
 
         return neuron_heatmap(self.scores, layers=self.layers, ax=ax,
                               title=f"IG of {self.target!r} | {self.prompt!r}", **imshow_kwargs)
-
-    def save(self, path: str | Path) -> None:
-        """Write ``path.json`` (metadata) and ``path.safetensors`` (tensors); no pickle."""
-        path = Path(path)
-        save_file({k: getattr(self, k).contiguous().cpu() for k in
-                   ("scores", "activations", "delta", "completeness_error")}, path.with_suffix(".safetensors"))
-        meta = {"prompt": self.prompt, "target": self.target, "clean_value": self.clean_value,
-                "layers": list(self.layers), "settings": asdict(self.settings)}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> Attribution:
-        path = Path(path)
-        meta = json.loads(path.with_suffix(".json").read_text())
-        tensors = load_file(path.with_suffix(".safetensors"))
-        return cls(prompt=meta["prompt"], target=meta["target"], clean_value=meta["clean_value"],
-                   layers=tuple(meta["layers"]), settings=AttributionSettings(**meta["settings"]), **tensors)

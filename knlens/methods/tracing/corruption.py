@@ -1,4 +1,4 @@
-"""Corrupting prompt tokens at ``hook_embed`` for causal tracing (Meng et al., 2022; methods.md §9).
+"""Corrupting prompt tokens at ``hook_embed`` for causal tracing (Meng et al., 2022; docs/methods.md, causal tracing).
 
 Every statistic and vector here comes from the token embeddings *as the model adds them*, the outputs of
 ``hook_embed`` (:func:`embed_outputs`), never from the matrix ``W_E``. The two differ where the
@@ -26,7 +26,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from knlens.core.errors import PromptError, TracingSettingError
-from knlens.run.hooks import HookFn, hooked
+from knlens.run.engine import forward
+from knlens.run.hooks import HookFn
 
 __all__ = ["EMBED_HOOK", "DEFAULT_SAMPLES", "embed_outputs", "embedding_stats", "embedding_std", "Corruption",
            "corruption_hook"]
@@ -56,8 +57,7 @@ def embed_outputs(model: Any, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor,
         raise _Stop
 
     try:
-        with hooked(model, [(EMBED_HOOK, grab)]):
-            model(tokens.to(model.cfg.device))
+        forward(model, tokens.to(model.cfg.device), [(EMBED_HOOK, grab)])
     except _Stop:
         pass
     if not seen:

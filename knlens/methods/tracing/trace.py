@@ -27,8 +27,8 @@ rounding):
 
 Before ``"fast"`` or ``"batched"`` is used, its cells that restore nothing and everything are checked
 against plain forwards of the model (P_corrupted, P_clean); an engine that disagrees is replaced by the
-next one down with a warning (:mod:`knlens.methods.tracing.check`). ``Trace.settings["engine"]`` is the engine
-that ran and ``settings["engine_note"]`` why another was replaced ("" when none was).
+next one down with a warning (:mod:`knlens.methods.tracing.check`). ``Trace.settings.engine`` is the engine
+that ran and ``settings.engine_note`` why another was replaced ("" when none was).
 
 The corruption can target the subject (default), the relation tokens (``corrupt="relation"``: the prompt
 tokens that are neither the subject, BOS nor the final token) or explicit positions.
@@ -37,7 +37,7 @@ tokens that are neither the subject, BOS nor the final token) or explicit positi
 >>> model = load_model("tiny-llama")
 >>> t = trace(model, "the capital of france is", " paris", subject="france", samples=2,
 ...           known_only=False)                      # a random model does not know the fact
->>> t.effects["mlp"].shape, t.subject_span, t.settings["engine"]   # [layer, token]; token 4 is "france"
+>>> t.effects["mlp"].shape, t.subject_span, t.settings.engine   # [layer, token]; token 4 is "france"
 (torch.Size([2, 6]), (4, 5), 'fast')
 >>> list(t.to_frame().columns)[:4]
 ['kind', 'layer', 'position', 'token']
@@ -61,7 +61,7 @@ from knlens.core.versions import __version__, environment
 from knlens.methods.tracing.check import choose_engine
 from knlens.methods.tracing.corruption import EMBED_HOOK, Corruption
 from knlens.methods.tracing.fast import check_batched, check_fast, fast_cells, token_stairs
-from knlens.methods.tracing.result import Trace
+from knlens.methods.tracing.result import Trace, TraceSettings
 from knlens.methods.tracing.setup import (DEFAULT_WINDOWS, KIND_POINTS, KINDS, as_corruption, cell_masks,
                                           clean_cache, prepare, require_known, resolve_prompt, run_rows)
 from knlens.run.compat import cache_keyword_fix
@@ -198,16 +198,15 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
             effects[kind] = eff
     tok_strs = tuple(model.tokenizer.convert_ids_to_tokens(setup.tokens[0].tolist()))
     top = int(clean_logits.argmax())
-    settings = {"model": getattr(model.cfg, "model_name", "?"), "kinds": list(kinds), "windows": windows,
-                "corrupt": corrupt if isinstance(corrupt, str) else "positions",
-                "corruption": corruption.describe(model), "embed_hook": EMBED_HOOK,
-                "hook_points": {k: KIND_POINTS[k] for k in kinds}, "quantity": quantity,
-                "engine": used, "engine_requested": engine, "engine_note": "; ".join(n for n in (note, why) if n),
-                "target_token": model.tokenizer.convert_ids_to_tokens([setup.target])[0],
-                "clean_top_token": model.tokenizer.convert_ids_to_tokens([top])[0], "known": top == setup.target,
-                "known_only": known_only, "position": setup.position, "n_prefix": setup.n_prefix,
-                "skip_prefix": skip, "samples": corruption.samples, "knlens_version": __version__,
-                "versions": environment()}
+    settings = TraceSettings(
+        model=getattr(model.cfg, "model_name", "?"), kinds=tuple(kinds), windows=windows,
+        corrupt=corrupt if isinstance(corrupt, str) else "positions", corruption=corruption.describe(model),
+        embed_hook=EMBED_HOOK, hook_points={k: KIND_POINTS[k] for k in kinds}, quantity=quantity, engine=used,
+        engine_requested=engine, engine_note="; ".join(n for n in (note, why) if n),
+        target_token=model.tokenizer.convert_ids_to_tokens([setup.target])[0],
+        clean_top_token=model.tokenizer.convert_ids_to_tokens([top])[0], known=top == setup.target,
+        known_only=known_only, position=int(setup.position), n_prefix=int(setup.n_prefix), skip_prefix=skip,
+        samples=int(corruption.samples), knlens_version=__version__, versions=environment())
     return Trace(prompt, target, tok_strs, setup.subject_span, setup.positions, effects, p_clean, p_corr,
                  settings)
 
