@@ -162,16 +162,16 @@ def test_enhance_at_the_pre_activation_warns_and_says_how_many_are_negative(tiny
     fact = Fact(PROMPTS4[:2], " paris")
     kn = NeuronSet([(0, 1), (1, 2), (1, 5)])
     with pytest.warns(UserWarning, match="not monotone") as rec:
-        res = measure(tiny_gpt2, [fact], [kn], n_random=1, point="hook_pre")
+        res = measure(tiny_gpt2, [fact], [kn], n_random=1, hook_point="hook_pre")
     q = encode(tiny_gpt2, list(fact.prompts), fact.target)
     pre = activations_at(tiny_gpt2, q, [hook_name(0, "hook_pre"), hook_name(1, "hook_pre")])
     negative = sum(int(pre[hook_name(n.layer, "hook_pre")][:, n.index].mean() < 0) for n in kn)
     assert f"{negative} of the 3 neurons" in str(rec[0].message) and res.settings.non_monotone_note
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        measure(tiny_gpt2, [fact], [kn], n_random=1, point="hook_pre", actions={"suppress": 0.0})
+        measure(tiny_gpt2, [fact], [kn], n_random=1, hook_point="hook_pre", actions={"suppress": 0.0})
         measure(tiny_gpt2, [fact], [kn], n_random=1)  # hook_post
-        measure(tiny_llama, [fact], [kn], n_random=1, point="hook_pre_linear")  # up: linear in the output
+        measure(tiny_llama, [fact], [kn], n_random=1, hook_point="hook_pre_linear")  # up: linear in the output
 
 
 # ---------------------------------------------------------------- multi-token targets

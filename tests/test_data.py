@@ -79,15 +79,15 @@ def test_fact_subject_must_occur_in_every_prompt():
         Fact(["The capital of France is"], " Paris", subject="  ")
 
 
-def test_subject_span():
+def test_subject_chars():
     fact = Fact(["The capital of France is", "France's capital city is"], " Paris", subject="France")
-    assert fact.subject_span("The capital of France is") == (15, 21)
-    assert fact.subject_span(1) == (0, 6)
+    assert fact.subject_chars("The capital of France is") == (15, 21)
+    assert fact.subject_chars(1) == (0, 6)
     text = fact.prompts[0]
-    start, end = fact.subject_span(0)
+    start, end = fact.subject_chars(0)
     assert text[start:end] == "France"
-    assert fact.subject_span("Germany") is None
-    assert Fact(["The capital of France is"], " Paris").subject_span(0) is None
+    assert fact.subject_chars("Germany") is None
+    assert Fact(["The capital of France is"], " Paris").subject_chars(0) is None
 
 
 def test_fact_dict_round_trip():

@@ -151,7 +151,7 @@ def test_attention_patch(tiny_llama):
     assert np.allclose(same.probs.p_patched, same.probs.p_clean, atol=1e-7)
     # a corrupted source, single heads through hook_z
     c = attention_patch(tiny_llama, PROMPTS[0], " paris", kn, source=Corruption("noise", samples=2),
-                        subject="france", point="attn.hook_z", heads=[0, 1])
+                        subject="france", hook_point="attn.hook_z", heads=[0, 1])
     assert c.explained().shape[0] == 3
     # layer 1 attention is upstream of layer-1 neurons: patching it from another prompt moves them
     assert r.frame[r.frame.patched == "all"].change.abs().max() > 0

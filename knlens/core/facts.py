@@ -8,7 +8,7 @@ space it would have in running text.
 ...             subject="France", relation="P36", name="capital-france")
 >>> fact.prompts
 ('The capital of France is', "France's capital city is")
->>> fact.subject_span(1)
+>>> fact.subject_chars(1)
 (0, 6)
 >>> Fact.from_dict(fact.to_dict()) == fact
 True
@@ -83,14 +83,14 @@ class Fact:
                     raise PromptError(f"the subject {self.subject!r}{label} does not occur in prompt {i}: "
                                       f"{prompt!r} (the match is case-sensitive)")
 
-    def subject_span(self, prompt: str | int) -> tuple[int, int] | None:
+    def subject_chars(self, prompt: str | int) -> tuple[int, int] | None:
         """Character span ``(start, end)`` of the first occurrence of the subject in ``prompt``.
 
         ``prompt`` is a string or an index into :attr:`prompts`. ``None`` when the fact has no subject
         or the subject does not occur in ``prompt``.
 
         >>> Fact(["Paris is the capital of France, and so is the capital of France"], " ...",
-        ...      subject="France").subject_span(0)
+        ...      subject="France").subject_chars(0)
         (24, 30)
         """
         text = self.prompts[prompt] if isinstance(prompt, int) else prompt

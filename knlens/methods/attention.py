@@ -71,14 +71,14 @@ def _single(model: Any, prompt: str, target: str) -> tuple[Tensor, int, int]:
     return row.tokens, int(row.position[0]), int(row.target[0])
 
 
-def _source_attention(model: Any, tokens: Tensor, position: int, layers: Sequence[int], point: str,
+def _source_attention(model: Any, tokens: Tensor, position: int, layers: Sequence[int], hook_point: str,
                       hooks: list[Hook]) -> dict[int, Tensor]:
     store: dict[int, Tensor] = {}
     saves = []
     for layer in layers:
         def save(act: Tensor, hook: Any = None, layer: int = layer) -> None:
             store[layer] = act[:, position].detach().float().mean(0)  # mean over noise samples
-        saves.append((hook_name(layer, point), save))
+        saves.append((hook_name(layer, hook_point), save))
     forward(model, tokens, [*hooks, *saves])
     return store
 
@@ -86,7 +86,7 @@ def _source_attention(model: Any, tokens: Tensor, position: int, layers: Sequenc
 @torch.no_grad()
 def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
                     source: str | Corruption, subject: str | None = None, layers: Sequence[int] | None = None,
-                    point: Literal["hook_attn_out", "attn.hook_z"] = "hook_attn_out",
+                    hook_point: Literal["hook_attn_out", "attn.hook_z"] = "hook_attn_out",
                     heads: Sequence[int] | None = None) -> AttentionPatch:
     """How much of the neurons' activation at the last token is carried by attention.
 
@@ -103,10 +103,10 @@ def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
     >>> r.probs["patched"].tolist()
     ['0', '1', 'all']
     """
-    if point not in ("hook_attn_out", "attn.hook_z"):
-        raise SettingsError(f"point must be 'hook_attn_out' or 'attn.hook_z', got {point!r}")
-    if heads is not None and point != "attn.hook_z":
-        raise SettingsError("patching single heads needs point='attn.hook_z'")
+    if hook_point not in ("hook_attn_out", "attn.hook_z"):
+        raise SettingsError(f"hook_point must be 'hook_attn_out' or 'attn.hook_z', got {hook_point!r}")
+    if heads is not None and hook_point != "attn.hook_z":
+        raise SettingsError("patching single heads needs hook_point='attn.hook_z'")
     if not len(neurons):
         raise KnlensError("attention_patch needs at least one neuron")
     neurons.check(model.cfg.n_layers, model.cfg.d_mlp)
@@ -121,11 +121,11 @@ def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
         vals = source.values(model, positions)
         k = source.samples
         chook = corruption_hook(source, vals, positions, torch.arange(k))
-        src = _source_attention(model, tokens.expand(k, -1), pos, layer_list, point, [(EMBED_HOOK, chook)])
+        src = _source_attention(model, tokens.expand(k, -1), pos, layer_list, hook_point, [(EMBED_HOOK, chook)])
         src_desc: Any = source.describe(model)
     else:
         s_tokens, s_pos, s_tgt = _single(model, source, target)
-        src = _source_attention(model, s_tokens, s_pos, layer_list, point, [])
+        src = _source_attention(model, s_tokens, s_pos, layer_list, hook_point, [])
         src_desc = source
     configs = [[l] for l in layer_list] + [layer_list]
     labels = [str(l) for l in layer_list] + ["all"]
@@ -147,7 +147,7 @@ def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
                 sub[:, h] = v[h]
                 out[r, pos] = sub
             return out
-        hooks.append((hook_name(layer, point), patch))
+        hooks.append((hook_name(layer, hook_point), patch))
     p, acts = _read_run(model, tokens.expand(n_rows, -1), pos, tgt, neurons, hooks)
     order = _ordered(neurons)
     recs, prec = [], []
@@ -157,7 +157,7 @@ def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
             a0, a1 = float(acts[0, j]), float(acts[r, j])
             recs.append({"patched": label, "layer": layer, "neuron": idx, "act_clean": a0, "act_patched": a1,
                          "change": a1 - a0, "relative": (a1 - a0) / abs(a0) if a0 != 0 else float("nan")})
-    settings = AttentionPatchSettings(prompt, target, src_desc, neurons, point,
+    settings = AttentionPatchSettings(prompt, target, src_desc, neurons, hook_point,
                                       tuple(int(h) for h in heads) if heads is not None else None,
                                       tuple(layer_list))
     return AttentionPatch(pd.DataFrame(recs), pd.DataFrame(prec), settings)

@@ -28,7 +28,7 @@ class AttentionPatchSettings:
     target: str
     source: str | dict[str, Any]
     neurons: NeuronSet
-    point: str = "hook_attn_out"
+    hook_point: str = "hook_attn_out"
     heads: tuple[int, ...] | None = None
     layers: tuple[int, ...] = ()
     position: str = "last"

@@ -105,7 +105,7 @@ def _note(folds: pd.DataFrame, n: int, cfg: SelectionPreset, preset_name: str) -
 
 def held_out(model: Any, fact: Fact, attributions: Sequence[Attribution], preset: str | SelectionPreset = "dai",
              *, full: NeuronSet | None = None, fallback_k: int = 3, n_random: int = 20,
-             controls: Sequence[str] = CONTROLS, n_bins: int = 10, seed: int = 0, point: str = "hook_post",
+             controls: Sequence[str] = CONTROLS, n_bins: int = 10, seed: int = 0, hook_point: str = "hook_post",
              baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> HeldOut:
     """Leave-one-prompt-out evaluation of ``fact``'s neurons from its per-prompt ``attributions``.
 
@@ -132,6 +132,6 @@ def held_out(model: Any, fact: Fact, attributions: Sequence[Attribution], preset
         facts.append(Fact([fact.prompts[k]], fact.target, relation=fact.relation, name=f"fold{k}"))
         sets.append(tested)
     folds = pd.DataFrame(rows)
-    iv = measure(model, facts, sets, n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, point=point,
+    iv = measure(model, facts, sets, n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, hook_point=hook_point,
                  baseline=baseline, batch_size=batch_size)
     return HeldOut(folds, iv, _note(folds, n, cfg, preset_name), HeldOutSettings(preset_name, fallback_k, n))

@@ -92,7 +92,7 @@ def _check_baseline(model: Any, baseline: Tensor | None) -> None:
 
 
 @torch.no_grad()
-def intervene(model: Any, q: Queries, sets: Sequence[NeuronSet], factor: float, *, point: str = "hook_post",
+def intervene(model: Any, q: Queries, sets: Sequence[NeuronSet], factor: float, *, hook_point: str = "hook_post",
               baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> Float[Tensor, "set batch"]:
     """P(target) of every row of ``q`` with each neuron set moved to ``b + factor·(a − b)`` at the target position.
 
@@ -114,7 +114,7 @@ def intervene(model: Any, q: Queries, sets: Sequence[NeuronSet], factor: float, 
     for s in chunks(len(pairs), batch_size):
         set_i, row_i = pairs[s, 0], pairs[s, 1]
         sub = q.select(row_i)
-        hooks: list[Hook] = [(hook_name(l, point), path_scale(factor, masks[set_i, l], sub.position,
+        hooks: list[Hook] = [(hook_name(l, hook_point), path_scale(factor, masks[set_i, l], sub.position,
                                                                None if baseline is None else baseline[l]))
                              for l in layers]
         out[s] = target_probs(model, sub, hooks, batch_size=None).cpu()
@@ -266,15 +266,15 @@ class InterventionResult(Result):
         return self.effects()[["action", "neurons", "control", "p_before", "p_after", "relative"]]
 
 
-def _target_activations(model: Any, q: Queries, point: str) -> Float[Tensor, "row layer d"]:
-    names = [hook_name(l, point) for l in range(model.cfg.n_layers)]
+def _target_activations(model: Any, q: Queries, hook_point: str) -> Float[Tensor, "row layer d"]:
+    names = [hook_name(l, hook_point) for l in range(model.cfg.n_layers)]
     acts = activations_at(model, q, names)
     return torch.stack([acts[n].float().cpu() for n in names], dim=1)
 
 
 def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet], *,
             actions: dict[str, float] | None = None, n_random: int = 20, controls: Sequence[str] = CONTROLS,
-            n_bins: int = 10, seed: int = 0, point: str = "hook_post",
+            n_bins: int = 10, seed: int = 0, hook_point: str = "hook_post",
             baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> InterventionResult:
     """Suppress (×0) and enhance (×2) each fact's neurons, and ``n_random`` sets of each control.
 
@@ -290,7 +290,7 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
         raise ControlError(f"unknown control(s) {unknown}; choose from {list(CONTROLS)}")
     _check_baseline(model, baseline)
     actions = {k: float(v) for k, v in (FACTORS if actions is None else actions).items()}
-    non_monotone = point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values())
+    non_monotone = hook_point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values())
     records, widened, negative = [], 0, 0
     for f_idx, (fact, kn) in enumerate(zip(facts, neuron_sets)):
         kn.check(model.cfg.n_layers, model.cfg.d_mlp)
@@ -301,7 +301,7 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
             sets += [(random_control(kn, model.cfg.d_mlp, seed=rng + d), "random", "uniform", d)
                      for d in range(n_random)]
         if "matched" in controls or non_monotone:
-            acts = _target_activations(model, q, point)  # [row, layer, d]
+            acts = _target_activations(model, q, hook_point)  # [row, layer, d]
             negative += sum(int((acts[:, n.layer, n.index].mean() < 0)) for n in kn)
         if "matched" in controls:
             moved = acts if baseline is None else acts - baseline.float().cpu()
@@ -311,7 +311,7 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
                      for d in range(n_random)]
         before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q)
         for action, factor in actions.items():
-            after = per_prompt(intervene(model, q, [s[0] for s in sets], factor, point=point, baseline=baseline,
+            after = per_prompt(intervene(model, q, [s[0] for s in sets], factor, hook_point=hook_point, baseline=baseline,
                                          batch_size=batch_size), q)
             for (s, kind, control, draw), p_after in zip(sets, after):
                 for p_idx, prompt in enumerate(fact.prompts):
@@ -323,7 +323,7 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
                         "relative": (a - b) / b if b > 0 else float("nan")})
     note = ""
     if non_monotone:
-        note = (f"×f at {point} scales the input of the activation function (GELU / SiLU), which is not monotone "
+        note = (f"×f at {hook_point} scales the input of the activation function (GELU / SiLU), which is not monotone "
                 f"in the neuron's output: doubling a negative pre-activation can shrink or flip the output; "
                 f"{negative} of the {sum(map(len, neuron_sets))} neurons have a negative pre-activation at the "
                 f"target. Enhance at hook_post (or hook_pre_linear) strengthens the output instead.")
@@ -331,5 +331,5 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
     return InterventionResult(
         pd.DataFrame.from_records(records),
         InterventionSettings(actions=actions, n_random=n_random, controls=tuple(controls), n_bins=n_bins,
-                             matched_widened=int(widened), seed=seed, hook_point=point, position="target",
+                             matched_widened=int(widened), seed=seed, hook_point=hook_point, position="target",
                              baseline="zero" if baseline is None else "custom tensor", non_monotone_note=note))

@@ -163,7 +163,7 @@ class Specificity(Result):
 
 
 def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[Fact] | None = None,
-                actions: dict[str, float] | None = None, point: str = "hook_post",
+                actions: dict[str, float] | None = None, hook_point: str = "hook_post",
                 baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> Specificity:
     """Suppress / enhance ``neurons`` on ``fact`` and on ``others`` (default: :func:`other_relation_facts`).
 
@@ -178,13 +178,13 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
         raise ControlError(f"no fact of another relation to test the specificity of {fact.name or fact.prompts[0]!r} "
                            f"on ({basis})")
     actions = {k: float(v) for k, v in (FACTORS if actions is None else actions).items()}
-    if point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values()):
-        warnings.warn(f"specificity: x2 at {point} is not monotone in the neurons' output (see knlens.methods.interventions)",
+    if hook_point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values()):
+        warnings.warn(f"specificity: x2 at {hook_point} is not monotone in the neurons' output (see knlens.methods.interventions)",
                       UserWarning, stacklevel=2)
     facts = [fact, *others]
     q = _stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
     before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q).double()
-    after = {action: per_prompt(intervene(model, q, [neurons], factor, point=point, baseline=baseline,
+    after = {action: per_prompt(intervene(model, q, [neurons], factor, hook_point=hook_point, baseline=baseline,
                                           batch_size=batch_size)[0], q).double() for action, factor in actions.items()}
     per, start = [], 0
     for i, fc in enumerate(facts):
@@ -196,6 +196,6 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
             per.append({"fact": fc.name or f"fact{i}", "relation": fc.relation, "own": i == 0, "action": action,
                         "factor": float(factor), "p_before": float(b.mean()), "p_after": float(a.mean()),
                         "delta": float((a - b).mean() / b.mean()), "relative": float(((a - b) / b).mean())})
-    settings = SpecificitySettings(actions, point, "zero" if baseline is None else "custom tensor",
+    settings = SpecificitySettings(actions, hook_point, "zero" if baseline is None else "custom tensor",
                                    tuple(fc.name or fc.prompts[0] for fc in others))
     return Specificity(pd.DataFrame(per), basis, settings)

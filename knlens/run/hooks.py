@@ -41,14 +41,14 @@ Position = Union[int, Int[Tensor, "batch"], None]
 NeuronSelector = Union[Sequence[int], Int[Tensor, "k"], Bool[Tensor, "d"], Bool[Tensor, "batch d"], None]
 
 
-def hook_name(layer: int, point: str = "hook_post") -> str:
+def hook_name(layer: int, hook_point: str = "hook_post") -> str:
     """The TransformerLens name of an MLP hook point: ``hook_name(3) == "blocks.3.mlp.hook_post"``.
 
-    ``point`` may also be a full block-relative name such as ``"hook_resid_post"`` or ``"attn.hook_z"``.
+    ``hook_point`` may also be a full block-relative name such as ``"hook_resid_post"`` or ``"attn.hook_z"``.
     """
-    if point in ("hook_post", "hook_pre", "hook_pre_linear"):
-        return f"blocks.{layer}.mlp.{point}"
-    return f"blocks.{layer}.{point}"
+    if hook_point in ("hook_post", "hook_pre", "hook_pre_linear"):
+        return f"blocks.{layer}.mlp.{hook_point}"
+    return f"blocks.{layer}.{hook_point}"
 
 
 def position_mask(act: Tensor, position: Position) -> Bool[Tensor, "batch pos"]:
@@ -197,14 +197,14 @@ def compose(*fns: HookFn) -> HookFn:
     return hook
 
 
-def neuron_hooks(neurons: NeuronSet, make: Callable[[list[int]], HookFn], point: str = "hook_post") -> list[Hook]:
-    """One hook per layer of ``neurons``: ``make(indices_in_that_layer)`` built at ``blocks.{l}.mlp.{point}``.
+def neuron_hooks(neurons: NeuronSet, make: Callable[[list[int]], HookFn], hook_point: str = "hook_post") -> list[Hook]:
+    """One hook per layer of ``neurons``: ``make(indices_in_that_layer)`` built at ``blocks.{l}.mlp.{hook_point}``.
 
     >>> hooks = neuron_hooks(NeuronSet([(0, 1), (1, 2)]), lambda idx: scale(0.0, idx, position=-1))
     >>> [name for name, _ in hooks]
     ['blocks.0.mlp.hook_post', 'blocks.1.mlp.hook_post']
     """
-    return [(hook_name(layer, point), make(idx)) for layer, idx in sorted(neurons.by_layer().items())]
+    return [(hook_name(layer, hook_point), make(idx)) for layer, idx in sorted(neurons.by_layer().items())]
 
 
 def _checked(name: str, fn: HookFn) -> HookFn:

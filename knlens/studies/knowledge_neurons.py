@@ -164,7 +164,7 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         bar.update()
         bar.set_postfix_str(next_stage)
 
-    measure_kw = dict(n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, point=hook_point,
+    measure_kw = dict(n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, hook_point=hook_point,
                       batch_size=batch_size)
     try:
         bar.set_postfix_str("integrated gradients")
@@ -190,11 +190,11 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         spec = None
         if specificity is True:
             try:
-                spec = run_specificity(model, fact, tested, point=hook_point, batch_size=batch_size)
+                spec = run_specificity(model, fact, tested, hook_point=hook_point, batch_size=batch_size)
             except ControlError as err:
                 notes.append(f"specificity control skipped: {err}")
         elif specificity is not False:
-            spec = run_specificity(model, fact, tested, others=list(specificity), point=hook_point,
+            spec = run_specificity(model, fact, tested, others=list(specificity), hook_point=hook_point,
                                    batch_size=batch_size)
         done("specificity_s" if spec is not None else None, "token activations")
         acts = token_activations(model, fact, tested, hook_point=hook_point, batch_size=batch_size)
