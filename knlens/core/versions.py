@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_freeze(), end="")
         return 0
     if args == ["--direct"]:
-        print(" ".join(_direct_dependencies(Path(__file__).resolve().parents[1] / "pyproject.toml")))
+        print(" ".join(_direct_dependencies(Path(__file__).resolve().parents[2] / "pyproject.toml")))
         return 0
     if not args:
         print("  ".join(f"{k} {v}" for k, v in environment().items()))
