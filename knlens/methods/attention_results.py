@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from knlens.core.neurons import NeuronSet
-from knlens.results.contract import Result
+from knlens.results.contract import Result, TableResult
 
 __all__ = ["AttentionPatch", "AttentionPatchSettings", "SynapseScaling", "SynapseSettings"]
 
@@ -98,7 +98,7 @@ class SynapseSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class SynapseScaling(Result):
+class SynapseScaling(TableResult):
     """The last token's attention to its "knowledge synapses" (and to random control positions) scaled by α.
 
     ``frame``: one row per (group, draw, α), see :func:`synapse_scaling`.
@@ -111,9 +111,6 @@ class SynapseScaling(Result):
     frame: pd.DataFrame
     settings: SynapseSettings
 
-    def to_frame(self) -> pd.DataFrame:
-        """A copy of the table (``frame``)."""
-        return self.frame.copy()
 
     def summary(self) -> pd.DataFrame:
         """Per group and α: mean ``mass``, ``relative_p`` and ``activation_relative`` over the draws."""

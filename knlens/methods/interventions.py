@@ -48,7 +48,7 @@ from knlens.core.facts import Fact
 from knlens.run.hooks import Hook, HookFn, hook_name, position_mask
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import Queries, encode
-from knlens.results.contract import Result
+from knlens.results.contract import TableResult
 
 __all__ = ["InterventionResult", "InterventionSettings", "random_control", "path_scale", "intervene", "measure", "per_prompt", "FACTORS",
            "NON_MONOTONE_POINTS"]
@@ -174,7 +174,7 @@ class InterventionSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class InterventionResult(Result):
+class InterventionResult(TableResult):
     """Per (fact, prompt, action, neuron set) probabilities before and after, and the tests.
 
     ``frame`` has columns ``fact, relation, prompt, action, factor, neurons, control, draw, n_neurons,
@@ -189,9 +189,6 @@ class InterventionResult(Result):
     frame: pd.DataFrame
     settings: InterventionSettings = InterventionSettings()
 
-    def to_frame(self) -> pd.DataFrame:
-        """A copy of the table (``frame``)."""
-        return self.frame.copy()
 
     def plot(self) -> Any:
         """Mean relative change of P(target) per action and set (knowledge, then each control)."""

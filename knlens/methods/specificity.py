@@ -36,7 +36,7 @@ from knlens.run.engine import target_probs
 from knlens.core.errors import ControlError, PromptError, TargetError
 from knlens.core.facts import Fact
 from knlens.methods.interventions import FACTORS, NON_MONOTONE_POINTS, intervene, per_prompt
-from knlens.results.contract import Result
+from knlens.results.contract import TableResult
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import Queries, encode
 
@@ -102,7 +102,7 @@ class SpecificitySettings:
 
 
 @dataclass(frozen=True, eq=False)
-class Specificity(Result):
+class Specificity(TableResult):
     """The fact's neurons on other facts.
 
     ``frame``: per fact (the fact itself first, ``own`` = True) and action — ``fact, relation, own, action,
@@ -116,9 +116,6 @@ class Specificity(Result):
     basis: str
     settings: SpecificitySettings = SpecificitySettings()
 
-    def to_frame(self) -> pd.DataFrame:
-        """A copy of the table (``frame``)."""
-        return self.frame.copy()
 
     def plot(self) -> Any:
         """Per action: histogram of the other facts' Δ, the fact's own Δ as a line."""

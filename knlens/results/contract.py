@@ -49,7 +49,7 @@ from knlens.core.errors import OutputError, ResultFormatError
 from knlens.core.neurons import NeuronSet
 from knlens.core.versions import __version__
 
-__all__ = ["Result", "RESULT_JSON", "RESULT_TENSORS", "save_result", "load_result", "same", "content_key",
+__all__ = ["Result", "TableResult", "RESULT_JSON", "RESULT_TENSORS", "save_result", "load_result", "same", "content_key",
            "settings_hash", "encode_value"]
 
 RESULT_JSON = "result.json"
@@ -92,6 +92,16 @@ class Result:
         return type(self) is type(other) and same(self, other)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class TableResult(Result):
+    """A result whose table is its ``frame`` field: ``to_frame()`` returns a copy of it."""
+
+    frame: pd.DataFrame
+
+    def to_frame(self) -> pd.DataFrame:
+        """A copy of the table (``frame``)."""
+        return self.frame.copy()
 
 
 # ------------------------------------------------------------------------------------------- keys

@@ -38,7 +38,7 @@ from knlens.methods.controls import random_control
 from knlens.methods.interventions import intervene, per_prompt
 from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace
-from knlens.results.contract import Result
+from knlens.results.contract import Result, TableResult
 from knlens.run.engine import target_probs
 from knlens.stats.tests import paired_permutation_test
 
@@ -66,7 +66,7 @@ class MappingSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class QueryKNMapping(Result):
+class QueryKNMapping(TableResult):
     """One fact's query-KN mapping: ``frame`` has one row per (query, source, relation, draw), see
     :func:`query_kn_mapping`; :meth:`summary` and :meth:`tests` are :func:`mapping_summary` and
     :func:`mapping_tests` of it (pool many facts with ``pd.concat([m.frame for m in mappings])``)."""
@@ -77,9 +77,6 @@ class QueryKNMapping(Result):
     frame: pd.DataFrame
     settings: MappingSettings
 
-    def to_frame(self) -> pd.DataFrame:
-        """A copy of the table (``frame``)."""
-        return self.frame.copy()
 
     def summary(self) -> pd.DataFrame:
         """:func:`mapping_summary` of the frame."""
@@ -205,7 +202,7 @@ class ComparisonSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class SelectionComparison(Result):
+class SelectionComparison(TableResult):
     """Reliability, generality, held-out effect and locality of each neuron set (:func:`compare_selections`);
     ``frame``: one row per set."""
 
@@ -215,9 +212,6 @@ class SelectionComparison(Result):
     frame: pd.DataFrame
     settings: ComparisonSettings
 
-    def to_frame(self) -> pd.DataFrame:
-        """A copy of the table (``frame``)."""
-        return self.frame.copy()
 
     def plot(self) -> Any:
         """Grouped bars: each measure (columns) per neuron set."""

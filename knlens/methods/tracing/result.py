@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from knlens.methods.tracing.spans import token_groups
-from knlens.results.contract import Result
+from knlens.results.contract import Result, TableResult
 
 __all__ = ["Trace", "TraceSettings", "GroupEffects", "GroupSettings", "group_effects"]
 
@@ -140,7 +140,7 @@ class GroupSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class GroupEffects(Result):
+class GroupEffects(TableResult):
     """Mean indirect effect per (kind, token group, layer) over many traces (Meng et al.'s averages).
 
     ``frame``: columns ``kind, group, layer, effect, n`` (n = number of traces contributing to the group).
@@ -151,9 +151,6 @@ class GroupEffects(Result):
     frame: pd.DataFrame
     settings: GroupSettings = GroupSettings()
 
-    def to_frame(self) -> pd.DataFrame:
-        """A copy of the table (``frame``)."""
-        return self.frame.copy()
 
     def plot(self) -> Any:
         """One panel per kind: the mean effect of each token group across layers."""
