@@ -1,4 +1,4 @@
-"""Every error knlens raises on purpose is a specific KnlensError subclass (knlens/errors.py), never a bare
+"""Every error knlens raises on purpose is a specific KnlensError subclass (knlens/core/errors.py), never a bare
 built-in exception or the KnlensError base class."""
 
 from __future__ import annotations
@@ -14,11 +14,7 @@ BUILTIN = {"ValueError", "TypeError", "KeyError", "IndexError", "RuntimeError", 
 # known exceptions, each with its reason; remove an entry when its raise is converted
 ALLOWED = {
     ("data/builtin.py", "RuntimeError"),  # a guard against duplicate names in the hand-written tables (a bug)
-    ("locate.py", "TypeError"),  # locate(model, "a string"): a programming error, as Python's own TypeError
-    ("engine.py", "ValueError"),  # unknown quantity: engine.py is owned by the engine work (issue 8, §2)
-    ("analyses/query_localization.py", "ValueError"),  # owned by the query-localization work (issue 8, §5)
-    ("analyses/query_localization.py", "KnlensError"),
-    ("analyses/consistency.py", "KnlensError"),
+    ("studies/knowledge_neurons.py", "TypeError"),  # locate(model, "a string"): a programming error
 }
 
 

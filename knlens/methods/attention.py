@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from knlens.core.errors import KnlensError, PromptError, SettingsError
+from knlens.core.errors import PromptError, SelectionError, SettingsError
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
 from knlens.methods.attention_results import AttentionPatch, AttentionPatchSettings, SynapseScaling, SynapseSettings
@@ -108,7 +108,7 @@ def attention_patch(model: Any, prompt: str, target: str, neurons: NeuronSet, *,
     if heads is not None and hook_point != "attn.hook_z":
         raise SettingsError("patching single heads needs hook_point='attn.hook_z'")
     if not len(neurons):
-        raise KnlensError("attention_patch needs at least one neuron")
+        raise SelectionError("attention_patch needs at least one neuron")
     neurons.check(model.cfg.n_layers, model.cfg.d_mlp)
     tokens, pos, tgt = _single(model, prompt, target)
     deepest = max(neurons.layers)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from knlens.core.errors import InsufficientDataError, KnlensError
+from knlens.core.errors import InsufficientDataError, SettingsError
 from knlens.core.neurons import NeuronSet
 from knlens.stats.sets import Vectors
 
@@ -29,7 +29,7 @@ def _values(values: Vectors) -> Float[Tensor, "n layer neuron"]:
     v = values.detach().float() if isinstance(values, Tensor) else torch.stack(
         [a.scores.detach().float() for a in values])
     if v.ndim != 3 or v.shape[0] < 2:
-        raise KnlensError(f"expected [paraphrase ≥ 2, layer, neuron] values, got shape {tuple(v.shape)}")
+        raise SettingsError(f"expected [paraphrase ≥ 2, layer, neuron] values, got shape {tuple(v.shape)}")
     return v
 
 
@@ -82,7 +82,7 @@ def equal_size_selections(values: Vectors, k: int, *, query: int = 0, beta1: flo
     """
     v = _values(values)
     if not 0 <= query < v.shape[0]:
-        raise KnlensError(f"query {query} outside the {v.shape[0]} paraphrases")
+        raise SettingsError(f"query {query} outside the {v.shape[0]} paraphrases")
     scores = {"query": v[query], "mean": consistency_aware_scores(v, beta1=1.0, beta2=0.0),
               "consistency-aware": consistency_aware_scores(v, beta1=beta1, beta2=beta2)}
     return {name: _top(s, k, layers=layers, exclude=exclude, exact=True) for name, s in scores.items()}

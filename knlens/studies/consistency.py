@@ -39,7 +39,7 @@ from torch import Tensor
 
 from knlens.methods.attribution.result import Attribution
 from knlens.methods.attribution.ig import attribute
-from knlens.core.errors import KnlensError, PromptError
+from knlens.core.errors import FactError, PromptError, SettingsError
 from knlens.core.neurons import NeuronSet
 from knlens.methods.selection import coarse
 from knlens.core.errors import InsufficientDataError
@@ -225,13 +225,13 @@ class ConsistencyStudy(Result):
         neuron sets) or ``niu`` (Niu's similarity of the two attribution vectors, i.e. their |cos|).
         """
         if score not in SCORES:
-            raise KnlensError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+            raise SettingsError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         if score == "niu" and any(f.vectors is None for f in self.facts):
-            raise KnlensError("the niu score of prompt pairs needs every fact's attribution vectors, and some facts "
+            raise InsufficientDataError("the niu score of prompt pairs needs every fact's attribution vectors, and some facts "
                               "have none (vectors=None): compute them with fact_consistency / consistency_study")
         names = [f.name for f in self.facts]
         if len(set(names)) != len(names):
-            raise KnlensError("fact names must be unique to pair their prompts; rename the duplicated facts")
+            raise FactError("fact names must be unique to pair their prompts; rename the duplicated facts")
         rows = []
         groups: dict[str | None, list[FactConsistency]] = {}
         for f in self.facts:
@@ -279,7 +279,7 @@ class ConsistencyStudy(Result):
     def bimodality(self, score: str = "jaccard", *, n_boot: int = 500, seed: int = 0) -> dict[str, Any]:
         """Silverman's test of unimodality (:func:`knlens.stats.bimodality`) on the facts' scores."""
         if score not in SCORES:
-            raise KnlensError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
+            raise SettingsError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
         return {"score": score, **bimodality([getattr(f, score) for f in self.facts], n_boot=n_boot, seed=seed)}
 
     def plot(self) -> Any:

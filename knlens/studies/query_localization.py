@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from knlens.core.errors import KnlensError
+from knlens.core.errors import SettingsError
 from knlens.core.facts import Fact
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
@@ -121,9 +121,9 @@ def query_kn_mapping(model: Any, fact: Fact, sets: Sequence[NeuronSet], *, facto
     """
     n = len(fact.prompts)
     if len(sets) != n:
-        raise KnlensError(f"{len(sets)} neuron sets for {n} prompts: give one set per prompt")
+        raise SettingsError(f"{len(sets)} neuron sets for {n} prompts: give one set per prompt")
     if n_random < 0:
-        raise KnlensError(f"n_random must be >= 0, got {n_random}")
+        raise SettingsError(f"n_random must be >= 0, got {n_random}")
     settings = MappingSettings(tuple(sets), float(factor), exclude, n_random, seed)
     sets = [s - exclude for s in sets] if exclude is not None else list(sets)
     q = encode(model, list(fact.prompts), fact.target)
@@ -240,7 +240,7 @@ def compare_selections(model: Any, fact: Fact, sets: Mapping[str, NeuronSet], *,
     names = list(sets)
     n = len(fact.prompts)
     if not 0 <= query < n or any(not 0 <= h < n or h == query for h in held_out):
-        raise KnlensError(f"query {query} and held_out {list(held_out)} must be distinct prompts of the {n}")
+        raise SettingsError(f"query {query} and held_out {list(held_out)} must be distinct prompts of the {n}")
     q = encode(model, list(fact.prompts), fact.target)
     before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q)
     after = per_prompt(intervene(model, q, [sets[k] for k in names], factor, batch_size=batch_size), q)
