@@ -9,9 +9,9 @@ The reference is the per-cell loop of Meng et al. (the ROME code): one forward o
 copies of the whole prompt for every (token, layer) cell of every kind. All engines run the same trace
 (three kinds: residual, MLP, attention; windows 1/10/10; the same seeded noise):
 
-* ``loop, every cell``  — the reference: one forward per cell, every token (``engine="reference"``,
+* ``reference, every cell`` — one plain forward per cell, every token (``engine="reference"``,
   ``skip_prefix=False``);
-* ``loop``              — one forward per cell, only the tokens from the first corrupted one on (earlier
+* ``reference``         — one plain forward per cell, only the tokens from the first corrupted one on (earlier
   cells cannot change anything: causal attention);
 * ``batched``           — those cells as batch rows of whole-model forwards;
 * ``fast`` (default)    — those cells as rows of a staircase: a cell restoring layers ``[a, b)`` at token
@@ -39,8 +39,8 @@ from knlens.data.builtin import get_fact
 from knlens.methods.tracing.trace import trace
 from knlens.core.versions import environment
 
-ENGINES = (("loop, every cell", dict(engine="reference", skip_prefix=False)),
-           ("loop", dict(engine="reference")),
+ENGINES = (("reference, every cell", dict(engine="reference", skip_prefix=False)),
+           ("reference", dict(engine="reference")),
            ("batched", dict(engine="batched")),
            ("fast", dict(engine="fast")))
 
@@ -70,7 +70,7 @@ def main() -> None:
                           batch_size=args.batch_size, known_only=not tiny, **kw)
         times[name] = time.perf_counter() - t
         assert out[name].settings.engine == kw["engine"], f"the engine fell back: {out[name].settings.engine_note}"
-        print(f"  {name:17s} {times[name]:7.2f} s   (1-min load average {load:.1f} before, "
+        print(f"  {name:21s} {times[name]:7.2f} s   (1-min load average {load:.1f} before, "
               f"{os.getloadavg()[0]:.1f} after)", flush=True)
     ref = out[ENGINES[0][0]]
     n_tok = len(ref.tokens)
@@ -80,12 +80,12 @@ def main() -> None:
     print(f"\n{args.model}, {prompt!r} → {target!r} (subject {subject!r}), {n_tok} tokens, first corrupted "
           f"token {first}; 3 kinds, windows 1/10/10, {args.samples} noise samples, {args.threads} threads; "
           f"P clean {ref.p_clean:.4f}, corrupted {ref.p_corrupted:.4f}")
-    print("| engine | cells run | wall s | speed-up vs loop, every cell | vs loop | max abs effect difference |")
+    print("| engine | cells run | wall s | speed-up vs reference, every cell | vs reference | max abs effect difference |")
     print("|---|---|---|---|---|---|")
     for name, _ in ENGINES:
         diff = max(float((out[name].effects[k] - ref.effects[k]).abs().max()) for k in ref.kinds)
         print(f"| {name} | {n_cells[name]} | {times[name]:.2f} | {times[ENGINES[0][0]] / times[name]:.1f}x | "
-              f"{times['loop'] / times[name]:.1f}x | {diff:.1e} |")
+              f"{times['reference'] / times[name]:.1f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":
