@@ -43,7 +43,7 @@ except ImportError:
     sys.exit(1)
 
 from knlens import attribute  # noqa: E402
-from knlens.core.models import _boot, _mark_in_memory
+from knlens.core.models import mark_in_memory, wrap_hf_model  # noqa: E402
 
 WORDS = """the a of is in on at to and by from with for as capital city country language president river
 born died located official currency france paris germany berlin italy rome spain madrid japan tokyo china
@@ -137,8 +137,8 @@ def gpt2_cases(args, rows):
     theirs_hf = GPT2LMHeadModel(cfg).eval()
     ours_hf = copy.deepcopy(theirs_hf)  # the bridge rewires its HF model: each side gets its own copy
     tok = make_tokenizer(cfg.vocab_size, masked=False)
-    _mark_in_memory(tok, "gpt2-small-random")
-    model = _boot("gpt2-small-random", ours_hf, tok, device="cpu", dtype=torch.float32)
+    mark_in_memory(tok, "gpt2-small-random")
+    model = wrap_hf_model("gpt2-small-random", ours_hf, tok, device="cpu", dtype=torch.float32)
     model.cfg.default_prepend_bos = False  # the peer feeds the prompt without BOS: so do we here
     kn = KnowledgeNeurons(theirs_hf, copy.deepcopy(tok), model_type="gpt", device="cpu")
     for n_words in args.lengths:
@@ -156,8 +156,8 @@ def bert_cases(args, rows):
     theirs_hf = BertForMaskedLM(cfg).eval()
     ours_hf = copy.deepcopy(theirs_hf)
     tok = make_tokenizer(cfg.vocab_size, masked=True)
-    _mark_in_memory(tok, "bert-base-random")
-    model = _boot("bert-base-random", ours_hf, tok, device="cpu", dtype=torch.float32)
+    mark_in_memory(tok, "bert-base-random")
+    model = wrap_hf_model("bert-base-random", ours_hf, tok, device="cpu", dtype=torch.float32)
     kn = KnowledgeNeurons(theirs_hf, copy.deepcopy(tok), model_type="bert", device="cpu")
     from knlens.core.tokens import encode
     for n_words in args.lengths:

@@ -20,7 +20,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from knlens.core.errors import MissingWeightsError, SettingsError, UnknownModelError
 
-__all__ = ["load_model", "tiny_model", "EMBEDDED_MODELS", "TINY_MODELS", "TINY_VOCAB", "is_masked_lm"]
+__all__ = ["load_model", "tiny_model", "EMBEDDED_MODELS", "TINY_MODELS", "TINY_VOCAB", "is_masked_lm", "wrap_hf_model",
+           "mark_in_memory"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -96,11 +97,11 @@ def _tiny_tokenizer(name: str):
         unk_token="[UNK]",
         mask_token="[MASK]",
     )
-    _mark_in_memory(tok, name)
+    mark_in_memory(tok, name)
     return tok
 
 
-def _mark_in_memory(tok, name: str) -> None:
+def mark_in_memory(tok: Any, name: str) -> None:
     """Stop TransformerLens from reloading an in-memory tokenizer from the hub."""
     tok.init_kwargs["name_or_path"] = name
     tok.init_kwargs["add_bos_token"] = True
@@ -168,10 +169,13 @@ def random_model(config: Any, *, seed: int = 0, dtype: torch.dtype = torch.float
     auto = AutoModelForMaskedLM if config.model_type == "bert" else AutoModelForCausalLM
     with torch.device(device or "cpu"):
         hf = auto.from_config(config, torch_dtype=dtype).eval()
-    return _boot(name, hf, _tiny_tokenizer(name), device=device, dtype=dtype)
+    return wrap_hf_model(name, hf, _tiny_tokenizer(name), device=device, dtype=dtype)
 
 
-def _boot(name: str, hf, tokenizer, *, device, dtype) -> TransformerBridge:
+def wrap_hf_model(name: str, hf: Any, tokenizer: Any, *, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """A Hugging Face causal or masked LM (already in memory) as an eval-mode TransformerBridge whose
+    weights need no gradients (knlens differentiates activations, never weights)."""
     model = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tokenizer, device=device,
                                                 dtype=dtype)
     model.eval()
@@ -198,8 +202,8 @@ def _load_gguf(spec: EmbeddedModel, name: str, *, device, dtype) -> TransformerB
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     if not hf.config.architectures:  # a GGUF config has none; TransformerLens picks its adapter by it
         hf.config.architectures = [type(hf).__name__]
-    _mark_in_memory(tokenizer, spec.hub_name)
-    return _boot(spec.hub_name, hf.eval(), tokenizer, device=device, dtype=dtype)
+    mark_in_memory(tokenizer, spec.hub_name)
+    return wrap_hf_model(spec.hub_name, hf.eval(), tokenizer, device=device, dtype=dtype)
 
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,

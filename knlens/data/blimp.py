@@ -24,7 +24,7 @@ from typing import Any
 from knlens.core.errors import DataFormatError, SettingsError
 from knlens.core.facts import Fact
 from knlens.data.builtin import UnknownRelationError
-from knlens.data.pararel import _read_jsonl, _sub_dir
+from knlens.data.pararel import read_jsonl, data_subdir
 
 __all__ = ["BlimpPair", "blimp_phenomena", "load_blimp"]
 
@@ -73,7 +73,7 @@ def _stripped(text: Any) -> str | None:
 
 def blimp_phenomena(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The BLiMP phenomena (file names without ``.jsonl``) in the data folder, sorted."""
-    folder = _sub_dir(data_dir, "blimp", "*.jsonl")
+    folder = data_subdir(data_dir, "blimp", "*.jsonl")
     return sorted(p.stem for p in folder.glob("*.jsonl"))
 
 
@@ -82,7 +82,7 @@ def load_blimp(phenomenon: str, data_dir: str | os.PathLike[str] | None = None,
     """The minimal pairs of one BLiMP ``phenomenon`` (e.g. ``"determiner_noun_agreement_1"``), in file
     order, at most ``max_items`` of them. Raises :class:`~knlens.data.UnknownRelationError` for an
     unknown phenomenon."""
-    folder = _sub_dir(data_dir, "blimp", "*.jsonl")
+    folder = data_subdir(data_dir, "blimp", "*.jsonl")
     path = folder / f"{phenomenon}.jsonl"
     if not path.is_file():
         known = sorted(p.stem for p in folder.glob("*.jsonl"))
@@ -90,7 +90,7 @@ def load_blimp(phenomenon: str, data_dir: str | os.PathLike[str] | None = None,
     if max_items is not None and max_items < 0:
         raise SettingsError(f"max_items must be >= 0 or None, got {max_items}")
     pairs: list[BlimpPair] = []
-    for _, row in _read_jsonl(path):
+    for _, row in read_jsonl(path):
         if max_items is not None and len(pairs) >= max_items:
             break
         pairs.append(BlimpPair(

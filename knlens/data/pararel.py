@@ -32,7 +32,7 @@ from knlens.core.facts import Fact
 from knlens.data.builtin import UnknownRelationError
 
 __all__ = ["DATA_ENV", "NO_SPACE_LANGUAGES", "default_data_dir", "load_mpararel", "load_pararel",
-           "mpararel_languages", "mpararel_relations", "pararel_relations"]
+           "mpararel_languages", "mpararel_relations", "pararel_relations", "data_subdir", "read_jsonl"]
 
 DATA_ENV = "KNLENS_DATA"
 """The environment variable that overrides where the data sets are looked for."""
@@ -75,7 +75,7 @@ def _data_root(data_dir: str | os.PathLike[str] | None) -> Path:
     return root
 
 
-def _sub_dir(data_dir: str | os.PathLike[str] | None, name: str, marker: str) -> Path:
+def data_subdir(data_dir: str | os.PathLike[str] | None, name: str, marker: str) -> Path:
     """``<root>/<name>``, or ``root`` itself when it already is that folder (``marker``, a glob, matches in it)."""
     root = _data_root(data_dir)
     if (root / name).is_dir():
@@ -86,7 +86,8 @@ def _sub_dir(data_dir: str | os.PathLike[str] | None, name: str, marker: str) ->
                             f"holds {name}/")
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every non-empty line of a JSON-lines file; a bad line is a DataFormatError."""
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f):
             if line.strip():
@@ -172,7 +173,7 @@ def _build_facts(relation: str, templates: list[str], tuples: list[tuple[str, st
 
 def pararel_relations(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The ParaRel relation ids with both a patterns and a tuples file, e.g. ``['P17', 'P19', ...]``."""
-    return _relations_in(_sub_dir(data_dir, "pararel", "patterns/*.jsonl"))
+    return _relations_in(data_subdir(data_dir, "pararel", "patterns/*.jsonl"))
 
 
 def load_pararel(relation: str, data_dir: str | os.PathLike[str] | None = None, *, object_last: bool = True,
@@ -192,25 +193,25 @@ def load_pararel(relation: str, data_dir: str | os.PathLike[str] | None = None, 
     >>> facts[0].prompts[:2]                               # doctest: +SKIP
     ('The capital of Cook County is', 'The capital city of Cook County is')
     """
-    folder = _sub_dir(data_dir, "pararel", "patterns/*.jsonl")
+    folder = data_subdir(data_dir, "pararel", "patterns/*.jsonl")
     rel = _check_relation(relation, folder, "ParaRel")
-    templates = [t for _, row in _read_jsonl(folder / "patterns" / f"{rel}.jsonl")
+    templates = [t for _, row in read_jsonl(folder / "patterns" / f"{rel}.jsonl")
                  if (t := _prompt_template(str(row.get("pattern", "")), object_last=object_last, spaced=True,
                                            capitalize=False)) is not None]
     tuples = [(str(i), str(row["sub_label"]), str(row["obj_label"]))
-              for i, row in _read_jsonl(folder / "tuples" / f"{rel}.jsonl")]
+              for i, row in read_jsonl(folder / "tuples" / f"{rel}.jsonl")]
     return _build_facts(rel, templates, tuples, spaced=True, min_paraphrases=min_paraphrases, max_facts=max_facts,
                         seed=seed, source="ParaRel")
 
 
 def mpararel_languages(data_dir: str | os.PathLike[str] | None = None) -> list[str]:
     """The mParaRel language codes present, e.g. ``['de', 'en', ..., 'zh-hans']``."""
-    folder = _sub_dir(data_dir, "mpararel", "*/patterns")
+    folder = data_subdir(data_dir, "mpararel", "*/patterns")
     return sorted(p.name for p in folder.iterdir() if (p / "patterns").is_dir())
 
 
 def _mpararel_lang_dir(lang: str, data_dir: str | os.PathLike[str] | None) -> Path:
-    folder = _sub_dir(data_dir, "mpararel", "*/patterns")
+    folder = data_subdir(data_dir, "mpararel", "*/patterns")
     if not (folder / lang / "patterns").is_dir():
         langs = sorted(p.name for p in folder.iterdir() if (p / "patterns").is_dir())
         raise UnknownRelationError(f"mParaRel has no language {lang!r} in {folder}; available: {', '.join(langs)}")
@@ -243,7 +244,7 @@ def load_mpararel(relation: str, lang: str, data_dir: str | os.PathLike[str] | N
     rel = _check_relation(relation, lang_dir, f"mParaRel ({lang})")
     spaced = (lang.lower() not in NO_SPACE_LANGUAGES) if space_before_target is None else space_before_target
     templates = []
-    for _, row in _read_jsonl(lang_dir / "patterns" / f"{rel}.jsonl"):
+    for _, row in read_jsonl(lang_dir / "patterns" / f"{rel}.jsonl"):
         if human_checked_only and not row.get("checked-by-human", False):
             continue
         t = _prompt_template(str(row.get("pattern", "")), object_last=object_last, spaced=spaced,
@@ -251,6 +252,6 @@ def load_mpararel(relation: str, lang: str, data_dir: str | os.PathLike[str] | N
         if t is not None:
             templates.append(t)
     tuples = [(str(row.get("lineid", i)), str(row["sub_label"]), str(row["obj_label"]))
-              for i, row in _read_jsonl(lang_dir / "tuples" / f"{rel}.jsonl")]
+              for i, row in read_jsonl(lang_dir / "tuples" / f"{rel}.jsonl")]
     return _build_facts(rel, templates, tuples, spaced=spaced, min_paraphrases=min_paraphrases,
                         max_facts=max_facts, seed=seed, source=f"mParaRel ({lang})")
