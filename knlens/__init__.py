@@ -26,7 +26,7 @@ from knlens.methods.known import answers, known_facts
 from knlens.data.builtin import builtin_facts, get_fact
 from knlens.data.blimp import load_blimp
 from knlens.data.pararel import load_mpararel, load_pararel
-from knlens.studies.located import LocateResult, LocateSettings
+from knlens.studies.knowledge_neurons_result import LocateResult, LocateSettings
 from knlens.methods.activations import TokenActivations, token_activations
 from knlens.studies.knowledge_neurons import locate
 from knlens.methods.tracing.corruption import Corruption

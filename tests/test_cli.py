@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from knlens.cli import main
-from knlens.studies.located import LocateResult
+from knlens.studies.knowledge_neurons_result import LocateResult
 from knlens.viz.report import remote_sources
 
 TINY = ["locate", "--model", "tiny-llama", "--prompt", "the capital of france is",

@@ -13,7 +13,7 @@ import knlens
 from knlens import Fact, NeuronSet
 from knlens.run.engine import target_probs
 from knlens.run.hooks import hooked, neuron_hooks, scale
-from knlens.studies.located import LocateResult
+from knlens.studies.knowledge_neurons_result import LocateResult
 from knlens.studies.knowledge_neurons import locate
 from knlens.methods.activations import token_activations
 from knlens.core.tokens import encode
@@ -139,7 +139,7 @@ def test_save_load_round_trip_without_pickle(results, tmp_path):
         raise AssertionError(f"result.json holds {constant}: not strict JSON")
     doc = json.loads((d / "result.json").read_text(), parse_constant=no_nan)
     fields = doc["result"]["fields"]
-    assert doc["type"] == "knlens.studies.located:LocateResult" and doc["key"] == res.key
+    assert doc["type"] == "knlens.studies.knowledge_neurons_result:LocateResult" and doc["key"] == res.key
     assert fields["fact"]["fields"]["target"] == " paris" and fields["settings"]["fields"]["steps"] == 4
     assert fields["neurons"] == {"__neurons__": [list(n) for n in res.neurons]}
     assert pd.read_csv(d / "neurons.csv")[["layer", "neuron"]].values.tolist() == \

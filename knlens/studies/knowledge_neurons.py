@@ -50,7 +50,7 @@ from knlens.core.errors import ControlError, FactError
 from knlens.core.facts import Fact
 from knlens.methods.heldout import MIN_PROMPTS_DEFAULT_ON, held_out as run_held_out
 from knlens.methods.interventions import measure, per_prompt
-from knlens.studies.located import LocateResult, LocateSettings
+from knlens.studies.knowledge_neurons_result import LocateResult, LocateSettings
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
 from knlens.methods.selection import SelectionPreset, best_by_mean, coarse, get_preset, refinement

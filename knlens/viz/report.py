@@ -33,7 +33,7 @@ import torch
 
 from knlens.core.versions import __version__
 from knlens.methods.attribution.adaptive import describe
-from knlens.studies.located import LocateResult
+from knlens.studies.knowledge_neurons_result import LocateResult
 from knlens.viz.tokens import static_tokens, token_view
 
 __all__ = ["render_html", "write_html", "remote_sources"]

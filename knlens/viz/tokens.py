@@ -17,7 +17,7 @@ import torch
 
 from knlens.core.errors import PromptError
 from knlens.methods.activations import TokenActivations
-from knlens.studies.located import LocateResult
+from knlens.studies.knowledge_neurons_result import LocateResult
 
 __all__ = ["InlineHTML", "SEPARATOR", "token_view", "static_tokens"]
 
