@@ -180,6 +180,8 @@ def _mapping_tables(mapping: pd.DataFrame) -> dict[str, pd.DataFrame]:
         summaries.append(mapping_summary(sub[sub.n_neurons > 0]).assign(facts=group))
         if len(sub):
             tests.append(mapping_tests(sub).assign(facts=group))
+    summaries = [t[["facts", *t.columns.drop("facts")]] for t in summaries]
+    tests = [t[["facts", *t.columns.drop("facts")]] for t in tests]
     return {"mapping": mapping, "mapping_summary": pd.concat(summaries, ignore_index=True),
             "mapping_tests": pd.concat(tests, ignore_index=True)}
 

@@ -123,7 +123,9 @@ def _methods_text(r: QueryLocalizationStudy) -> dict[str, str]:
                   f"(at most {s.max_prompts}): every analysed prompt is known. The first {s.facts_per_relation} kept "
                   "facts per relation are studied."),
         "size": (f"Size: {int(n['facts'])} facts, {int(n['prompts'])} prompts. Integrated gradients cost "
-                 f"{r.timings['attribution'] / n['facts']:.0f} s per fact in this run."),
+                 f"{r.timings['attribution'] / n['facts']:.0f} s per fact in this run. The default relations are "
+                 "ParaRel's two capital relations: in a probe of other ParaRel relations before the first run (not "
+                 "part of it), the model answered at least 3 paraphrases of almost no fact (see Limitations)."),
         "neurons": (f"Neurons per prompt: coarse neurons of integrated gradients (`hook_post`, P(target), {s.steps} "
                     "Gauss–Legendre nodes, fixed: `tolerance=None`, no adaptive refinement), score ≥ "
                     f"{s.threshold} × the prompt's maximum. Completeness error |Σ IG − (P(a) − P(0))| relative to "
@@ -197,7 +199,8 @@ def render_markdown(r: QueryLocalizationStudy) -> str:
         markdown_table(t["within_between"]), "",
         "### Is there a consistent and an inconsistent kind of fact?", "",
         "Silverman's bandwidth test of unimodality on the facts' scores (smoothed bootstrap at the critical "
-        "bandwidth `h_crit`; conservative).", "", markdown_table(t["bimodality"]), "",
+        "bandwidth `h_crit`; conservative). Hartigan's dip test is the usual alternative; no installed library has "
+        "it (it would need the PyPI package `diptest`).", "", markdown_table(t["bimodality"]), "",
         "## Query-KN mapping", "", text["mapping"], "", markdown_table(t["generic"]), "",
         markdown_table(t["mapping_summary"]), "",
         "Per-fact sign-flip permutation tests (mean relative change over a fact's queries, A − B):", "",
