@@ -34,6 +34,7 @@ from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace, trace_facts
 from knlens.viz.report import render_html, write_html
 from knlens.viz.tokens import token_view
+from knlens.results.contract import Result, load_result, same
 from knlens.core.models import EMBEDDED_MODELS, TINY_MODELS, load_model, random_model, tiny_model
 from knlens.core.neurons import Neuron, NeuronSet
 from knlens.core.tokens import Queries, encode, single_token, target_tokens
@@ -52,4 +53,5 @@ __all__ = [
     "zero_ablate", "answers", "known_facts", "builtin_facts", "get_fact", "load_blimp", "load_mpararel",
     "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations",
     "Corruption", "Trace", "trace", "trace_facts", "render_html", "token_view", "write_html",
+    "Result", "load_result", "same",
 ]
