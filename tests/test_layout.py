@@ -1,5 +1,5 @@
-"""The package's layers: imports go one way (cli, viz → studies → methods, stats → run → core), no module
-imports in a cycle, and no module grows past ~400 lines. Read from the source (every import statement,
+"""The package's layers: imports go one way (cli → sweeps, viz → studies → methods, stats → run → core;
+store just above core), no module imports in a cycle, and no module grows past ~400 lines. Read from the source (every import statement,
 also those inside functions), so an upward import anywhere fails here."""
 
 from __future__ import annotations
@@ -14,17 +14,20 @@ PACKAGE = Path(__file__).resolve().parents[1] / "knlens"
 MAX_LINES = 400
 
 # The layers each layer may import from (itself included). `results` and `data` sit just above `core`
-# so that every layer can hold results and read data; `stats` never reads methods.
+# so that every layer can hold results and read data; `stats` never reads methods. `store` (the results
+# store) files results and knows no study; `sweeps` runs studies over data sets into a store.
 BELOW = {
     "core": {"core"},
     "results": {"core", "results"},
     "data": {"core", "data"},
+    "store": {"core", "results", "store"},
     "run": {"core", "results", "run"},
     "stats": {"core", "results", "stats"},
     "methods": {"core", "results", "data", "run", "stats", "methods"},
     "studies": {"core", "results", "data", "run", "stats", "methods", "studies"},
-    "viz": {"core", "results", "data", "run", "stats", "methods", "studies", "viz"},
-    "cli": {"core", "results", "data", "run", "stats", "methods", "studies", "viz", "cli"},
+    "sweeps": {"core", "results", "data", "store", "run", "stats", "methods", "studies", "sweeps"},
+    "viz": {"core", "results", "data", "store", "run", "stats", "methods", "studies", "viz"},
+    "cli": {"core", "results", "data", "store", "run", "stats", "methods", "studies", "sweeps", "viz", "cli"},
 }
 FACADE = {"knlens", "knlens.__main__"}  # the public re-exports and `python -m knlens`
 

@@ -1,12 +1,15 @@
-"""The ``knlens`` command line: ``knlens locate | trace | consistency | study``.
+"""The ``knlens`` command line: ``knlens locate | trace | consistency | study | sweep | query``.
 
     knlens locate --fact capital-france --out knlens-out
     knlens trace --fact capital-france --kinds mlp attn --samples 3
     knlens consistency --fact capital-france --fact capital-germany --steps 8
     knlens study query-localization --page benchmarks/QUERY_LOCALIZATION.md
+    knlens sweep locate --data pararel:P36 --model smollm2-135m --store runs/
+    knlens query runs/ "select key, status, error from tasks"
 
 Each subcommand is one module (:mod:`knlens.cli.locate`, :mod:`knlens.cli.trace`,
-:mod:`knlens.cli.consistency`, :mod:`knlens.cli.study`) with ``add_parser(subparsers)`` and ``run(args)``; what they share is in
+:mod:`knlens.cli.consistency`, :mod:`knlens.cli.study`, :mod:`knlens.cli.sweep`, :mod:`knlens.cli.query`)
+with ``add_parser(subparsers)`` and ``run(args)``; what they share is in
 :mod:`knlens.cli.common`. Bad input (an unknown model or fact, a target outside the vocabulary, an empty
 prompt, a misused option, ...) prints one line ``error: ...`` on stderr and exits with status 2. Progress
 bars and status messages go to stderr, tables to stdout.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from knlens.cli import consistency, locate, study, trace
+from knlens.cli import consistency, locate, query, study, sweep, trace
 from knlens.cli.common import Parser, run_cli
 from knlens.core.versions import __version__
 
@@ -35,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_parser(sub)
     consistency.add_parser(sub)
     study.add_parser(sub)
+    sweep.add_parser(sub)
+    query.add_parser(sub)
     return parser
 
 

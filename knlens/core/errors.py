@@ -100,3 +100,17 @@ class InsufficientDataError(KnlensError, ValueError):
 
 class ResultFormatError(KnlensError, ValueError):
     """A folder that does not hold a saved knlens result, or one this knlens cannot read."""
+
+
+class StoreFormatError(KnlensError, ValueError):
+    """A folder that is not a knlens results store, one written in another store format, or a key that
+    names no stored result."""
+
+
+class QueryError(KnlensError, ValueError):
+    """An SQL query over a results store that DuckDB cannot run (the message is DuckDB's, on one line)."""
+
+
+class SweepError(KnlensError, ValueError):
+    """A sweep that cannot start: an unknown study, a data spec that names no data set, a setting the
+    study does not take."""

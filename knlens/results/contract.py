@@ -50,7 +50,7 @@ from knlens.core.neurons import NeuronSet
 from knlens.core.versions import __version__
 
 __all__ = ["Result", "TableResult", "RESULT_JSON", "RESULT_TENSORS", "save_result", "load_result", "same", "content_key",
-           "settings_hash", "encode_value"]
+           "settings_hash", "encode_value", "slug"]
 
 RESULT_JSON = "result.json"
 RESULT_TENSORS = "tensors.safetensors"
@@ -106,7 +106,12 @@ class TableResult(Result):
 
 # ------------------------------------------------------------------------------------------- keys
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """``text`` as the fact part of a key: lower-case letters, digits and dashes, at most 60 characters.
+
+    >>> slug("The capital of France is")
+    'the-capital-of-france-is'
+    """
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "-"
 
 
@@ -116,7 +121,7 @@ def _fact_id(result: Any) -> str:
     for attr in ("fact", "prompt", "name"):
         value = getattr(result, attr, None)
         if value is not None:
-            return _slug(getattr(value, "name", None) or str(getattr(value, "prompts", [value])[0]))
+            return slug(getattr(value, "name", None) or str(getattr(value, "prompts", [value])[0]))
     names: list[str] = [str(getattr(f, "name", None) or getattr(f, "prompt", f)) for f in getattr(result, "facts", ())]
     frame = getattr(result, "frame", None)
     if not names and isinstance(frame, pd.DataFrame) and "fact" in frame:
@@ -124,7 +129,7 @@ def _fact_id(result: Any) -> str:
     if not names:
         return "-"
     if len(names) == 1:
-        return _slug(names[0])
+        return slug(names[0])
     return f"{len(names)}-facts-{hashlib.sha256(chr(10).join(names).encode()).hexdigest()[:8]}"
 
 
