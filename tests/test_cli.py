@@ -290,11 +290,11 @@ def test_the_handler_leaves_bugs_and_interrupts_alone(command, capsys, monkeypat
 def test_every_subcommand_is_one_module_with_add_parser_and_run():
     import argparse
 
-    from knlens.cli import build_parser, consistency, locate, query, study, sweep, trace
+    from knlens.cli import build_parser, consistency, locate, query, study, summary, sweep, trace
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["locate", "trace", "consistency", "study", "sweep", "query"]
-    for module in (locate, trace, consistency, study, sweep, query):
+    assert list(sub.choices) == ["locate", "trace", "consistency", "study", "sweep", "query", "summary"]
+    for module in (locate, trace, consistency, study, sweep, query, summary):
         name = module.__name__.rsplit(".", 1)[1]
         assert sub.choices[name].get_default("run") is module.run
 
@@ -307,7 +307,8 @@ def test_cli_modules_import_only_downward():
 
     folder = Path(knlens.cli.__file__).parent
     assert sorted(p.name for p in folder.glob("*.py")) == ["__init__.py", "common.py", "consistency.py",
-                                                           "locate.py", "query.py", "study.py", "sweep.py", "trace.py"]
+                                                           "locate.py", "query.py", "study.py", "summary.py", "sweep.py",
+                                                           "trace.py"]
     for path in folder.glob("*.py"):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

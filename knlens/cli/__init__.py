@@ -1,4 +1,4 @@
-"""The ``knlens`` command line: ``knlens locate | trace | consistency | study | sweep | query``.
+"""The ``knlens`` command line: ``knlens locate | trace | consistency | study | sweep | query | summary``.
 
     knlens locate --fact capital-france --out knlens-out
     knlens trace --fact capital-france --kinds mlp attn --samples 3
@@ -6,9 +6,11 @@
     knlens study query-localization --page benchmarks/QUERY_LOCALIZATION.md
     knlens sweep locate --data pararel:P36 --model smollm2-135m --store runs/
     knlens query runs/ "select key, status, error from tasks"
+    knlens summary runs/ --out summary.html
 
 Each subcommand is one module (:mod:`knlens.cli.locate`, :mod:`knlens.cli.trace`,
-:mod:`knlens.cli.consistency`, :mod:`knlens.cli.study`, :mod:`knlens.cli.sweep`, :mod:`knlens.cli.query`)
+:mod:`knlens.cli.consistency`, :mod:`knlens.cli.study`, :mod:`knlens.cli.sweep`, :mod:`knlens.cli.query`,
+:mod:`knlens.cli.summary`)
 with ``add_parser(subparsers)`` and ``run(args)``; what they share is in
 :mod:`knlens.cli.common`. Bad input (an unknown model or fact, a target outside the vocabulary, an empty
 prompt, a misused option, ...) prints one line ``error: ...`` on stderr and exits with status 2. Progress
@@ -20,7 +22,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from knlens.cli import consistency, locate, query, study, sweep, trace
+from knlens.cli import consistency, locate, query, study, summary, sweep, trace
 from knlens.cli.common import Parser, run_cli
 from knlens.core.versions import __version__
 
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_parser(sub)
     sweep.add_parser(sub)
     query.add_parser(sub)
+    summary.add_parser(sub)
     return parser
 
 
