@@ -104,6 +104,7 @@ def _groups_section(store: Store) -> str:
 
 def _histogram(hist: pd.DataFrame, n_layers: int, title: str) -> str:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     relations = sorted(hist.relation.unique())
     fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * n_layers + 2), 2.8))
@@ -114,9 +115,9 @@ def _histogram(hist: pd.DataFrame, n_layers: int, title: str) -> str:
     ax.set_xticks(range(n_layers))
     ax.set_xlabel("layer")
     ax.set_ylabel("refined neurons")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
-    if len(relations) > 1:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="relation", title_fontsize=8)
     return f'<img alt="{_h(title)}" src="{_png(fig)}">'
 
 
@@ -193,6 +194,7 @@ def _locate_section(store: Store, views: set[str]) -> str:
 
 def _trace_figure(frame: pd.DataFrame, title: str) -> str:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     kinds = sorted(frame.kind.unique())
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 2.9), squeeze=False, sharey=True)
@@ -202,10 +204,10 @@ def _trace_figure(frame: pd.DataFrame, title: str) -> str:
         ax.axhline(0, color="#999", linewidth=0.6)
         ax.set_title(kind, fontsize=10)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_ylabel("mean indirect effect")
-    if frame.relation.nunique() > 1:
-        axes[0][-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    axes[0][-1].legend(fontsize=8, title="relation", title_fontsize=8)
+    fig.suptitle(title, fontsize=10, y=1.03)
     return f'<img alt="{_h(title)}" src="{_png(fig)}">'
 
 
