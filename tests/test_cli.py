@@ -215,7 +215,7 @@ def test_unknown_fact_names_the_close_match():
 
 
 def test_close_names_keeps_the_matches_near_the_best():
-    from knlens.cli.common import close_names
+    from knlens.core.names import close_names
 
     names = ["capital-france", "capital-greece", "capital-china", "symbol-gold"]
     assert close_names("capital-frnace", names) == ["capital-france"]

@@ -8,7 +8,6 @@ imports from here; this module imports none of them.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 import tempfile
@@ -21,10 +20,10 @@ import pandas as pd
 from knlens.core import models
 from knlens.core.errors import CommandLineError, KnlensError, OutputError
 from knlens.core.facts import Fact
-from knlens.data.builtin import UnknownFactError, builtin_facts
+from knlens.data.builtin import get_fact
 from knlens.results.contract import RESULT_JSON, RESULT_TENSORS
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "Parser", "add_common_options", "builtin_fact", "close_names",
+__all__ = ["EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "Parser", "add_common_options", "builtin_fact",
            "load_model", "one_line", "output_dir", "run_cli", "save_figure", "say", "table", "write_outputs"]
 
 EXIT_BAD_INPUT = 2
@@ -86,30 +85,9 @@ def run_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) 
 
 # ------------------------------------------------------------------------------ facts, model
 
-def close_names(name: str, names: Sequence[str], *, n: int = 3, cutoff: float = 0.6, margin: float = 0.1) -> list[str]:
-    """The ``names`` closest to ``name`` (difflib ratio, case ignored), best first: at most ``n``, each at least
-    ``cutoff`` and within ``margin`` of the best, so that a typo gets its one match.
-
-    >>> close_names("capital-frnace", ["capital-france", "capital-greece", "symbol-gold"])
-    ['capital-france']
-    """
-    scores = sorted(((difflib.SequenceMatcher(None, name.lower(), c.lower()).ratio(), c) for c in names),
-                    key=lambda rc: -rc[0])
-    best = scores[0][0] if scores else 0.0
-    return [c for r, c in scores[:n] if r >= max(cutoff, best - margin)]
-
-
 def builtin_fact(name: str) -> Fact:
-    """The built-in fact ``name``; :class:`~knlens.data.builtin.UnknownFactError` with the close names
-    (``unknown fact 'capital-frnace'; did you mean 'capital-france'? ...``) otherwise."""
-    facts = {f.name: f for f in builtin_facts() if f.name}
-    if name in facts:
-        return facts[name]
-    close = [repr(c) for c in close_names(name, list(facts))]
-    if len(close) > 1:
-        close = [", ".join(close[:-1]), close[-1]]
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise UnknownFactError(f"unknown fact {name!r}{hint} ({LIST_FACTS} lists them)")
+    """The built-in fact ``name`` (:func:`knlens.data.builtin.get_fact`), its error pointing at ``--list-facts``."""
+    return get_fact(name, listing=f"{LIST_FACTS} lists them")
 
 
 def say(args: argparse.Namespace, *msg: Any) -> None:

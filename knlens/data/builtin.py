@@ -14,13 +14,13 @@ True
 
 from __future__ import annotations
 
-import difflib
 import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
 from knlens.core.errors import KnlensError
+from knlens.core.names import did_you_mean
 from knlens.core.facts import Fact
 
 __all__ = ["BUILTIN_RELATIONS", "BuiltinRelation", "UnknownFactError", "UnknownRelationError", "builtin_facts",
@@ -201,10 +201,11 @@ def builtin_facts(relation: str | None = None) -> list[Fact]:
     return [f for f in facts if f.relation == name]
 
 
-def get_fact(name: str) -> Fact:
+def get_fact(name: str, *, listing: str = "knlens.data.builtin_facts() lists them") -> Fact:
     """The built-in fact called ``name`` (e.g. ``"capital-france"``).
 
-    Raises :class:`UnknownFactError` (a ``KeyError``) that suggests close names.
+    Raises :class:`UnknownFactError` (a ``KeyError``) that suggests close names and says where the names are
+    listed (``listing``).
 
     >>> get_fact("symbol-gold").target
     ' Au'
@@ -212,8 +213,5 @@ def get_fact(name: str) -> Fact:
     for fact in _all_facts():
         if fact.name == name:
             return fact
-    names = [f.name for f in _all_facts() if f.name]
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise UnknownFactError(f"no built-in fact named {name!r}{hint} (see knlens.data.builtin_facts() for all "
-                           f"{len(names)} names)")
+    hint = did_you_mean(name, [f.name for f in _all_facts() if f.name])
+    raise UnknownFactError(f"unknown fact {name!r}{hint} ({listing})")

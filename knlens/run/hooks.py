@@ -17,7 +17,6 @@ tensor([[1., 1., 1., 1.],
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Union
@@ -27,6 +26,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from knlens.core.errors import HookShapeError, NeuronIndexError, SettingsError
+from knlens.core.names import did_you_mean
 from knlens.core.neurons import NeuronSet
 
 __all__ = [
@@ -233,8 +233,7 @@ def hooked(model: Any, fwd_hooks: Sequence[Hook] = (), bwd_hooks: Sequence[Hook]
     names = set(model.hook_dict)
     for name, _ in [*fwd_hooks, *bwd_hooks]:
         if name not in names:
-            close = difflib.get_close_matches(name, names, n=3)
-            raise SettingsError(f"unknown hook point {name!r}" + (f"; did you mean {close}?" if close else ""))
+            raise SettingsError(f"unknown hook point {name!r}{did_you_mean(name, names)}")
     with model.hooks(fwd_hooks=[(n, _checked(n, f)) for n, f in fwd_hooks],
                      bwd_hooks=list(bwd_hooks)):
         yield model
