@@ -8,7 +8,7 @@ from pathlib import Path
 
 import knlens.core.errors as errors
 
-ROOT = Path(errors.__file__).parent
+ROOT = Path(errors.__file__).parents[1]  # the package, knlens/
 BUILTIN = {"ValueError", "TypeError", "KeyError", "IndexError", "RuntimeError", "FileNotFoundError", "OSError",
            "ImportError", "Exception", "KnlensError"}
 # known exceptions, each with its reason; remove an entry when its raise is converted

@@ -24,6 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from knlens.core.errors import StoreFormatError
+
 __all__ = ["STORE_FORMAT", "MARKER", "TASK_FILE", "TABLE_FILE", "SCHEMA", "row_table", "read_rows", "frame_table",
            "fsync_tree", "publish", "new_tmp_dir", "clean_tmp"]
 
@@ -56,15 +58,15 @@ def row_table(row: dict) -> pa.Table:
 
 
 def read_rows(path: Path) -> pa.Table:
-    """The rows of one ``task.parquet``; ``ValueError`` when it is not a store row file (another schema, no
+    """The rows of one ``task.parquet``; :class:`~knlens.core.errors.StoreFormatError` when it is not a store row file (another schema, no
     store marker) and pyarrow's errors when it is not Parquet at all."""
     table = pq.read_table(path)
     meta = table.schema.metadata or {}
     if meta.get(b"knlens-store") != _META[b"knlens-store"]:
-        raise ValueError(f"not a {STORE_FORMAT} row file (format {meta.get(b'knlens-store')!r})")
+        raise StoreFormatError(f"not a {STORE_FORMAT} row file (format {meta.get(b'knlens-store')!r})")
     missing = [n for n in SCHEMA.names if n not in table.column_names]
     if missing:
-        raise ValueError(f"row file without the columns {missing}")
+        raise StoreFormatError(f"row file without the columns {missing}")
     return table.select(SCHEMA.names).cast(SCHEMA)
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from knlens.core.errors import OutputError, QueryError, StoreFormatError
+from knlens.core.errors import OutputError, QueryError, SettingsError, StoreFormatError
 from knlens.core.versions import __version__
 from knlens.results.contract import load_result
 from knlens.store.files import (MARKER, SCHEMA, STORE_FORMAT, TABLE_FILE, TASK_FILE, clean_tmp, frame_table,
@@ -111,7 +111,7 @@ class Store:
         """File one attempt of ``task``, atomically: with ``result`` (status ``done``: its ``save(dir)``, its
         table, one row) or with ``error`` (status ``failed``: the error and its traceback). The folder."""
         if (result is None) == (error is None):
-            raise ValueError("put takes either result= or error=")
+            raise SettingsError("put takes either result= or error=, not both or neither")
         finished = _now()
         started = started or finished
         attempt = f"{finished:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}"
