@@ -144,10 +144,12 @@ class Store:
 
     # ------------------------------------------------------------------------------------ reading
 
-    def _row_files(self) -> list[Path]:
-        """The readable row files; the others are reported (:meth:`problems`, a warning) and ignored."""
+    def _rows(self) -> dict[Path, pa.Table]:
+        """The readable row files with their rows (each file read once); the others are reported
+        (:meth:`problems`, a warning) and ignored."""
         root = self.path / "tasks"
-        good, problems = [], []
+        good: dict[Path, pa.Table] = {}
+        problems: list[str] = []
         for f in sorted(root.rglob("*.parquet")) if root.is_dir() else []:
             if f.name == TABLE_FILE:
                 continue
@@ -156,13 +158,11 @@ class Store:
                 problems.append(f"{rel}: a Parquet file that is not part of the store (ignored)")
                 continue
             try:
-                read_rows(f)
+                good[f] = read_rows(f)
             except (OSError, ValueError, pa.ArrowException) as err:
                 key = "/".join(f.relative_to(root).parts[:3])
                 problems.append(f"{rel}: unreadable ({' '.join(str(err).split())[:200]}); task {key} counts as not "
                                 f"done and runs again")
-                continue
-            good.append(f)
         if problems and problems != self._problems:
             warnings.warn(f"results store {str(self.path)!r}: " + "; ".join(problems), StoreProblemWarning,
                           stacklevel=3)
@@ -171,13 +171,13 @@ class Store:
 
     def problems(self) -> list[str]:
         """The files the last read ignored (corrupt or foreign Parquet), each with what was done about it."""
-        self._row_files()
+        self._rows()
         return list(self._problems)
 
     def attempts(self) -> pd.DataFrame:
         """Every task attempt, one row each (:data:`~knlens.store.files.SCHEMA`), oldest first."""
-        files = self._row_files()
-        table = pa.concat_tables([read_rows(f) for f in files]) if files else SCHEMA.empty_table()
+        rows = self._rows()
+        table = pa.concat_tables(list(rows.values())) if rows else SCHEMA.empty_table()
         return table.to_pandas().sort_values(["finished", "attempt"], ignore_index=True)
 
     def tasks(self) -> pd.DataFrame:
@@ -221,7 +221,7 @@ class Store:
         ``attempts`` (every attempt), ``tasks`` (one row per key, as :meth:`tasks`) and, per study,
         ``<study>_rows`` (the tables of its stored results, ``key`` first; ``-`` in a study's name is ``_``)."""
         con = duckdb.connect()
-        files = self._row_files()
+        files = list(self._rows())
         if files:
             con.execute(f"create view attempts as select * from read_parquet({_sql_list(files)})")
         else:
