@@ -14,6 +14,7 @@ under its content key as soon as it finishes, so that a sweep killed at any poin
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import sys
 import time
@@ -109,13 +110,8 @@ def run_tasks(tasks: Sequence[Task], store: Store, study: Study, model: Callable
 
 
 def _loader(model: Any) -> Callable[[], Any]:
-    cache: list[Any] = []
-
-    def load() -> Any:
-        if not cache:
-            cache.append(models.load_model(model) if isinstance(model, str) else model)
-        return cache[0]
-    return load
+    """``model`` loaded on the first call (a name) and the same object on every later one."""
+    return functools.cache(lambda: models.load_model(model) if isinstance(model, str) else model)
 
 
 def sweep(study: str | Study, facts: Sequence[Fact], model: Any, store: Store | str | os.PathLike[str], *,
