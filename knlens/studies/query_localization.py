@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from knlens.core.errors import SettingsError
+from knlens.core.errors import InsufficientDataError, SettingsError
 from knlens.core.facts import Fact
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
@@ -40,7 +40,7 @@ from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace
 from knlens.results.contract import Result, TableResult
 from knlens.run.engine import target_probs
-from knlens.stats.tests import paired_permutation_test
+from knlens.stats.tests import paired_group_test
 
 __all__ = [
     "MAPPING_RELATIONS", "MappingSettings", "QueryKNMapping", "query_kn_mapping", "mapping_summary", "mapping_tests",
@@ -172,18 +172,14 @@ def mapping_tests(frame: pd.DataFrame, *, n_permutations: int = 10000, seed: int
     """
     rows = []
     ok = frame[frame.n_neurons > 0]
-    means = ok.groupby(["fact", "relation"])["relative"].mean().unstack("relation")
     for a, b in (("own", "paraphrase"), ("own", "own-random"), ("paraphrase", "paraphrase-random"),
                  ("intersection", "paraphrase")):
-        if a not in means or b not in means:
+        try:
+            t = paired_group_test(ok, a, b, "relative", by="relation", n_permutations=n_permutations, seed=seed)
+        except InsufficientDataError:  # no fact has both
             continue
-        d = (means[a] - means[b]).dropna()
-        if d.empty:
-            continue
-        t = paired_permutation_test(d.to_numpy(), n_permutations=n_permutations, seed=seed)
-        rows.append({"comparison": f"{a} − {b}", "n_facts": t["n"], "mean_a": float(means.loc[d.index, a].mean()),
-                     "mean_b": float(means.loc[d.index, b].mean()), "difference": t["mean"],
-                     "share_a_above_b": t["share_positive"], "p": t["p"], "p_floor": t["p_floor"]})
+        rows.append({"comparison": t["comparison"], "n_facts": t["n_units"],
+                     **{k: t[k] for k in ("mean_a", "mean_b", "difference", "share_a_above_b", "p", "p_floor")}})
     return pd.DataFrame(rows)
 
 
