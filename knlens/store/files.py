@@ -44,7 +44,8 @@ SCHEMA = pa.schema([
     ("result_key", pa.string()), ("result_type", pa.string()), ("attempt", pa.string()), ("started", _TS),
     ("finished", _TS), ("seconds", pa.float64()), ("timings", pa.string()), ("path", pa.string()),
 ], metadata=_META)
-"""One row per task attempt: what ran (key, study, fact, model, settings), how it ended (status ``done`` or
+"""One row per task attempt: what ran (key, study, fact, model, settings; ``settings_hash`` names the setting
+group, the same for every fact run with one model, settings and knlens version), how it ended (status ``done`` or
 ``failed``, the error and traceback), when and how long, and where its files are (``path``, relative)."""
 
 

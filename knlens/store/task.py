@@ -68,6 +68,11 @@ class Task:
         """The fact's name, or its first prompt when it has none."""
         return self.fact.name or self.fact.prompts[0]
 
+    def group(self) -> str:
+        """The hash of what tasks of one setting group share: :meth:`identity` without the fact (model, settings,
+        knlens version). Results of different groups are never pooled."""
+        return settings_hash({k: v for k, v in self.identity().items() if k != "fact"})
+
     @property
     def key(self) -> str:
         """``study/fact/hash`` over :meth:`identity`."""
@@ -76,7 +81,7 @@ class Task:
     def row(self) -> dict[str, Any]:
         """The task's columns of a store row."""
         return {"key": self.key, "study": self.study, "fact": self.fact_name, "relation": self.fact.relation,
-                "model": self.model, "settings_hash": settings_hash(self.identity()), "settings": self.settings_json(),
+                "model": self.model, "settings_hash": self.group(), "settings": self.settings_json(),
                 "fact_json": fact_to_json(self.fact), "knlens_version": self.knlens_version}
 
     @classmethod

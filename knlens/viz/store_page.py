@@ -37,10 +37,9 @@ from knlens.viz.report import _CSS, _png, _table, remote_sources
 
 __all__ = ["render_store", "write_store_page", "remote_sources", "GROUP_SQL"]
 
-GROUP_SQL = ("substr(md5(coalesce(model, '') || '|' || coalesce(settings, '') || '|' || "
-             "coalesce(knlens_version, '')), 1, 12)")
-"""The SQL expression naming a task's setting group: a hash of its model, settings and knlens version (the
-row's own ``settings_hash`` also hashes the fact, so it differs from task to task)."""
+GROUP_SQL = "settings_hash"
+"""The SQL expression naming a task's setting group: the store row's ``settings_hash``, a hash of its model,
+settings and knlens version (:meth:`knlens.store.task.Task.group`)."""
 
 _REL = "coalesce(relation, '(none)')"
 _TRACE_GROUP = "last subject"
@@ -97,8 +96,8 @@ def _groups_section(store: Store) -> str:
     return "\n".join([
         "<h2>Setting groups</h2>",
         f"<p>Versions present: {vtext}. A group is one study, model, settings and knlens version; results of "
-        "different groups are never mixed below. Its name is a hash of the three "
-        f"(<code>{_h(GROUP_SQL)}</code>).</p>",
+        "different groups are never mixed below. Its name is the store's <code>settings_hash</code>, a hash of "
+        "the three.</p>",
         _table(groups, left=("grp", "study", "model", "knlens_version", "settings"))])
 
 
