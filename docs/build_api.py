@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     import pdoc.render
 
     import knlens
-    from knlens.viz.report import remote_sources
+    from knlens.viz.html import remote_sources
 
     # "google" is pdoc's reStructuredText processing (roles, directives) plus Google-style sections, which a
     # few docstrings use ("Arguments:" of knlens.methods.tracing.trace.trace); "restructuredtext" alone

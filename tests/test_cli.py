@@ -12,7 +12,7 @@ import pytest
 
 from knlens.cli import main
 from knlens.studies.knowledge_neurons_result import LocateResult
-from knlens.viz.report import remote_sources
+from knlens.viz.html import remote_sources
 
 TINY = ["locate", "--model", "tiny-llama", "--prompt", "the capital of france is",
         "--prompt", "the capital city of france is", "--prompt", "france capital city is", "--target", " paris",

@@ -12,7 +12,8 @@ import knlens
 from knlens.cli import main
 from knlens.store import Store
 from knlens.sweeps import Study, sweep
-from knlens.viz.store_page import GROUP_SQL, remote_sources, render_store, write_store_page
+from knlens.viz.html import remote_sources
+from knlens.viz.store_page import GROUP_SQL, render_store, write_store_page
 
 FACTS = [knlens.Fact([f"the capital of {c} is", f"the capital city of {c} is"], f" {t}", subject=c,
                      name=f"capital-{c}", relation=r)

@@ -19,92 +19,20 @@ True
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
-import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from knlens.core.versions import __version__
 from knlens.methods.attribution.adaptive import describe
 from knlens.studies.knowledge_neurons_result import LocateResult
+from knlens.viz.html import PAGE_CSS, html_table, html_value, png_data
 from knlens.viz.tokens import static_tokens, token_view
 
-__all__ = ["render_html", "write_html", "remote_sources"]
-
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1180px;
-       color: #1d1d1f; padding: 0 16px; line-height: 1.45; }
-h1 { font-size: 1.45em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-top: 1.8em;
-     border-bottom: 1px solid #ddd; padding-bottom: 3px; }
-.sub { color: #666; margin-top: 0; }
-table { border-collapse: collapse; font-size: 0.88em; margin: 8px 0; }
-th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
-th { background: #f4f4f6; } td.l, th.l { text-align: left; }
-tr.hl td { background: #fff6d8; }
-.kv td:first-child { text-align: left; color: #555; } .kv td { text-align: left; }
-.verdict { background: #eef6ee; border-left: 4px solid #3a3; padding: 8px 12px; margin: 12px 0; }
-.warn { background: #fff3e0; border-left: 4px solid #e80; padding: 8px 12px; margin: 12px 0; }
-.note { color: #555; font-size: 0.88em; }
-img { max-width: 100%; border: 1px solid #eee; }
-code { background: #f4f4f6; padding: 0 3px; border-radius: 3px; }
-.tok { display: inline-block; padding: 1px 2px; margin: 1px 0; border-radius: 2px; white-space: pre;
-       font-family: Menlo, Consolas, monospace; font-size: 0.85em; }
-details { margin: 8px 0; }
-"""
-
-
-def remote_sources(page: str) -> list[str]:
-    """``src``/``href`` attributes and CSS ``@import``/``url()`` that point at http(s) or protocol-relative URLs.
-
-    A self-contained page returns ``[]``.
-    """
-    attr = re.findall(r"""<(?:script|link|img|iframe|source|embed|object|style)\b[^>]*?\b(?:src|href|data)\s*=\s*["']?"""
-                      r"""((?:https?:)?//[^"'\s>]+)""", page, flags=re.I)
-    css = re.findall(r"""(?:@import\s+(?:url\()?|url\()\s*["']?((?:https?:)?//[^"')\s]+)""", page, flags=re.I)
-    es = re.findall(r"""\bimport\b[^;'"]*?from\s*["']((?:https?:)?//[^"']+)""", page)
-    return attr + css + es
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if isinstance(x, (bool, np.bool_)):
-        return "✓" if x else ""
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    if isinstance(x, (float, np.floating)):
-        if not math.isfinite(float(x)):
-            return "–"
-        return f"{float(x):.{digits}g}"
-    return html.escape(str(x))
-
-
-def _table(frame: pd.DataFrame, *, left: tuple[str, ...] = (), highlight: pd.Series | None = None,
-           formats: dict[str, Any] | None = None) -> str:
-    formats = formats or {}
-    head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(str(c))}</th>' for c in frame.columns)
-    body = []
-    for i, (_, row) in enumerate(frame.iterrows()):
-        cls = ' class="hl"' if highlight is not None and bool(highlight.iloc[i]) else ""
-        cells = "".join(f'<td class="{"l" if c in left else ""}">{formats.get(c, _fmt)(row[c])}</td>'
-                        for c in frame.columns)
-        body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _png(fig: Any, dpi: int = 100) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+__all__ = ["render_html", "write_html"]
 
 
 def _pct(x: float) -> str:
@@ -121,7 +49,7 @@ def _heatmap(result: LocateResult) -> str:
     neuron_heatmap(result.mean_scores, layers=result.layers, mark=result.tested, ax=ax,
                    title=f"mean integrated gradients over {len(result.attributions)} prompts "
                          f"(blocks.L.mlp.{s.hook_point}); circled: {result.tested_label}")
-    return _png(fig)
+    return png_data(fig)
 
 
 def _prompt_heatmap(result: LocateResult) -> str:
@@ -143,7 +71,7 @@ def _prompt_heatmap(result: LocateResult) -> str:
     ax.set_title("integrated gradients per prompt (* = tested)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     fig.tight_layout()
-    return _png(fig)
+    return png_data(fig)
 
 
 def _verdict(result: LocateResult) -> str:
@@ -159,7 +87,7 @@ def _verdict(result: LocateResult) -> str:
         for row in sub[sub.neurons == "random"].itertuples():
             t = tests[(tests.evaluation == "in-sample") & (tests.action == action)
                       & tests.comparison.str.contains(row.control) & tests.test.str.startswith("p_empirical")]
-            p = f"p = {_fmt(t['p'].iloc[0], 3)}" if len(t) else "no test"
+            p = f"p = {html_value(t['p'].iloc[0], 3)}" if len(t) else "no test"
             controls.append(f"{row.control} random sets {_pct(row.relative)}, {p}")
         side = "a decrease" if action == "suppress" else "an increase"
         parts.append(f"{action} (×{2 if action == 'enhance' else 0}): P(target) {_pct(kn['relative'].iloc[0])} "
@@ -195,8 +123,8 @@ def _heldout_section(result: LocateResult) -> str:
 <p class="note">{html.escape(ho.note)} <i>jaccard_all</i>: overlap of a fold's neurons with the set refined on
 all prompts. Compare these effects with the in-sample ones above: the gap is what selecting on the measured
 prompts adds.</p>
-{_table(folds, left=("held_out", "neurons"))}
-{_table(ho.effects(), formats={"relative": pct, "delta": pct, "relative_std": pct})}"""
+{html_table(folds, left=("held_out", "neurons"))}
+{html_table(ho.effects(), formats={"relative": pct, "delta": pct, "relative_std": pct})}"""
 
 
 def _specificity_section(result: LocateResult) -> str:
@@ -212,10 +140,10 @@ def _specificity_section(result: LocateResult) -> str:
 <i>own_delta</i>: Δ = mean change / mean P<sub>before</sub> on this fact; <i>others_delta</i>: the same pooled
 over the other facts' prompts; <i>p_specific</i>: share of other facts whose Δ is at least as extreme as this
 fact's, (1 + k) / (1 + K).</p>
-{_table(summary, formats={c: pct for c in cols})}
-<details><summary>Δ by relation</summary>{_table(by_rel, left=("relation",),
+{html_table(summary, formats={c: pct for c in cols})}
+<details><summary>Δ by relation</summary>{html_table(by_rel, left=("relation",),
                                                   formats={c: pct for c in by_rel.columns if c != "relation"})}</details>
-<details><summary>per fact</summary>{_table(sp.frame, left=("fact", "relation", "action"),
+<details><summary>per fact</summary>{html_table(sp.frame, left=("fact", "relation", "action"),
                                              formats={"delta": pct, "relative": pct})}</details>"""
 
 
@@ -257,7 +185,7 @@ def render_html(result: LocateResult) -> str:
     eff = result.effects()
     pct = lambda x: _pct(float(x))  # noqa: E731
     per_prompt = result.per_prompt()
-    fig_iv = _png(result.plot_interventions())
+    fig_iv = png_data(result.plot_interventions())
     try:
         tokens_js = token_view(result).src
     except Exception as err:  # noqa: BLE001 - the static view below still shows the numbers
@@ -266,7 +194,7 @@ def render_html(result: LocateResult) -> str:
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>knlens: {esc(title)}</title>
-<style>{_CSS}</style></head>
+<style>{PAGE_CSS}</style></head>
 <body>
 <h1>Knowledge neurons of “{esc(fact.prompts[0])}” → “{esc(fact.target)}”</h1>
 <p class="sub">{len(fact.prompts)} prompts · model {esc(s.model)} · knlens {esc(__version__)}</p>
@@ -275,14 +203,14 @@ def render_html(result: LocateResult) -> str:
 
 <h2>Summary</h2>
 <table class="kv">{fact_kv}</table>
-{_table(prompts, left=("prompt",))}
+{html_table(prompts, left=("prompt",))}
 <table class="kv">{kv}</table>
 
 <h2>Neurons</h2>
 <p class="note">Mean integrated-gradients score over the prompts; <i>n_coarse</i>: in how many of the
 {len(result.attributions)} prompts the neuron is coarse (score ≥ threshold × the prompt's maximum);
 highlighted: refined knowledge neurons. The table also lists the top {s.top_k} neurons by mean score.</p>
-{_table(table, highlight=table["refined"])}
+{html_table(table, highlight=table["refined"])}
 <img alt="per-prompt scores" src="{_prompt_heatmap(result)}">
 
 <h2>Completeness of integrated gradients</h2>
@@ -290,7 +218,7 @@ highlighted: refined knowledge neurons. The table also lists the top {s.top_k} n
 (only that layer's row moved to the baseline). <i>abs_error</i> = Σ<sub>layers</sub> |Σ IG − Δ|,
 <i>relative_error</i> = abs_error / Σ<sub>layers</sub> |Δ|. A prompt above the tolerance is integrated again on
 more Gauss–Legendre nodes; <i>grid</i> and <i>steps</i> are those of the pass kept.</p>
-{_table(comp, left=("prompt",))}
+{html_table(comp, left=("prompt",))}
 
 <h2>Interventions: suppress (×0) and enhance (×2) vs random controls</h2>
 <p class="note">Tested: {esc(result.tested_label)}, at the target position, in-sample (selected and measured on
@@ -301,9 +229,9 @@ same {s.n_bins}-quantile bin of |activation| at the target within the layer: kno
 the most active, and scaling a large activation moves the output more). <i>relative</i>: mean of
 (P<sub>after</sub> − P<sub>before</sub>) / P<sub>before</sub>; <i>delta</i>: Dai et al.'s
 mean change / mean P<sub>before</sub>; <i>relative_std</i>: spread of the random draws' means.</p>
-{_table(eff, formats={"relative": pct, "delta": pct, "relative_std": pct})}
+{html_table(eff, formats={"relative": pct, "delta": pct, "relative_std": pct})}
 <img alt="interventions" src="{fig_iv}">
-<details><summary>per prompt</summary>{_table(per_prompt, left=("prompt", "action"))}</details>
+<details><summary>per prompt</summary>{html_table(per_prompt, left=("prompt", "action"))}</details>
 {_heldout_section(result)}
 {_specificity_section(result)}
 
@@ -313,7 +241,7 @@ direction (a decrease for suppress, an increase for enhance), (1 + k) / (1 + N),
 1 / (1 + N) and is near 1 when the effect goes the other way; <i>p_wilcoxon</i>: two-sided Wilcoxon signed-rank
 test, paired over prompts, tested set vs the control's mean; <i>p_specific</i>: see above. <i>p_floor</i>: the
 smallest p the test can give with its <i>n</i>; the note says when it cannot reach 0.05.</p>
-{_table(result.tests(), left=("evaluation", "action", "comparison", "test", "note"))}
+{html_table(result.tests(), left=("evaluation", "action", "comparison", "test", "note"))}
 
 <h2>Where the neurons sit: layer × neuron heatmap</h2>
 <img alt="heatmap" src="{_heatmap(result)}">

@@ -15,6 +15,7 @@ interventions, from the stored results loaded back):
 
 >>> import tempfile
 >>> from knlens.store import Store
+>>> from knlens.viz.html import remote_sources
 >>> with tempfile.TemporaryDirectory() as d:
 ...     page = render_store(Store(d))
 >>> "holds no tasks" in page and remote_sources(page) == []
@@ -33,9 +34,9 @@ import pandas as pd
 from knlens.core.errors import KnlensError, OutputError
 from knlens.core.versions import __version__
 from knlens.store.store import Store
-from knlens.viz.report import _CSS, _png, _table, remote_sources
+from knlens.viz.html import PAGE_CSS, html_table, png_data
 
-__all__ = ["render_store", "write_store_page", "remote_sources", "GROUP_SQL"]
+__all__ = ["render_store", "write_store_page", "GROUP_SQL"]
 
 GROUP_SQL = "settings_hash"
 """The SQL expression naming a task's setting group: the store row's ``settings_hash``, a hash of its model,
@@ -72,7 +73,7 @@ def _tasks_section(store: Store) -> str:
                        "(select count(*) from attempts a where a.study = t.study) as attempts, "
                        "sum(seconds) filter (where status = 'done') as seconds_done "
                        "from tasks t group by study order by study")
-    out = ["<h2>Tasks</h2>", _table(counts, left=("study",)),
+    out = ["<h2>Tasks</h2>", html_table(counts, left=("study",)),
            '<p class="note">A task is one (study, fact, model, settings); its status is that of its stored result, '
            "or of its latest attempt when every attempt failed.</p>"]
     failed = store.sql("select key, model, knlens_version, error, finished from tasks where status = 'failed' "
@@ -82,7 +83,7 @@ def _tasks_section(store: Store) -> str:
         out += [f"<h3>Failed tasks ({len(failed)})</h3>",
                 '<p class="note">Run them again with <code>knlens sweep ... --retry-failed</code>; the traceback is '
                 "in the store (<code>select traceback from tasks where status = 'failed'</code>).</p>",
-                _table(failed, left=("key", "model", "knlens_version", "error", "finished"),
+                html_table(failed, left=("key", "model", "knlens_version", "error", "finished"),
                        formats={"finished": lambda x: _h(str(x)[:19])})]
     return "\n".join(out)
 
@@ -98,7 +99,7 @@ def _groups_section(store: Store) -> str:
         f"<p>Versions present: {vtext}. A group is one study, model, settings and knlens version; results of "
         "different groups are never mixed below. Its name is the store's <code>settings_hash</code>, a hash of "
         "the three.</p>",
-        _table(groups, left=("grp", "study", "model", "knlens_version", "settings"))])
+        html_table(groups, left=("grp", "study", "model", "knlens_version", "settings"))])
 
 
 def _histogram(hist: pd.DataFrame, n_layers: int, title: str) -> str:
@@ -117,7 +118,7 @@ def _histogram(hist: pd.DataFrame, n_layers: int, title: str) -> str:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, title="relation", title_fontsize=8)
-    return f'<img alt="{_h(title)}" src="{_png(fig)}">'
+    return f'<img alt="{_h(title)}" src="{png_data(fig)}">'
 
 
 def _effects(store: Store, keys: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -174,7 +175,7 @@ def _locate_section(store: Store, views: set[str]) -> str:
            "than every control, on average.</p>"]
     for grp, rows in per_rel.groupby("grp", sort=True):
         out.append(f"<h3>Group <code>{_h(grp)}</code></h3>")
-        out.append(_table(rows.drop(columns="grp")[["relation", "facts", "with_refined", "share_refined",
+        out.append(html_table(rows.drop(columns="grp")[["relation", "facts", "with_refined", "share_refined",
                                                      "mean_refined"]], left=("relation",),
                           formats={"share_refined": lambda x: "–" if not math.isfinite(x) else f"{100 * x:.0f} %"}))
         h = hist[hist.grp == grp]
@@ -184,7 +185,7 @@ def _locate_section(store: Store, views: set[str]) -> str:
             out.append(_histogram(h, int(n_layers[grp]), f"refined neurons per layer, group {grp}"))
         effects, bad = _effects(store, keys[keys.grp == grp])
         if not effects.empty:
-            out.append(_table(effects, left=("relation", "action"),
+            out.append(html_table(effects, left=("relation", "action"),
                               formats={"beats controls": lambda x: "yes" if x else "no"}))
         if bad:
             out.append('<p class="warn">Results that did not load: ' + "; ".join(map(_h, bad)) + "</p>")
@@ -207,7 +208,7 @@ def _trace_figure(frame: pd.DataFrame, title: str) -> str:
     axes[0][0].set_ylabel("mean indirect effect")
     axes[0][-1].legend(fontsize=8, title="relation", title_fontsize=8)
     fig.suptitle(title, fontsize=10, y=1.03)
-    return f'<img alt="{_h(title)}" src="{_png(fig)}">'
+    return f'<img alt="{_h(title)}" src="{png_data(fig)}">'
 
 
 def _trace_section(store: Store, views: set[str]) -> str:
@@ -227,7 +228,7 @@ def _trace_section(store: Store, views: set[str]) -> str:
         peaks = rows.loc[rows.groupby(["relation", "kind"]).mean_ie.idxmax()]
         peaks = peaks[["relation", "kind", "facts", "layer", "mean_ie"]].rename(
             columns={"layer": "peak_layer", "mean_ie": "peak_mean_ie"})
-        out += [f"<h3>Group <code>{_h(grp)}</code></h3>", _table(peaks, left=("relation", "kind")),
+        out += [f"<h3>Group <code>{_h(grp)}</code></h3>", html_table(peaks, left=("relation", "kind")),
                 _trace_figure(rows, f"mean indirect effect at the {_TRACE_GROUP} token, group {grp}")]
     return "\n".join(out)
 
@@ -238,7 +239,7 @@ def render_store(store: Store) -> str:
     """The summary page of ``store`` as one self-contained HTML string (see the module's docstring)."""
     n = int(store.sql("select count(*) as n from tasks").n[0])
     head = (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>knlens store {_h(store.path)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>Results store <code>{_h(store.path)}</code></h1>\n"
+            f"<style>{PAGE_CSS}</style></head><body>\n<h1>Results store <code>{_h(store.path)}</code></h1>\n"
             f'<p class="sub">summary written by knlens {_h(__version__)}</p>')
     parts = [head]
     problems = store.problems()
