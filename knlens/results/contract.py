@@ -235,7 +235,7 @@ def _decode(v: Any, tensors: dict[str, Tensor]) -> Any:
     if "__frame__" in v:
         return _decode_frame(v["__frame__"], tensors)
     if "__dataclass__" in v:
-        return _build(v["__dataclass__"], {k: _decode(x, tensors) for k, x in v["fields"].items()})
+        return _class(v["__dataclass__"])(**{k: _decode(x, tensors) for k, x in v["fields"].items()})
     raise ResultFormatError(f"unknown entry in a saved result: {sorted(v)}")
 
 
@@ -256,11 +256,12 @@ def _decode_frame(spec: dict[str, Any], tensors: dict[str, Tensor]) -> pd.DataFr
     return frame
 
 
-def _build(name: str, fields: dict[str, Any]) -> Any:
-    module, _, qualname = name.partition(":")
+def _class(name: str) -> type:
+    """The dataclass a saved result names (``module:qualname``): one met while saving in this process, or
+    one imported from knlens (never from elsewhere)."""
     if name in _CLASSES:
-        cls = _CLASSES[name]
-        return cls.from_fields(**fields) if hasattr(cls, "from_fields") else cls(**fields)
+        return _CLASSES[name]
+    module, _, qualname = name.partition(":")
     if not (module.startswith("knlens") or module == "__main__" or "doctest" in module or module.startswith("test")):
         raise ResultFormatError(f"a saved result names {name!r}, which is not a knlens class")
     try:
@@ -269,9 +270,7 @@ def _build(name: str, fields: dict[str, Any]) -> Any:
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as err:
         raise ResultFormatError(f"a saved result names {name!r}, which this knlens does not have") from err
-    if hasattr(obj, "from_fields"):
-        return obj.from_fields(**fields)
-    return obj(**fields)
+    return obj
 
 
 # ----------------------------------------------------------------------------------- save and load
