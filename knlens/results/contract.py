@@ -58,6 +58,11 @@ R = TypeVar("R", bound="Result")
 _CLASSES: dict[str, type] = {}  # dataclasses met while saving in this process, by module:qualname
 
 
+def _ours(module: str) -> bool:
+    """Whether results may hold dataclasses of ``module``: knlens' own, or a script's / doctest's."""
+    return module.startswith("knlens") or module == "__main__" or "doctest" in module
+
+
 def _name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -175,7 +180,7 @@ def _encode(v: Any, path: str, tensors: dict[str, Tensor]) -> Any:
         return _encode_frame(v, path, tensors)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         cls = type(v)
-        if not cls.__module__.startswith("knlens") and cls.__module__ != "__main__" and "doctest" not in cls.__module__:
+        if not _ours(cls.__module__):
             raise OutputError(f"cannot save a {cls.__module__}.{cls.__qualname__}: only knlens dataclasses are saved")
         _CLASSES[_name(cls)] = cls
         return {"__dataclass__": _name(cls),
@@ -262,7 +267,7 @@ def _class(name: str) -> type:
     if name in _CLASSES:
         return _CLASSES[name]
     module, _, qualname = name.partition(":")
-    if not (module.startswith("knlens") or module == "__main__" or "doctest" in module or module.startswith("test")):
+    if not _ours(module):
         raise ResultFormatError(f"a saved result names {name!r}, which is not a knlens class")
     try:
         obj: Any = importlib.import_module(module)
