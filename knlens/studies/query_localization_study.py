@@ -177,11 +177,11 @@ def _generic(study: ConsistencyStudy, s: QueryLocalizationSettings) -> tuple[dic
 def _mapping_tables(mapping: pd.DataFrame) -> dict[str, pd.DataFrame]:
     summaries, tests = [], []
     for group, sub in (("inconsistent", mapping[mapping.group == "inconsistent"]), ("all", mapping)):
-        summaries.append(mapping_summary(sub[sub.n_neurons > 0]).assign(facts=group))
+        summaries.append(mapping_summary(sub[sub.n_neurons > 0]))
+        summaries[-1].insert(0, "facts", group)
         if len(sub):
-            tests.append(mapping_tests(sub).assign(facts=group))
-    summaries = [t[["facts", *t.columns.drop("facts")]] for t in summaries]
-    tests = [t[["facts", *t.columns.drop("facts")]] for t in tests]
+            tests.append(mapping_tests(sub))
+            tests[-1].insert(0, "facts", group)
     return {"mapping": mapping, "mapping_summary": pd.concat(summaries, ignore_index=True),
             "mapping_tests": pd.concat(tests, ignore_index=True)}
 
