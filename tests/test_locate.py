@@ -18,7 +18,8 @@ from knlens.studies.knowledge_neurons import locate
 from knlens.methods.activations import token_activations
 from knlens.core.tokens import encode
 from knlens.results.contract import same
-from knlens.viz.report import remote_sources, render_html, write_html
+from knlens.viz.html import remote_sources
+from knlens.viz.report import render_html, write_html
 from knlens.methods.selection import SelectionPreset
 
 FACT = Fact(["the capital of france is", "the capital city of france is", "france capital city is"], " paris",
