@@ -89,7 +89,8 @@ def compare(model, name: str, prompt: str, target: str, args, peak: float | None
             toks = cells * (n_tok if engine == "reference" else 1)
             fl = flops(engine, model, layers, args.steps, n_tok)
             rows.append((engine, len(layers), dt, cells / dt, toks / dt, fl / 1e9, fl / dt / 1e9))
-            print(f"  {engine:9s} {len(layers):2d} layers: {dt:7.2f} s", flush=True)
+            ran = attr.settings.engine + (f" ({attr.settings.engine_note})" if attr.settings.engine_note else "")
+            print(f"  {engine:9s} {len(layers):2d} layers: {dt:7.2f} s; engine that ran: {ran}", flush=True)
     ref = results[("reference", len(subset))]
     frac = " | fraction of peak" if peak else ""
     print(f"\n| engine | layers | wall s | cells/s | token positions/s | est. GFLOP | achieved GFLOP/s | speed-up{frac} |")
