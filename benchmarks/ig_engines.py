@@ -29,6 +29,7 @@ import torch
 
 from knlens import attribute, load_model, random_model
 from knlens.core.tokens import encode
+from knlens.run.precision import LOG_FLOOR, NOISE_FACTOR, self_disagreement
 
 PROMPT = "The capital of France is the city of"
 TARGET = " Paris"
@@ -78,6 +79,10 @@ def compare(model, name: str, prompt: str, target: str, args, peak: float | None
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"{name}: {L} layers, d_mlp {model.cfg.d_mlp}, {dtype} weights on {next(model.parameters()).device}; "
           f"prompt {n_tok} tokens; m = {args.steps}; {torch.get_num_threads()} CPU threads; reference subset {subset}")
+    q = encode(model, [prompt], target)
+    noise = self_disagreement(model, q.tokens, int(q.position[0]), int(q.target[0]), args.batch_size)
+    print(f"  plain forward alone vs as one of {args.batch_size} rows: {noise:.3g} nats apart (the engine checks' "
+          f"half-precision tolerance is {NOISE_FACTOR:g}x this, at least {LOG_FLOOR} nats)")
     run(model, prompt, target, "fast", subset[:1], 2, args.batch_size)  # warm-up (kernels, caches)
     rows = []
     results = {}

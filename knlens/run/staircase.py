@@ -185,7 +185,7 @@ def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
 
 def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, cache: Any,
                  prefix: list[tuple[Tensor, Tensor]] | None, read_at: int,
-                 reference: Float[Tensor, "batch vocab"]) -> Stairs | None:
+                 reference: Float[Tensor, "batch vocab"], log_tolerance: float | None = None) -> Stairs | None:
     """A :class:`Stairs` for the recorded ``calls``, or None when the block loop does not reproduce
     ``reference`` (the recorded run's logits at ``read_at``) for two units entering at block 0.
 
@@ -209,37 +209,60 @@ def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, c
     except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit
         log.debug("staircase unavailable (%s: %s); using whole-model forwards", type(err).__name__, err)
         return None
-    return plan if reproduces(check, torch.cat([reference, reference])) else None
+    return plan if reproduces(check, torch.cat([reference, reference]), log_tolerance) else None
 
 
-def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "rows vocab"]) -> bool:
-    """Whether staircase logits equal the model's own (to 1e-4 of the largest logit in float32, 2e-2 in
-    half precision)."""
-    tol = 1e-4 if reference.dtype == torch.float32 and check.dtype == torch.float32 else 2e-2
-    scale = float(reference.float().abs().max().clamp_min(1.0))
-    ok = check.shape == reference.shape and float((check.float() - reference.float()).abs().max()) <= tol * scale
+def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "rows vocab"],
+               log_tolerance: float | None = None) -> bool:
+    """Whether staircase logits equal the model's own: to ``log_tolerance`` (nats, measured for a half
+    precision by :func:`knlens.run.precision.log_tolerance`) when given, else to 1e-4 of the largest logit
+    in float32 and 2e-2 in half precision."""
+    err = float((check.float() - reference.float()).abs().max()) if check.shape == reference.shape else float("inf")
+    if log_tolerance is not None:
+        tol = log_tolerance
+    else:
+        rel = 1e-4 if reference.dtype == torch.float32 and check.dtype == torch.float32 else 2e-2
+        tol = rel * float(reference.float().abs().max().clamp_min(1.0))
+    ok = err <= tol
     if not ok:
-        log.debug("staircase does not reproduce the model's logits; using whole-model forwards")
+        log.debug("staircase does not reproduce the model's logits (%.3g apart, tolerance %.3g); "
+                  "using whole-model forwards", err, tol)
     return ok
 
 
-def disagreement(check: Tensor, reference: Tensor, what: str, *, rtol: float | None = None) -> str | None:
-    """``None`` when ``check`` equals ``reference`` (a plain forward's numbers) to ``rtol`` of the largest
-    reference value (default 1e-3 in float32, 5e-2 in half precision); else a sentence saying how far off.
+def disagreement(check: Tensor, reference: Tensor, what: str, *, half: bool = False,
+                 log_tolerance: float | None = None) -> str | None:
+    """``None`` when ``check`` equals ``reference`` (a plain forward's numbers); else a sentence saying how
+    far off. With ``log_tolerance`` (nats, from :func:`knlens.run.precision.log_tolerance`), probabilities
+    are compared in log space and other values absolutely to it. Otherwise to 1e-3 of the largest
+    reference value in float32, 5e-2 in half precision (``half``, or either tensor in a half dtype).
 
     >>> disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), "logits") is None
     True
     >>> disagreement(torch.tensor([3e-8]), torch.tensor([0.75]), "P(target)")
     'P(target) differ from a plain forward by 0.75 (largest value 0.75)'
+    >>> disagreement(torch.tensor([1.32e-6]), torch.tensor([1.45e-6]), "P", log_tolerance=0.3) is None
+    True
+    >>> disagreement(torch.tensor([1e-6]), torch.tensor([4e-6]), "P", log_tolerance=0.3)
+    'P differ from a plain forward by 1.39 nats (tolerance 0.3; largest value 4e-06)'
     """
-    if rtol is None:
-        half = check.dtype != torch.float32 or reference.dtype != torch.float32
-        rtol = 5e-2 if half else 1e-3
     if check.shape != reference.shape:
         return f"{what} have shape {tuple(check.shape)}, a plain forward's {tuple(reference.shape)}"
-    ref = reference.float()
-    err = float((check.float() - ref).abs().max()) if ref.numel() else 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    if err == err and err <= rtol * scale + 1e-12:  # err == err: NaN never agrees
+    if not reference.numel():
+        return None
+    got, ref = check.float(), reference.float()
+    scale = float(ref.abs().max())
+    if log_tolerance is not None:
+        if bool((ref > 0).all()) and bool((got > 0).all()):
+            got, ref = got.log(), ref.log()
+        err = float((got - ref).abs().max())
+        if err == err and err <= log_tolerance:  # err == err: NaN never agrees
+            return None
+        return (f"{what} differ from a plain forward by {err:.3g} nats (tolerance {log_tolerance:.3g}; "
+                f"largest value {scale:.3g})")
+    half = half or check.dtype != torch.float32 or reference.dtype != torch.float32
+    rtol = 5e-2 if half else 1e-3
+    err = float((got - ref).abs().max())
+    if err == err and err <= rtol * scale + 1e-12:
         return None
     return f"{what} differ from a plain forward by {err:.3g} (largest value {scale:.3g})"

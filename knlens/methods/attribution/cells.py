@@ -26,6 +26,7 @@ from knlens.run.compat import cache_keyword_fix
 from knlens.run.engine import (Engine, Quantity, chunks, forward_from_cache, forward_with_cache, read_quantity,
                                target_logits)
 from knlens.run.hooks import capture, hooked, replace_rows
+from knlens.run.precision import log_tolerance, low_precision
 from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 
 __all__ = ["ig_row"]
@@ -120,13 +121,16 @@ def ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights: 
     with cache_keyword_fix(model):
         plain_logits, plain_acts, plain_calls = _plain_state(model, row, names)
         clean = float(read_quantity(plain_logits, row.target, quantity)[0])
+        cells = len(names) * (len(alphas) + 2)
+        tol = log_tolerance(model, row.tokens, int(row.position[0]), int(row.target[0]),
+                            min(cells, batch_size or cells), quantity)
         out, why = _ig_cells(model, row, names, alphas, weights, baseline, quantity, engine, batch_size,
-                             plain_logits, plain_acts, plain_calls, clean)
+                             plain_logits, plain_acts, plain_calls, clean, tol)
         if why is None:
             return out
         note = _fallback(engine, why)
         out, again = _ig_cells(model, row, names, alphas, weights, baseline, quantity, "reference", batch_size,
-                               plain_logits, plain_acts, plain_calls, clean)
+                               plain_logits, plain_acts, plain_calls, clean, tol)
         if again is not None:
             raise EngineCheckError(f"integrated gradients: even the reference engine disagrees with a plain "
                                    f"forward of the model ({again}); its hooks do not reproduce its own output")
@@ -135,9 +139,10 @@ def ig_row(model: Any, row: Queries, names: list[str], alphas: Tensor, weights: 
 
 def _ig_cells(model: Any, row: Queries, names: list[str], alphas: Tensor, weights: Tensor, baseline: Baseline,
               quantity: Quantity, engine: Engine, batch_size: int, plain_logits: Tensor, plain_acts: Tensor,
-              plain_calls: list, clean: float) -> tuple[dict[str, Any], str | None]:
+              plain_calls: list, clean: float, tol: float | None) -> tuple[dict[str, Any], str | None]:
     """The IG cells of one row on ``engine``; the second value says why the engine cannot be trusted
-    (its clean pass or its α = 1 cells disagree with the plain forward), or is None."""
+    (its clean pass or its α = 1 cells disagree with the plain forward, to ``tol`` nats in half
+    precision), or is None."""
     causal = not is_masked_lm(model) and int(row.position[0]) > 0
     kv, stairs, ran = None, None, engine
     acts = plain_acts
@@ -145,18 +150,20 @@ def _ig_cells(model: Any, row: Queries, names: list[str], alphas: Tensor, weight
         with torch.no_grad():
             _, kv = forward_with_cache(model, row.tokens[:, :-1])
         logits, acts, cache, calls = _cached_state(model, row, names, kv)
-        why = (disagreement(logits, plain_logits, "the cached clean logits")
-               or disagreement(acts, plain_acts, "the cached clean activations"))
+        why = (disagreement(logits, plain_logits, "the cached clean logits", half=low_precision(model))
+               or disagreement(acts, plain_acts, "the cached clean activations", half=low_precision(model)))
         if why is not None:
             return {}, f"{why} (the key/value cache is not honoured)"
         if engine == "fast":
             stairs = build_stairs(model, calls, cache=cache, prefix=cache_layers(kv), read_at=-1,
-                                  reference=plain_logits)
+                                  reference=plain_logits, log_tolerance=tol)
     elif engine == "fast":
         pos = int(row.position[0])
-        stairs = build_stairs(model, plain_calls, cache=None, prefix=None, read_at=pos, reference=plain_logits)
+        stairs = build_stairs(model, plain_calls, cache=None, prefix=None, read_at=pos, reference=plain_logits,
+                              log_tolerance=tol)
+    note = ""
     if engine == "fast" and stairs is None:
-        ran = "batched"
+        ran, note = "batched", "fast -> batched: the staircase does not reproduce this model's logits"
         log.info("the staircase does not reproduce this model's logits; running the batched engine")
     acts = acts.float()
     start = baseline_values(baseline, model, row, names, acts)
@@ -189,7 +196,8 @@ def _ig_cells(model: Any, row: Queries, names: list[str], alphas: Tensor, weight
             grads[idx], f[idx] = g.cpu(), v.float().cpu()
     grads = grads.view(n_layers, g_n, -1)[:, :m]
     f = f.view(n_layers, g_n)
-    why = disagreement(f[:, one], torch.full((n_layers,), clean), f"the α = 1 cells' {quantity}")
+    why = disagreement(f[:, one], torch.full((n_layers,), clean), f"the α = 1 cells' {quantity}",
+                       log_tolerance=tol)
     if why is not None:
         return {}, why
     scores = span.cpu() * torch.einsum("k,lkd->ld", weights.float(), grads)
@@ -198,4 +206,4 @@ def _ig_cells(model: Any, row: Queries, names: list[str], alphas: Tensor, weight
         raise NonFiniteError("integrated gradients produced non-finite scores (check the model's dtype and "
                              "the target quantity; 'logprob' of a near-zero probability can overflow)")
     return {"scores": scores, "activations": acts.cpu(), "delta": delta,
-            "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean, "engine": ran, "note": ""}, None
+            "completeness_error": (scores.sum(-1) - delta).abs(), "clean": clean, "engine": ran, "note": note}, None

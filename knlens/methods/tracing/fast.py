@@ -122,7 +122,7 @@ def stairs_read(model: Any, setup: TraceSetup, stairs: Stairs, entry: Int[Tensor
 
 
 def check_fast(model: Any, setup: TraceSetup, runs: Mapping[int, TokenRun] | None, clean: Mapping[str, Tensor],
-                p_clean: float, p_corr: float, quantity: Quantity) -> str | None:
+                p_clean: float, p_corr: float, quantity: Quantity, tol: float | None = None) -> str | None:
     """Why the fast engine cannot be trusted, or None. Every token's cached corrupted run (which its
     staircase reproduces) must give P_corrupted; the staircase of the first corrupted token with block 0's
     clean output restored at all its positions must give P_clean."""
@@ -130,7 +130,8 @@ def check_fast(model: Any, setup: TraceSetup, runs: Mapping[int, TokenRun] | Non
         return ("its staircase cannot be built or does not reproduce the model's own forward on this model "
                 "(or a traced token lies after the read-out position)")
     nothing = torch.tensor([r.p_cached for r in runs.values()])
-    why = disagreement(nothing, torch.full_like(nothing, p_corr), "P_corrupted through the cached prefix")
+    why = disagreement(nothing, torch.full_like(nothing, p_corr), "P_corrupted through the cached prefix",
+                        log_tolerance=tol)
     if why is not None:
         return why
     first = min(setup.positions)
@@ -140,14 +141,16 @@ def check_fast(model: Any, setup: TraceSetup, runs: Mapping[int, TokenRun] | Non
     state = clean["resid"][0, first:setup.position + 1]  # block 0's clean output at the staircase's positions
     hooks = [(hook_name(0, KIND_POINTS["resid"]), lambda act, hook: state.to(act.device, act.dtype).expand_as(act))]
     everything = stairs_read(model, setup, run.stairs, torch.zeros(1, dtype=torch.long), hooks, quantity)
-    return disagreement(everything, torch.tensor([p_clean]), "P_clean through the cached prefix")
+    return disagreement(everything, torch.tensor([p_clean]), "P_clean through the cached prefix",
+                        log_tolerance=tol)
 
 
 def check_batched(model: Any, setup: TraceSetup, clean: Mapping[str, Tensor], p_clean: float, p_corr: float,
-                   quantity: Quantity) -> str | None:
+                   quantity: Quantity, tol: float | None = None) -> str | None:
     """Why the batched engine cannot be trusted, or None: as rows of one batch, restoring nothing must give
     P_corrupted and restoring block 0's clean output at every position P_clean."""
     masks = torch.zeros(2, model.cfg.n_layers, setup.tokens.shape[1], dtype=torch.bool)
     masks[1, 0] = True
     got = run_rows(model, setup, {"resid": masks}, clean, quantity)
-    return disagreement(got, torch.tensor([p_corr, p_clean]), "P_corrupted and P_clean as rows of one batch")
+    return disagreement(got, torch.tensor([p_corr, p_clean]), "P_corrupted and P_clean as rows of one batch",
+                        log_tolerance=tol)

@@ -66,6 +66,7 @@ from knlens.methods.tracing.setup import (DEFAULT_WINDOWS, KIND_POINTS, KINDS, a
                                           clean_cache, prepare, require_known, resolve_prompt, run_rows)
 from knlens.run.compat import cache_keyword_fix
 from knlens.run.engine import ENGINES, Engine, Quantity, chunks, read_quantity
+from knlens.run.precision import log_tolerance
 
 __all__ = ["trace", "trace_facts", "restore"]
 
@@ -179,8 +180,9 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     effects = {}
     with cache_keyword_fix(model):
         runs = token_stairs(model, setup, [t for _, t in cells], quantity) if asked == "fast" and cells else None
-        checks = {"fast": lambda: check_fast(model, setup, runs, clean, p_clean, p_corr, quantity),
-                  "batched": lambda: check_batched(model, setup, clean, p_clean, p_corr, quantity)}
+        tol = log_tolerance(model, setup.tokens, setup.position, setup.target, batch_size, quantity)
+        checks = {"fast": lambda: check_fast(model, setup, runs, clean, p_clean, p_corr, quantity, tol),
+                  "batched": lambda: check_batched(model, setup, clean, p_clean, p_corr, quantity, tol)}
         used, why = choose_engine(asked, checks) if cells else (asked, "")
         for kind in kinds:
             if used == "fast":
