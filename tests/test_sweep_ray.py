@@ -23,7 +23,7 @@ import pytest
 
 import knlens
 from knlens.cli import main
-from knlens.core.errors import RayNotInstalledError, RayUnreachableError, SweepError
+from knlens.core.errors import RayNotInstalledError, RayUnreachableError, RayWorkerError, SweepError
 from knlens.results.contract import same
 from knlens.store import Store, Task
 from knlens.sweeps import Study, read_facts, sweep
@@ -121,6 +121,13 @@ def test_a_model_the_workers_cannot_load_is_one_error_line(tmp_path, cluster, ca
     assert main([a if a != "tiny-llama" else "no-such-model-zz" for a in argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(err) == 1 and "cannot load model 'no-such-model-zz'" in err[0], err
+    assert not (tmp_path / "tasks").exists()
+
+
+def test_a_worker_the_cluster_cannot_place_is_refused_before_any_work(tmp_path, cluster):
+    with pytest.raises(RayWorkerError, match="has 2 CPUs: it cannot place a worker of 4 CPUs"):
+        sweep("locate", read_facts(DATA, max_facts=1), "tiny-llama", tmp_path, executor="ray", ray_address=cluster,
+              worker_cpus=4)
     assert not (tmp_path / "tasks").exists()
 
 
