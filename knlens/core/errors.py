@@ -114,3 +114,17 @@ class QueryError(KnlensError, ValueError):
 class SweepError(KnlensError, ValueError):
     """A sweep that cannot start: an unknown study, a data spec that names no data set, a setting the
     study does not take."""
+
+
+class RayNotInstalledError(KnlensError, ImportError):
+    """The Ray executor asked for where Ray is not installed (``pip install 'knlens[ray]'``)."""
+
+
+class RayUnreachableError(KnlensError, ConnectionError):
+    """A Ray cluster address that cannot be reached (nothing listens there, or Ray refuses to connect); raised
+    before any task runs."""
+
+
+class RayWorkerError(KnlensError, RuntimeError):
+    """A Ray worker that cannot serve a sweep (the cluster cannot place one, it cannot load the model, it runs
+    another knlens version than the driver), or that died under a task (recorded as that task's error)."""
