@@ -38,7 +38,7 @@ from knlens.core.facts import Fact
 from knlens.methods.interventions import FACTORS, NON_MONOTONE_POINTS, intervene, per_prompt
 from knlens.results.contract import TableResult
 from knlens.core.neurons import NeuronSet
-from knlens.core.tokens import Queries, encode
+from knlens.core.tokens import encode, stack
 
 __all__ = ["Specificity", "SpecificitySettings", "specificity", "other_relation_facts"]
 
@@ -77,17 +77,6 @@ def other_relation_facts(model: Any, fact: Fact, pool: Sequence[Fact] | None = N
     if skipped:
         text += f" ({skipped} skipped: target or prompt does not fit this model's vocabulary)"
     return usable, text
-
-
-def _stack(qs: Sequence[Queries]) -> Queries:
-    """One right-padded batch of several facts' queries (each row keeps its own target and position)."""
-    width = max(q.tokens.shape[1] for q in qs)
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    offsets = [sum(len(q.prompts) for q in qs[:i]) for i in range(len(qs))]
-    return Queries(torch.cat([pad(q.tokens) for q in qs]), torch.cat([pad(q.attention_mask) for q in qs]),
-                   torch.cat([q.position for q in qs]), torch.cat([q.target for q in qs]),
-                   torch.cat([q.prompt_index + off for q, off in zip(qs, offsets)]),
-                   torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts), "")
 
 
 @dataclass(frozen=True)
@@ -179,7 +168,7 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
         warnings.warn(f"specificity: x2 at {hook_point} is not monotone in the neurons' output (see knlens.methods.interventions)",
                       UserWarning, stacklevel=2)
     facts = [fact, *others]
-    q = _stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
+    q = stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
     before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q).double()
     after = {action: per_prompt(intervene(model, q, [neurons], factor, hook_point=hook_point, baseline=baseline,
                                           batch_size=batch_size)[0], q).double() for action, factor in actions.items()}
