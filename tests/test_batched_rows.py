@@ -15,7 +15,7 @@ import knlens
 import knlens.run.staircase as staircase
 from knlens.core.errors import EngineFallbackWarning, FactError
 from knlens.methods.attribution import cells
-from knlens.methods.attribution.cells import row_groups
+from knlens.core.tokens import row_groups
 from knlens.methods.attribution.ig import attribute, attribute_facts
 
 SAME = ["the capital of france is", "the capital of spain is", "the currency of japan is"]

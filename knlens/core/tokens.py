@@ -26,7 +26,7 @@ from torch import Tensor
 from knlens.core.errors import PromptError, TargetError
 from knlens.core.models import is_masked_lm
 
-__all__ = ["Queries", "encode", "stack", "target_tokens", "single_token"]
+__all__ = ["Queries", "encode", "stack", "row_groups", "target_tokens", "single_token"]
 
 MultiToken = Literal["error", "teacher_forcing"]
 
@@ -168,3 +168,22 @@ def stack(qs: Sequence[Queries]) -> Queries:
                    torch.cat([q.prompt_index + off for q, off in zip(qs, offsets)]),
                    torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts),
                    qs[0].target_str if len({q.target_str for q in qs}) == 1 else "")
+
+
+def row_groups(q: Queries, size: int | None = None) -> list[Int[Tensor, "rows"]]:
+    """The rows of ``q`` grouped by length and target position (rows that can share one clean pass and one
+    staircase run), each group in row order and cut into pieces of at most ``size`` rows; groups in the order
+    of their first row.
+
+    >>> from knlens import load_model
+    >>> q = encode(load_model("tiny-llama"), ["the capital of france is", "paris is in", "the capital of spain is"],
+    ...            " paris")
+    >>> [g.tolist() for g in row_groups(q)]                     # two prompts of 6 tokens share a group
+    [[0, 2], [1]]
+    """
+    lengths, positions = q.attention_mask.sum(1).tolist(), q.position.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(zip(lengths, positions)):
+        groups.setdefault(key, []).append(i)
+    size = size or len(q)
+    return [torch.tensor(g[s:s + size]) for g in groups.values() for s in range(0, len(g), size)]

@@ -15,8 +15,6 @@ row; otherwise the group is recomputed by ``reference`` with an
 >>> from knlens.methods.attribution.grids import quadrature
 >>> model = load_model("tiny-llama")
 >>> q = encode(model, ["the capital of france is", "the capital of spain is", "paris is in"], " paris")
->>> [g.tolist() for g in row_groups(q)]                     # two prompts of 6 tokens share a group
-[[0, 1], [2]]
 >>> alphas, weights = quadrature("right", 4)
 >>> rows = ig_queries(model, q, ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"], alphas, weights,
 ...                   "zero", "prob", "fast", 64)
@@ -32,13 +30,13 @@ import warnings
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from knlens.core.errors import EngineCheckError, EngineFallbackWarning, NonFiniteError
 from knlens.core.models import is_masked_lm
-from knlens.core.tokens import Queries
+from knlens.core.tokens import Queries, row_groups
 from knlens.methods.attribution.baselines import Baseline, baseline_values
 from knlens.run.compat import cache_keyword_fix
 from knlens.run.engine import (Engine, Quantity, chunks, forward_from_cache, forward_with_cache, read_quantity,
@@ -46,21 +44,9 @@ from knlens.run.engine import (Engine, Quantity, chunks, forward_from_cache, for
 from knlens.run.hooks import capture, hooked, replace_rows
 from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 
-__all__ = ["ig_queries", "ig_rows", "row_groups"]
+__all__ = ["ig_queries", "ig_rows"]
 
 log = logging.getLogger("knlens.methods.attribution.ig")
-
-
-def row_groups(q: Queries, size: int | None = None) -> list[Int[Tensor, "rows"]]:
-    """The rows of ``q`` grouped by length and target position (rows that can share one clean pass and one
-    staircase run), each group in row order and cut into pieces of at most ``size`` rows; groups in the order
-    of their first row."""
-    lengths, positions = q.attention_mask.sum(1).tolist(), q.position.tolist()
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, key in enumerate(zip(lengths, positions)):
-        groups.setdefault(key, []).append(i)
-    size = size or len(q)
-    return [torch.tensor(g[s:s + size]) for g in groups.values() for s in range(0, len(g), size)]
 
 
 def _plain_state(model: Any, rows: Queries, names: list[str]
@@ -155,7 +141,7 @@ def ig_queries(model: Any, q: Queries, names: list[str], alphas: Tensor, weights
                quantity: Quantity, engine: Engine, batch_size: int, progress: bool = False) -> list[dict[str, Any]]:
     """Integrated gradients of every row of ``q`` (rows of any prompts and targets), for all hook points
     ``names``: one dict per row (see :func:`ig_rows`), in row order. Rows of equal length and target position
-    are run together (:func:`row_groups`, at most ``batch_size`` rows a group)."""
+    are run together (:func:`~knlens.core.tokens.row_groups`, at most ``batch_size`` rows a group)."""
     out: list[dict[str, Any] | None] = [None] * len(q)
     for group in tqdm(row_groups(q, batch_size), desc="integrated gradients", disable=not progress, leave=False):
         for i, row in zip(group.tolist(), ig_rows(model, q.select(group), names, alphas, weights, baseline,
