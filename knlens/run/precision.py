@@ -15,12 +15,13 @@ engine being checked — times :data:`NOISE_FACTOR`, and at least :data:`LOG_FLO
 >>> q = encode(model, ["the capital of france is"], " paris")
 >>> log_tolerance(model, q.tokens, int(q.position[0]), int(q.target[0]), rows=8) is None   # float32
 True
->>> self_disagreement(model, q.tokens, int(q.position[0]), int(q.target[0]), rows=8) < 1e-5
+>>> self_disagreement(model, q.tokens, int(q.position[0]), int(q.target[0]), rows=8).quantity < 1e-5
 True
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from knlens.run.engine import Quantity, forward, read_quantity
 
-__all__ = ["low_precision", "self_disagreement", "log_tolerance", "NOISE_FACTOR", "LOG_FLOOR"]
+__all__ = ["Tolerance", "low_precision", "self_disagreement", "log_tolerance", "NOISE_FACTOR", "LOG_FLOOR"]
 
 NOISE_FACTOR = 4.0  # the tolerance over the measured batch-shape noise
 LOG_FLOOR = 0.02  # nats: the least tolerance in half precision
@@ -45,25 +46,34 @@ def low_precision(model: Any) -> bool:
     return p.dtype != torch.float32 or torch.is_autocast_enabled(p.device.type)
 
 
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a faster path may be from a plain forward in half precision: ``quantity`` in nats (log P for
+    probabilities, else the quantity itself), ``logits`` for whole logit vectors (absolute)."""
+
+    quantity: float
+    logits: float
+
+
 @torch.no_grad()
 def self_disagreement(model: Any, tokens: Int[Tensor, "1 pos"], position: int, target: int, rows: int,
-                      quantity: Quantity = "prob") -> float:
-    """The largest difference, in nats (log P for probabilities, else the quantity itself), between a plain
-    forward of ``tokens`` alone and as one of ``rows`` copies in one batch, read at ``position``."""
-    values = []
-    for n in (1, max(2, rows)):
-        logits = forward(model, tokens.expand(n, -1))[:, position]
-        values.append(read_quantity(logits, torch.full((n,), target, device=logits.device), quantity))
-    alone, batch = values
+                      quantity: Quantity = "prob") -> Tolerance:
+    """The largest differences between a plain forward of ``tokens`` alone and as one of ``rows`` copies in
+    one batch, read at ``position``: of ``quantity`` (nats) and of the whole logit vector."""
+    logits = [forward(model, tokens.expand(n, -1))[:, position].float() for n in (1, max(2, rows))]
+    alone, batch = (read_quantity(x, torch.full((x.shape[0],), target, device=x.device), quantity) for x in logits)
     if quantity == "prob":
         alone, batch = alone.clamp_min(1e-30).log(), batch.clamp_min(1e-30).log()
-    return float((batch - alone).abs().max())
+    return Tolerance(quantity=float((batch - alone).abs().max()),
+                     logits=float((logits[1] - logits[0]).abs().max()))
 
 
 def log_tolerance(model: Any, tokens: Int[Tensor, "1 pos"], position: int, target: int, rows: int,
-                  quantity: Quantity = "prob") -> float | None:
-    """``None`` in float32; in half precision the tolerance (nats) for a faster path's value of
-    ``quantity`` against a plain forward: ``max(LOG_FLOOR, NOISE_FACTOR × self_disagreement)``."""
+                  quantity: Quantity = "prob") -> Tolerance | None:
+    """``None`` in float32; in half precision the tolerances for a faster path against a plain forward:
+    ``max(LOG_FLOOR, NOISE_FACTOR × self_disagreement)``, for the quantity and for whole logit vectors."""
     if not low_precision(model):
         return None
-    return max(LOG_FLOOR, NOISE_FACTOR * self_disagreement(model, tokens, position, target, rows, quantity))
+    noise = self_disagreement(model, tokens, position, target, rows, quantity)
+    return Tolerance(quantity=max(LOG_FLOOR, NOISE_FACTOR * noise.quantity),
+                     logits=max(LOG_FLOOR, NOISE_FACTOR * noise.logits))

@@ -231,11 +231,12 @@ def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "row
 
 
 def disagreement(check: Tensor, reference: Tensor, what: str, *, half: bool = False,
-                 log_tolerance: float | None = None) -> str | None:
+                 log_tolerance: float | None = None, absolute_tolerance: float | None = None) -> str | None:
     """``None`` when ``check`` equals ``reference`` (a plain forward's numbers); else a sentence saying how
     far off. With ``log_tolerance`` (nats, from :func:`knlens.run.precision.log_tolerance`), probabilities
-    are compared in log space and other values absolutely to it. Otherwise to 1e-3 of the largest
-    reference value in float32, 5e-2 in half precision (``half``, or either tensor in a half dtype).
+    are compared in log space and other values absolutely to it; with ``absolute_tolerance`` (logits), values
+    absolutely. Otherwise to 1e-3 of the largest reference value in float32, 5e-2 in half precision
+    (``half``, or either tensor in a half dtype).
 
     >>> disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), "logits") is None
     True
@@ -252,14 +253,15 @@ def disagreement(check: Tensor, reference: Tensor, what: str, *, half: bool = Fa
         return None
     got, ref = check.float(), reference.float()
     scale = float(ref.abs().max())
-    if log_tolerance is not None:
-        if bool((ref > 0).all()) and bool((got > 0).all()):
+    if log_tolerance is not None or absolute_tolerance is not None:
+        if log_tolerance is not None and bool((ref > 0).all()) and bool((got > 0).all()):
             got, ref = got.log(), ref.log()
+        tol = log_tolerance if log_tolerance is not None else absolute_tolerance
         err = float((got - ref).abs().max())
-        if err == err and err <= log_tolerance:  # err == err: NaN never agrees
+        if err == err and err <= tol:  # err == err: NaN never agrees
             return None
-        return (f"{what} differ from a plain forward by {err:.3g} nats (tolerance {log_tolerance:.3g}; "
-                f"largest value {scale:.3g})")
+        unit = " nats" if log_tolerance is not None else ""
+        return f"{what} differ from a plain forward by {err:.3g}{unit} (tolerance {tol:.3g}; largest value {scale:.3g})"
     half = half or check.dtype != torch.float32 or reference.dtype != torch.float32
     rtol = 5e-2 if half else 1e-3
     err = float((got - ref).abs().max())

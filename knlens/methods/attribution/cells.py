@@ -42,7 +42,7 @@ from knlens.run.compat import cache_keyword_fix
 from knlens.run.engine import (Engine, Quantity, chunks, forward_from_cache, forward_with_cache, read_quantity,
                                target_logits)
 from knlens.run.hooks import capture, hooked, replace_rows
-from knlens.run.precision import log_tolerance, low_precision
+from knlens.run.precision import Tolerance, log_tolerance, low_precision
 from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 
 __all__ = ["ig_queries", "ig_rows"]
@@ -183,9 +183,10 @@ def ig_rows(model: Any, rows: Queries, names: list[str], alphas: Tensor, weights
 
 def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weights: Tensor, baseline: Baseline,
               quantity: Quantity, engine: Engine, batch_size: int, plain_logits: Tensor, plain_acts: Tensor,
-              plain_calls: list, clean: Tensor, tol: float | None) -> tuple[list[dict[str, Any]], str | None]:
+              plain_calls: list, clean: Tensor, tol: Tolerance | None
+              ) -> tuple[list[dict[str, Any]], str | None]:
     """The IG cells of a group of rows on ``engine``; the second value says why the engine cannot be trusted
-    (its clean pass or its α = 1 cells disagree with the plain forward for some row, to ``tol`` nats in half
+    (its clean pass or its α = 1 cells disagree with the plain forward for some row, to ``tol`` in half
     precision), or is None."""
     causal = not is_masked_lm(model) and int(rows.position[0]) > 0
     kv, stairs, ran = None, None, engine
@@ -194,17 +195,17 @@ def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weigh
         with torch.no_grad():
             _, kv = forward_with_cache(model, rows.tokens[:, :-1])
         logits, acts, cache, calls = _cached_state(model, rows, names, kv)
-        half = low_precision(model)
-        why = (_per_row(logits, plain_logits, "the cached clean logits", half=half)
-               or _per_row(acts, plain_acts, "the cached clean activations", half=half))
+        why = (_per_row(logits, plain_logits, "the cached clean logits",
+                        absolute_tolerance=None if tol is None else tol.logits)
+               or _per_row(acts, plain_acts, "the cached clean activations", half=low_precision(model)))
         if why is not None:
             return [], f"{why} (the key/value cache is not honoured)"
         if engine == "fast":
             stairs = build_stairs(model, calls, cache=cache, prefix=cache_layers(kv), read_at=-1,
-                                  reference=plain_logits, log_tolerance=tol)
+                                  reference=plain_logits, log_tolerance=None if tol is None else tol.logits)
     elif engine == "fast":
         stairs = build_stairs(model, plain_calls, cache=None, prefix=None, read_at=int(rows.position[0]),
-                              reference=plain_logits, log_tolerance=tol)
+                              reference=plain_logits, log_tolerance=None if tol is None else tol.logits)
     note = ""
     if engine == "fast" and stairs is None:
         ran, note = "batched", "fast -> batched: the staircase does not reproduce this model's logits"
@@ -241,7 +242,7 @@ def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weigh
     grads = grads.view(n_layers, g_n, n_rows, -1)[:, :m].permute(2, 0, 1, 3)  # [row, layer, step, d]
     f = f.view(n_layers, g_n, n_rows).permute(2, 0, 1)  # [row, layer, grid point]
     why = _per_row(f[:, :, one], clean[:, None].expand(n_rows, n_layers), f"the α = 1 cells' {quantity}",
-                   log_tolerance=tol)
+                   log_tolerance=None if tol is None else tol.quantity)
     if why is not None:
         return [], why
     span = span.cpu()

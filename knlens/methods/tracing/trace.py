@@ -180,7 +180,8 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     effects = {}
     with cache_keyword_fix(model):
         runs = token_stairs(model, setup, [t for _, t in cells], quantity) if asked == "fast" and cells else None
-        tol = log_tolerance(model, setup.tokens, setup.position, setup.target, batch_size, quantity)
+        tolerance = log_tolerance(model, setup.tokens, setup.position, setup.target, batch_size, quantity)
+        tol = None if tolerance is None else tolerance.quantity
         checks = {"fast": lambda: check_fast(model, setup, runs, clean, p_clean, p_corr, quantity, tol),
                   "batched": lambda: check_batched(model, setup, clean, p_clean, p_corr, quantity, tol)}
         used, why = choose_engine(asked, checks) if cells else (asked, "")
