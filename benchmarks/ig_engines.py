@@ -91,7 +91,8 @@ def compare(model, name: str, prompt: str, target: str, args, peak: float | None
           f"reference subset {subset}")
     q = encode(model, [prompt], target)
     noise = self_disagreement(model, q.tokens, int(q.position[0]), int(q.target[0]), args.batch_size)
-    print(f"  plain forward alone vs as one of {args.batch_size} rows: {noise:.3g} nats apart (the engine checks' "
+    print(f"  plain forward alone vs as one of {args.batch_size} rows: {noise.quantity:.3g} nats in P, {noise.logits:.3g} "
+          f"in the logits apart (the engine checks' "
           f"half-precision tolerance is {NOISE_FACTOR:g}x this, at least {LOG_FLOOR} nats)")
     run(model, prompts, target, "fast", subset[:1], 2, args.batch_size)  # warm-up (kernels, caches)
     rows = []
