@@ -21,6 +21,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from knlens.run.engine import Quantity, forward, read_quantity
+from knlens.run.hooks import capture
 
 __all__ = ["Tolerance", "low_precision", "self_disagreement", "log_tolerance", "NOISE_FACTOR", "LOG_FLOOR"]
 
@@ -49,31 +51,44 @@ def low_precision(model: Any) -> bool:
 @dataclass(frozen=True)
 class Tolerance:
     """How far a faster path may be from a plain forward in half precision: ``quantity`` in nats (log P for
-    probabilities, else the quantity itself), ``logits`` for whole logit vectors (absolute)."""
+    probabilities, else the quantity itself), ``logits`` for whole logit vectors and ``activations`` for the
+    activations of the hook points asked for (absolute; ``None`` when none were asked for)."""
 
     quantity: float
     logits: float
+    activations: float | None = None
 
 
 @torch.no_grad()
 def self_disagreement(model: Any, tokens: Int[Tensor, "1 pos"], position: int, target: int, rows: int,
-                      quantity: Quantity = "prob") -> Tolerance:
+                      quantity: Quantity = "prob", names: Sequence[str] = ()) -> Tolerance:
     """The largest differences between a plain forward of ``tokens`` alone and as one of ``rows`` copies in
-    one batch, read at ``position``: of ``quantity`` (nats) and of the whole logit vector."""
-    logits = [forward(model, tokens.expand(n, -1))[:, position].float() for n in (1, max(2, rows))]
+    one batch, read at ``position``: of ``quantity`` (nats), of the whole logit vector and of the
+    activations of hook points ``names``."""
+    logits, acts = [], []
+    for n in (1, max(2, rows)):
+        seen: dict[str, list[Tensor]] = {name: [] for name in names}
+        hooks = [(name, capture(seen[name], position)) for name in names]
+        logits.append(forward(model, tokens.expand(n, -1), hooks)[:, position].float())
+        acts.append([seen[name][0].float() for name in names])
     alone, batch = (read_quantity(x, torch.full((x.shape[0],), target, device=x.device), quantity) for x in logits)
     if quantity == "prob":
         alone, batch = alone.clamp_min(1e-30).log(), batch.clamp_min(1e-30).log()
+    act_err = max((float((b - a).abs().max()) for a, b in zip(*acts)), default=None)
     return Tolerance(quantity=float((batch - alone).abs().max()),
-                     logits=float((logits[1] - logits[0]).abs().max()))
+                     logits=float((logits[1] - logits[0]).abs().max()), activations=act_err)
 
 
 def log_tolerance(model: Any, tokens: Int[Tensor, "1 pos"], position: int, target: int, rows: int,
-                  quantity: Quantity = "prob") -> Tolerance | None:
+                  quantity: Quantity = "prob", names: Sequence[str] = ()) -> Tolerance | None:
     """``None`` in float32; in half precision the tolerances for a faster path against a plain forward:
-    ``max(LOG_FLOOR, NOISE_FACTOR × self_disagreement)``, for the quantity and for whole logit vectors."""
+    ``max(LOG_FLOOR, NOISE_FACTOR × self_disagreement)``, for the quantity, whole logit vectors and the
+    activations of ``names``."""
     if not low_precision(model):
         return None
-    noise = self_disagreement(model, tokens, position, target, rows, quantity)
-    return Tolerance(quantity=max(LOG_FLOOR, NOISE_FACTOR * noise.quantity),
-                     logits=max(LOG_FLOOR, NOISE_FACTOR * noise.logits))
+    noise = self_disagreement(model, tokens, position, target, rows, quantity, names)
+
+    def widen(x: float | None) -> float | None:
+        return None if x is None else max(LOG_FLOOR, NOISE_FACTOR * x)
+    return Tolerance(quantity=widen(noise.quantity), logits=widen(noise.logits),  # type: ignore[arg-type]
+                     activations=widen(noise.activations))

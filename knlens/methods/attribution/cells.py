@@ -42,7 +42,7 @@ from knlens.run.compat import cache_keyword_fix
 from knlens.run.engine import (Engine, Quantity, chunks, forward_from_cache, forward_with_cache, read_quantity,
                                target_logits)
 from knlens.run.hooks import capture, hooked, replace_rows
-from knlens.run.precision import Tolerance, log_tolerance, low_precision
+from knlens.run.precision import Tolerance, log_tolerance
 from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 
 __all__ = ["ig_queries", "ig_rows"]
@@ -167,7 +167,7 @@ def ig_rows(model: Any, rows: Queries, names: list[str], alphas: Tensor, weights
         clean = read_quantity(plain_logits, rows.target, quantity).float().cpu()
         cells = len(rows) * len(names) * (len(alphas) + 2)
         tol = log_tolerance(model, rows.tokens[:1], int(rows.position[0]), int(rows.target[0]),
-                            min(cells, batch_size or cells), quantity)
+                            min(cells, batch_size or cells), quantity, names)
         out, why = _ig_cells(model, rows, names, alphas, weights, baseline, quantity, engine, batch_size,
                              plain_logits, plain_acts, plain_calls, clean, tol)
         if why is None:
@@ -197,7 +197,8 @@ def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weigh
         logits, acts, cache, calls = _cached_state(model, rows, names, kv)
         why = (_per_row(logits, plain_logits, "the cached clean logits",
                         absolute_tolerance=None if tol is None else tol.logits)
-               or _per_row(acts, plain_acts, "the cached clean activations", half=low_precision(model)))
+               or _per_row(acts, plain_acts, "the cached clean activations",
+                           absolute_tolerance=None if tol is None else tol.activations))
         if why is not None:
             return [], f"{why} (the key/value cache is not honoured)"
         if engine == "fast":
