@@ -136,20 +136,34 @@ class Stairs:
     def batch(self) -> int:
         return int(self.resid(0).shape[0])
 
-    def logits(self, model: Any, entry: Int[Tensor, "units"]) -> Float[Tensor, "rows vocab"]:
-        """Logits of units entering at blocks ``entry`` (ascending) with the recorded input of that block.
+    def logits(self, model: Any, entry: Int[Tensor, "units"], parent: Int[Tensor, "units"] | None = None
+               ) -> Float[Tensor, "rows vocab"]:
+        """Logits of units entering at blocks ``entry`` (ascending); see :meth:`final`."""
+        return self.tail(self.final(model, entry, parent)[:, None])[:, 0]
+
+    def final(self, model: Any, entry: Int[Tensor, "units"], parent: Int[Tensor, "units"] | None = None
+              ) -> Float[Tensor, "rows d"]:
+        """The last block's output at ``read_at`` (before the tail) of units entering at blocks ``entry``
+        (ascending), each with the recorded input of that block, or, where ``parent[u] >= 0``, with the
+        input unit ``parent[u]`` (which entered at an earlier block) has there: a fork of that unit.
 
         Units that entered stay in the batch, so block ``k`` runs the units with ``entry ≤ k``; the units
         entering at ``k`` are the last ones of the batch there (rows ``unit · batch + i``). Hooks attached
         to the model fire as usual.
         """
         counts = torch.bincount(entry.cpu(), minlength=len(self.calls)).tolist()
+        parents = None if parent is None else parent.tolist()
         b = self.batch
         swap = {id(self.cache): self.shared} if self.cache is not None else {}
         h: Tensor | None = None
         for k in range(int(entry.min()), len(self.calls)):
             if counts[k]:
-                new = _tile(self.resid(k), counts[k] * b)
+                if parents is None:
+                    new = _tile(self.resid(k), counts[k] * b)
+                else:
+                    first = 0 if h is None else h.shape[0] // b
+                    new = torch.cat([self.resid(k) if p < 0 else h[p * b:(p + 1) * b]  # type: ignore[index]
+                                     for p in parents[first:first + counts[k]]])
                 h = new if h is None else torch.cat([h, new.to(h.dtype)])
             assert h is not None
             args, kwargs = self.calls[k]
@@ -162,7 +176,7 @@ class Stairs:
             out = model.blocks[k](*args, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         assert h is not None
-        return self.tail(h[:, self.read_at:][:, :1])[:, 0]
+        return h[:, self.read_at]
 
 
 @contextlib.contextmanager
@@ -185,12 +199,14 @@ def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
 
 def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, cache: Any,
                  prefix: list[tuple[Tensor, Tensor]] | None, read_at: int,
-                 reference: Float[Tensor, "batch vocab"]) -> Stairs | None:
+                 reference: Float[Tensor, "batch vocab"] | None) -> Stairs | None:
     """A :class:`Stairs` for the recorded ``calls``, or None when the block loop does not reproduce
     ``reference`` (the recorded run's logits at ``read_at``) for two units entering at block 0.
 
     ``cache`` is the cache object of the recorded run and ``prefix`` the keys/values of the positions
-    before its first one (both None for a run without a cache).
+    before its first one (both None for a run without a cache). ``reference=None`` skips the check: the
+    caller then checks the staircase's own rows against plain forwards of the model (and catches what the
+    block loop raises on an architecture it does not fit).
     """
     tail = model_tail(model)
     if tail is None or calls is None or not calls or any(c is None for c in calls):
@@ -203,6 +219,8 @@ def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, c
                      None)
     plan = Stairs(calls=calls, cache=cache, shared=SharedPrefix(prefix) if prefix is not None else None,
                   tail=tail, read_at=read_at)  # type: ignore[arg-type]
+    if reference is None:
+        return plan
     try:
         with torch.no_grad():
             check = plan.logits(model, torch.zeros(2, dtype=torch.long))
