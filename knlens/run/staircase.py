@@ -38,9 +38,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from knlens.core.models import is_masked_lm
+from knlens.run.hooks import hooked
 
-__all__ = ["SharedPrefix", "Stairs", "recording", "model_tail", "cache_layers", "build_stairs", "reproduces",
-           "disagreement"]
+__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "model_tail", "cache_layers", "build_stairs",
+           "reproduces", "disagreement"]
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,37 @@ def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
             h.remove()
 
 
+class _Stopped(Exception):
+    """Ends a forward after its last block (see :func:`record_blocks`)."""
+
+
+def _cache_in(calls: list[tuple[tuple, dict] | None]) -> Any:
+    """The key/value cache object a recorded forward handed to its first block, or None."""
+    if not calls or calls[0] is None:
+        return None
+    args, kwargs = calls[0]
+    return next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")), None)
+
+
+def record_blocks(model: Any, tokens: Int[Tensor, "batch pos"], hooks: list[Any], *, cache: Any = None
+                  ) -> tuple[list[tuple[tuple, dict] | None], Any]:
+    """The block calls of a forward over ``tokens`` that continues ``cache`` (or starts a cache of its own),
+    with ``hooks`` attached, and the cache its blocks filled. The forward stops before the final norm: nothing
+    is unembedded. Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
+    def stop(module: Any, args: tuple) -> None:
+        raise _Stopped
+
+    handle = model.ln_final.register_forward_pre_hook(stop)
+    try:
+        with recording(model) as calls, hooked(model, hooks):
+            model(tokens, past_key_values=cache, use_cache=True)
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+    return calls, cache if cache is not None else _cache_in(calls)
+
+
 def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, cache: Any,
                  prefix: list[tuple[Tensor, Tensor]] | None, read_at: int,
                  reference: Float[Tensor, "batch vocab"] | None) -> Stairs | None:
@@ -214,9 +246,7 @@ def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, c
     if (cache is None) != (prefix is None) or (prefix is not None and len(prefix) != len(calls)):
         return None
     if cache is None:  # a cache the forward made for itself is dropped (no earlier positions to read)
-        args, kwargs = calls[0]
-        cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")),
-                     None)
+        cache = _cache_in(calls)
     plan = Stairs(calls=calls, cache=cache, shared=SharedPrefix(prefix) if prefix is not None else None,
                   tail=tail, read_at=read_at)  # type: ignore[arg-type]
     if reference is None:

@@ -19,7 +19,7 @@ forwards of the model (:func:`fast_trace`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +30,9 @@ from torch import Tensor
 from knlens.methods.tracing.corruption import EMBED_HOOK, corruption_hook
 from knlens.methods.tracing.setup import KIND_POINTS, TraceSetup, run_rows
 from knlens.methods.tracing.spans import window_layers
-from knlens.run.engine import Quantity, forward_from_cache, forward_with_cache, read_quantity
+from knlens.run.engine import Quantity, chunks, read_quantity
 from knlens.run.hooks import Hook, HookFn, hook_name, hooked
-from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
+from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, record_blocks
 
 __all__ = ["Unit", "fork_groups", "token_stairs", "fast_trace", "check_batched"]
 
@@ -68,7 +68,7 @@ def fork_groups(kind: str, spans: Iterable[tuple[int, int]]) -> list[list[Unit]]
 
 def corrupted_prefix(model: Any, tokens: Int[Tensor, "sample t"], hooks: list[Hook]) -> Any:
     """The key/value cache of the corrupted run over the first ``t`` positions."""
-    return forward_with_cache(model, tokens, hooks, last_only=True)[1]
+    return record_blocks(model, tokens, hooks)[1]
 
 
 def _corrupt(setup: TraceSetup, start: int, stop: int | None) -> list[Hook]:
@@ -99,12 +99,7 @@ def token_stairs(model: Any, setup: TraceSetup, tokens: Sequence[int]) -> dict[i
             cache.crop(t - cache.get_seq_length())  # a negative count: that many positions removed
         elif t > 0:
             cache = corrupted_prefix(model, rows[:, :t], _corrupt(setup, 0, t))
-        with recording(model) as calls:
-            if cache is None:
-                full = forward_with_cache(model, rows, _corrupt(setup, 0, None), last_only=True)[1]
-            else:
-                forward_from_cache(model, rows[:, t:], cache, _corrupt(setup, t, None), last_only=True)
-                full = cache
+        calls, full = record_blocks(model, rows[:, t:], _corrupt(setup, t, None), cache=cache)
         prefix = cache_layers(cache, t) if cache is not None else None
         stairs = build_stairs(model, calls, cache=cache, prefix=prefix, read_at=-1, reference=None)
         if stairs is None:
@@ -147,11 +142,11 @@ def _packs(groups: list[list[Unit]], size: int) -> list[list[list[Unit]]]:
 
 
 def run_units(model: Any, setup: TraceSetup, stairs: Stairs, t: int, groups: list[list[Unit]],
-              clean: Mapping[str, Tensor], quantity: Quantity, budget: int) -> dict[Unit, float]:
-    """The quantity of every unit of ``groups`` in token ``t``'s staircase, averaged over the noise samples,
-    in runs of at most ``budget`` row-positions."""
+              clean: Mapping[str, Tensor], budget: int) -> Iterator[tuple[list[Unit], Float[Tensor, "rows d"]]]:
+    """The units of ``groups`` run through token ``t``'s staircase, in runs of at most ``budget``
+    row-positions: per run its units (in row order, ``samples`` rows each) and their last block's output at
+    the read-out position."""
     k, n_pos = setup.corruption.samples, setup.position + 1 - t
-    out: dict[Unit, float] = {}
     for pack in _packs(groups, max(1, budget // (k * n_pos))):
         units, parent = [], []
         for g in pack:
@@ -163,11 +158,8 @@ def run_units(model: Any, setup: TraceSetup, stairs: Stairs, t: int, groups: lis
         entry = torch.tensor([u.entry for u in ranked])
         parents = torch.tensor([where[parent[i]] if parent[i] >= 0 else -1 for i in order])
         with hooked(model, _restore_hooks(ranked, clean, t, setup.position, k, model.cfg.n_layers)):
-            logits = stairs.logits(model, entry, parents)
-        target = torch.full((logits.shape[0],), setup.target, device=logits.device)
-        p = read_quantity(logits, target, quantity).cpu().view(len(ranked), k).mean(1)
-        out.update(zip(ranked, p.tolist()))
-    return out
+            final = stairs.final(model, entry, parents)
+        yield ranked, final
 
 
 def fast_trace(model: Any, setup: TraceSetup, kinds: Sequence[str], cells: Sequence[tuple[int, int]],
@@ -178,10 +170,11 @@ def fast_trace(model: Any, setup: TraceSetup, kinds: Sequence[str], cells: Seque
 
     Each token's staircase also runs a unit restoring nothing, which must give the plain forward's
     P_corrupted; the first corrupted token's, a unit with block 0's clean output restored at every position,
-    which must give P_clean. A run holds at most ``batch_size × prompt length`` row-positions (the activations
-    of ``batch_size`` whole-prompt rows).
+    which must give P_clean. A run, and an unembedding, holds at most ``batch_size × prompt length``
+    row-positions (the activations of ``batch_size`` whole-prompt rows).
     """
-    first, n_layers = min(setup.positions), model.cfg.n_layers
+    first, n_layers, k = min(setup.positions), model.cfg.n_layers, setup.corruption.samples
+    budget = batch_size * setup.tokens.shape[1]
     tokens = sorted({t for _, t in cells} | {first})
     cannot = "its staircase cannot be built or run on this model (or a traced token lies after the read-out position)"
     runs = token_stairs(model, setup, tokens)
@@ -190,26 +183,29 @@ def fast_trace(model: Any, setup: TraceSetup, kinds: Sequence[str], cells: Seque
     nothing, everything = Unit(None, 0, 0, 0), Unit("resid", 0, 1, 0, everywhere=True)
     span = {kind: {l: (w[0], w[-1] + 1) for l, _ in cells for w in [window_layers(l, windows[kind], n_layers)]}
             for kind in kinds}  # the blocks [start, end) each layer's cell restores
-    out = {kind: torch.empty(len(cells)) for kind in kinds}
-    p_nothing, p_everything = [], float("nan")
-    for t in tokens:
-        at = [i for i, (_, c) in enumerate(cells) if c == t]
-        groups = [[nothing]] + ([[everything]] if t == first else [])
-        for kind in kinds:
-            groups += fork_groups(kind, {span[kind][cells[i][0]] for i in at})
-        try:
-            p = run_units(model, setup, runs[t], t, groups, clean, quantity, batch_size * setup.tokens.shape[1])
-        except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit
-            return {}, f"{cannot}: {type(err).__name__}: {err}"
-        p_nothing.append(p[nothing])
-        p_everything = p.get(everything, p_everything)
-        by_span = {(u.kind, u.start, u.end): v for u, v in p.items() if not u.everywhere}
-        for kind in kinds:
-            for i in at:
-                out[kind][i] = by_span[(kind, *span[kind][cells[i][0]])]
-    return out, (disagreement(torch.tensor(p_nothing), torch.full((len(p_nothing),), p_corr),
-                              "P_corrupted through the cached prefix")
-                 or disagreement(torch.tensor([p_everything]), torch.tensor([p_clean]),
+    ran: list[tuple[int, list[Unit]]] = []
+    finals = []
+    try:
+        for t in tokens:
+            groups = [[nothing]] + ([[everything]] if t == first else [])
+            for kind in kinds:
+                groups += fork_groups(kind, {span[kind][l] for l, c in cells if c == t})
+            for ranked, final in run_units(model, setup, runs[t], t, groups, clean, budget):
+                ran.append((t, ranked))
+                finals.append(final)
+        h = torch.cat(finals)
+        target = torch.full((h.shape[0],), setup.target, device=h.device)
+        p = torch.cat([read_quantity(runs[first].tail(h[s, None])[:, 0], target[s], quantity).cpu()
+                       for s in chunks(h.shape[0], budget)]).view(-1, k).mean(1).tolist()
+    except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit
+        return {}, f"{cannot}: {type(err).__name__}: {err}"
+    values = iter(p)
+    got = {(t, u): next(values) for t, ranked in ran for u in ranked}
+    by_span = {(t, u.kind, u.start, u.end): v for (t, u), v in got.items() if not u.everywhere}
+    out = {kind: torch.tensor([by_span[(t, kind, *span[kind][l])] for l, t in cells]) for kind in kinds}
+    p_nothing = torch.tensor([got[(t, nothing)] for t in tokens])
+    return out, (disagreement(p_nothing, torch.full_like(p_nothing, p_corr), "P_corrupted through the cached prefix")
+                 or disagreement(torch.tensor([got[(first, everything)]]), torch.tensor([p_clean]),
                                  "P_clean through the cached prefix"))
 
 
