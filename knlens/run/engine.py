@@ -17,7 +17,6 @@ torch.Size([1])
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
 
@@ -65,28 +64,20 @@ def forward(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[Hook] 
         return model(tokens, **kw)
 
 
-def _last_only(model: Any, last_only: bool) -> dict[str, int]:
-    """The keyword that has the Hugging Face model unembed only the last position, where it takes one."""
-    hf = getattr(model, "original_model", None)
-    takes = hf is not None and "logits_to_keep" in inspect.signature(hf.forward).parameters
-    return {"logits_to_keep": 1} if last_only and takes else {}
-
-
-def forward_with_cache(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[Hook] = (), *,
-                       last_only: bool = False) -> tuple[Float[Tensor, "batch kept vocab"], Any]:
-    """Logits and the key/value cache of a forward over ``tokens`` (the shared prefix of the fast engines);
-    ``last_only``: logits of the last position only, where the model can skip the others.
+def forward_with_cache(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[Hook] = ()
+                       ) -> tuple[Float[Tensor, "batch pos vocab"], Any]:
+    """Logits and the key/value cache of a forward over ``tokens`` (the shared prefix of the fast engines).
     Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
     with hooked(model, list(hooks)):
-        return model(tokens, return_type="logits_and_cache", **_last_only(model, last_only))
+        return model(tokens, return_type="logits_and_cache")
 
 
-def forward_from_cache(model: Any, tokens: Int[Tensor, "batch new"], cache: Any, hooks: Sequence[Hook] = (), *,
-                       last_only: bool = False) -> Float[Tensor, "batch kept vocab"]:
-    """Logits of ``tokens`` continuing the positions held in ``cache`` (from :func:`forward_with_cache`);
-    ``last_only`` as there. Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
+def forward_from_cache(model: Any, tokens: Int[Tensor, "batch new"], cache: Any, hooks: Sequence[Hook] = ()
+                       ) -> Float[Tensor, "batch new vocab"]:
+    """Logits of ``tokens`` continuing the positions held in ``cache`` (from :func:`forward_with_cache`).
+    Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
     with hooked(model, list(hooks)):
-        return model(tokens, past_key_values=cache, **_last_only(model, last_only))
+        return model(tokens, past_key_values=cache)
 
 
 def target_logits(model: Any, q: Queries, hooks: HookSpec = ()) -> Float[Tensor, "batch vocab"]:

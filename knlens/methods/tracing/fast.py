@@ -144,10 +144,10 @@ def _packs(groups: list[list[Unit]], size: int) -> list[list[list[Unit]]]:
 def run_units(model: Any, setup: TraceSetup, stairs: Stairs, t: int, groups: list[list[Unit]],
               clean: Mapping[str, Tensor], budget: int) -> Iterator[tuple[list[Unit], Float[Tensor, "rows d"]]]:
     """The units of ``groups`` run through token ``t``'s staircase, in runs of at most ``budget``
-    row-positions: per run its units (in row order, ``samples`` rows each) and their last block's output at
-    the read-out position."""
+    row-positions (groups taken by their first block, so that a run's units enter close together): per run
+    its units (in row order, ``samples`` rows each) and their last block's output at the read-out position."""
     k, n_pos = setup.corruption.samples, setup.position + 1 - t
-    for pack in _packs(groups, max(1, budget // (k * n_pos))):
+    for pack in _packs(sorted(groups, key=lambda g: g[0].entry), max(1, budget // (k * n_pos))):
         units, parent = [], []
         for g in pack:
             parent += [len(units) + u.parent if u.parent >= 0 else -1 for u in g]
