@@ -38,9 +38,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from knlens.core.models import is_masked_lm
+from knlens.run.hooks import hooked
 
-__all__ = ["SharedPrefix", "Stairs", "recording", "model_tail", "cache_layers", "build_stairs", "reproduces",
-           "disagreement"]
+__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "model_tail", "cache_layers", "build_stairs",
+           "reproduces", "disagreement"]
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +137,34 @@ class Stairs:
     def batch(self) -> int:
         return int(self.resid(0).shape[0])
 
-    def logits(self, model: Any, entry: Int[Tensor, "units"]) -> Float[Tensor, "rows vocab"]:
-        """Logits of units entering at blocks ``entry`` (ascending) with the recorded input of that block.
+    def logits(self, model: Any, entry: Int[Tensor, "units"], parent: Int[Tensor, "units"] | None = None
+               ) -> Float[Tensor, "rows vocab"]:
+        """Logits of units entering at blocks ``entry`` (ascending); see :meth:`final`."""
+        return self.tail(self.final(model, entry, parent)[:, None])[:, 0]
+
+    def final(self, model: Any, entry: Int[Tensor, "units"], parent: Int[Tensor, "units"] | None = None
+              ) -> Float[Tensor, "rows d"]:
+        """The last block's output at ``read_at`` (before the tail) of units entering at blocks ``entry``
+        (ascending), each with the recorded input of that block, or, where ``parent[u] >= 0``, with the
+        input unit ``parent[u]`` (which entered at an earlier block) has there: a fork of that unit.
 
         Units that entered stay in the batch, so block ``k`` runs the units with ``entry ≤ k``; the units
         entering at ``k`` are the last ones of the batch there (rows ``unit · batch + i``). Hooks attached
         to the model fire as usual.
         """
         counts = torch.bincount(entry.cpu(), minlength=len(self.calls)).tolist()
+        parents = None if parent is None else parent.tolist()
         b = self.batch
         swap = {id(self.cache): self.shared} if self.cache is not None else {}
         h: Tensor | None = None
         for k in range(int(entry.min()), len(self.calls)):
             if counts[k]:
-                new = _tile(self.resid(k), counts[k] * b)
+                if parents is None:
+                    new = _tile(self.resid(k), counts[k] * b)
+                else:
+                    first = 0 if h is None else h.shape[0] // b
+                    new = torch.cat([self.resid(k) if p < 0 else h[p * b:(p + 1) * b]  # type: ignore[index]
+                                     for p in parents[first:first + counts[k]]])
                 h = new if h is None else torch.cat([h, new.to(h.dtype)])
             assert h is not None
             args, kwargs = self.calls[k]
@@ -162,7 +177,7 @@ class Stairs:
             out = model.blocks[k](*args, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         assert h is not None
-        return self.tail(h[:, self.read_at:][:, :1])[:, 0]
+        return h[:, self.read_at]
 
 
 @contextlib.contextmanager
@@ -183,14 +198,48 @@ def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
             h.remove()
 
 
+class _Stopped(Exception):
+    """Ends a forward after its last block (see :func:`record_blocks`)."""
+
+
+def _cache_in(calls: list[tuple[tuple, dict] | None]) -> Any:
+    """The key/value cache object a recorded forward handed to its first block, or None."""
+    if not calls or calls[0] is None:
+        return None
+    args, kwargs = calls[0]
+    return next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")), None)
+
+
+def record_blocks(model: Any, tokens: Int[Tensor, "batch pos"], hooks: list[Any], *, cache: Any = None
+                  ) -> tuple[list[tuple[tuple, dict] | None], Any]:
+    """The block calls of a forward over ``tokens`` that continues ``cache`` (or starts a cache of its own),
+    with ``hooks`` attached, and the cache its blocks filled. The forward stops before the final norm: nothing
+    is unembedded. Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
+    def stop(module: Any, args: tuple) -> None:
+        raise _Stopped
+
+    handle = model.ln_final.register_forward_pre_hook(stop)
+    try:
+        with recording(model) as calls, hooked(model, hooks):
+            model(tokens, past_key_values=cache, use_cache=True)
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+    return calls, cache if cache is not None else _cache_in(calls)
+
+
 def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, cache: Any,
                  prefix: list[tuple[Tensor, Tensor]] | None, read_at: int,
-                 reference: Float[Tensor, "batch vocab"], log_tolerance: float | None = None) -> Stairs | None:
+                 reference: Float[Tensor, "batch vocab"] | None, log_tolerance: float | None = None
+                 ) -> Stairs | None:
     """A :class:`Stairs` for the recorded ``calls``, or None when the block loop does not reproduce
     ``reference`` (the recorded run's logits at ``read_at``) for two units entering at block 0.
 
     ``cache`` is the cache object of the recorded run and ``prefix`` the keys/values of the positions
-    before its first one (both None for a run without a cache).
+    before its first one (both None for a run without a cache). ``reference=None`` skips the check: the
+    caller then checks the staircase's own rows against plain forwards of the model (and catches what the
+    block loop raises on an architecture it does not fit).
     """
     tail = model_tail(model)
     if tail is None or calls is None or not calls or any(c is None for c in calls):
@@ -198,11 +247,11 @@ def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, c
     if (cache is None) != (prefix is None) or (prefix is not None and len(prefix) != len(calls)):
         return None
     if cache is None:  # a cache the forward made for itself is dropped (no earlier positions to read)
-        args, kwargs = calls[0]
-        cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")),
-                     None)
+        cache = _cache_in(calls)
     plan = Stairs(calls=calls, cache=cache, shared=SharedPrefix(prefix) if prefix is not None else None,
                   tail=tail, read_at=read_at)  # type: ignore[arg-type]
+    if reference is None:
+        return plan
     try:
         with torch.no_grad():
             check = plan.logits(model, torch.zeros(2, dtype=torch.long))
