@@ -26,7 +26,7 @@ from torch import Tensor
 from knlens.core.errors import PromptError, TargetError
 from knlens.core.models import is_masked_lm
 
-__all__ = ["Queries", "encode", "target_tokens", "single_token"]
+__all__ = ["Queries", "encode", "encode_texts", "target_tokens", "single_token"]
 
 MultiToken = Literal["error", "teacher_forcing"]
 
@@ -148,3 +148,24 @@ def encode(model: Any, prompts: str | Sequence[str], target: str, *,
     col = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.long)  # noqa: E731
     device = getattr(model.cfg, "device", None) or "cpu"
     return Queries(tokens, mask, col(1), col(2), col(3), col(4), tuple(prompts), target).to(device)
+
+
+def encode_texts(model: Any, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Right-padded tokens of whole ``texts`` (BOS as TransformerLens adds it) and their attention mask.
+
+    >>> from knlens import load_model
+    >>> tokens, mask = encode_texts(load_model("tiny-gpt2"), ["the dog", "the capital of france"])
+    >>> tokens.shape, mask.sum(1).tolist()
+    (torch.Size([2, 5]), [3, 5])
+    """
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise PromptError("every text must be a non-empty string")
+    rows = [model.to_tokens(t)[0].tolist() for t in texts]
+    width = max(map(len, rows))
+    pad = model.tokenizer.pad_token_id
+    tokens = torch.full((len(rows), width), 0 if pad is None else pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    device = getattr(model.cfg, "device", None) or "cpu"
+    return tokens.to(device), mask.to(device)
