@@ -3,6 +3,8 @@ constraint, refusals that leave every weight untouched, and the evaluation's con
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from knlens.methods.editing.edit import Edit, WeightSlice, fingerprint, make_edi
 from knlens.methods.editing.kn import kn_erase, kn_update, random_neuron_edit
 from knlens.methods.editing.rank_one import rank_one_edit, rank_one_update
 from knlens.methods.editing.slots import token_vector, value_slot, value_vectors
+from knlens.methods.tracing.spans import subject_token_span
 from knlens.results.contract import same
 from knlens.run.engine import activations_at, forward
 
@@ -122,8 +125,7 @@ def test_rank_one_satisfies_its_key_value_constraint(model, cov):
     assert edit.params["layer"] == 0 and delta.norm() > 0
     # the edited MLP writes the optimised output at the subject's last token, and P(new) goes up
     q = knlens.encode(model, [FACT.prompts[0]], " berlin")
-    at = torch.tensor([4])
-    import dataclasses
+    at = torch.tensor([subject_token_span(model, FACT.prompts[0], "france")[1] - 1])
     sq = dataclasses.replace(q, position=at)
     out = "blocks.0.mlp.hook_out"
     before = activations_at(model, sq, [out])[out][0]

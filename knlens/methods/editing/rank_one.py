@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -94,7 +95,7 @@ def rank_one_edit(model: Any, fact: Fact, new_target: str, *, layer: int | None 
                   prefixes: Sequence[str] = ("",), covariance: Float[Tensor, "d_mlp d_mlp"] | None = None,
                   steps: int = 20, lr: float = 0.5, weight_decay: float = 0.5, clamp_norm: float = 4.0,
                   kl_factor: float = 0.0625, ridge: float = 1e-4, n_texts: int = 1000, seed: int = 0,
-                  cache_dir: Any = None) -> Edit:
+                  cache_dir: str | os.PathLike[str] | None | Literal[False] = None) -> Edit:
     """Rewrite ``fact.prompts[prompt]`` → ``new_target`` (any number of tokens) at ``layer``'s ``W_out``.
 
     ``fact.subject`` must be given (the key is read at its last token). ``covariance``: the keys' second
@@ -115,28 +116,28 @@ def rank_one_edit(model: Any, fact: Fact, new_target: str, *, layer: int | None 
     slot = value_slot(model, layer)
     text = fact.prompts[prompt]
     prompts = list(dict.fromkeys(f"{p.strip()} {text}".strip() for p in prefixes))
-    read = encode(model, prompts, new_target)
-    at = _subject_positions(model, read, fact.subject)
-    keys = dataclasses.replace(read, position=at).select(read.token_index == 0)
+    # one batch: the (prefixed) edit prompts teacher forced on the new object, then the essence prompt's last token
+    q = encode(model, [*prompts, ESSENCE_TEMPLATE.format(fact.subject)], new_target)
+    essence = q.prompt_index == len(prompts)
+    q = q.select(~essence | (q.token_index == 0))
+    essence, rows = q.prompt_index == len(prompts), torch.arange(len(q), device=q.position.device)
+    at = _subject_positions(model, q, fact.subject)
+    keys = dataclasses.replace(q, position=at).select(~essence & (q.token_index == 0))
     key = activations_at(model, keys, [hook_name(layer)])[hook_name(layer)].double().mean(0).cpu()
     out0 = activations_at(model, keys.select([0]), [hook_name(layer, "mlp.hook_out")])
     target_norm = out0[hook_name(layer, "mlp.hook_out")][0].double().norm().item()
-    ess = encode(model, [ESSENCE_TEMPLATE.format(fact.subject)], new_target).select([0])
-    ess_at = _subject_positions(model, ess, fact.subject)
-    device = read.tokens.device
+    delta = torch.zeros(model.cfg.d_model, device=at.device, requires_grad=True)
     with torch.no_grad():
-        base = _read(model, ess, ess_at, torch.zeros(model.cfg.d_model, device=device), layer).float().log_softmax(-1)
-    delta = torch.zeros(model.cfg.d_model, device=device, requires_grad=True)
+        base = _read(model, q, at, delta, layer)[essence].float().log_softmax(-1)
     opt = torch.optim.Adam([delta], lr=lr)
-    per_prompt = torch.bincount(read.prompt_index).to(device)
+    per_prompt = torch.bincount(q.prompt_index)
     ran, nll = 0, float("nan")
     with torch.enable_grad():
         for ran in range(1, steps + 1):
-            logp = _read(model, read, at, delta, layer).float().log_softmax(-1)
-            tok = -logp[torch.arange(len(read), device=device), read.target]
-            nll_t = (tok / per_prompt[read.prompt_index]).sum() / len(prompts)  # mean per-token, mean over prompts
-            edited = _read(model, ess, ess_at, delta, layer).float().log_softmax(-1)
-            kl = torch.nn.functional.kl_div(edited, base, log_target=True, reduction="batchmean")
+            logp = _read(model, q, at, delta, layer).float().log_softmax(-1)
+            tok = -logp[rows, q.target]
+            nll_t = (tok / per_prompt[q.prompt_index])[~essence].sum() / len(prompts)  # per token, then per prompt
+            kl = torch.nn.functional.kl_div(logp[essence], base, log_target=True, reduction="batchmean")
             loss = nll_t + kl_factor * kl + weight_decay * delta.norm() ** 2 / target_norm ** 2
             nll = float(nll_t.detach())
             if float(loss.detach()) < STOP_LOSS:
