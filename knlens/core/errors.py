@@ -128,3 +128,22 @@ class RayUnreachableError(KnlensError, ConnectionError):
 class RayWorkerError(KnlensError, RuntimeError):
     """A Ray worker that cannot serve a sweep (the cluster cannot place one, it cannot load the model, it runs
     another knlens version than the driver), or that died under a task (recorded as that task's error)."""
+
+
+class SameTargetError(TargetError):
+    """An edit whose new target is the old one (the same tokens): there is nothing to change."""
+
+
+class EditModelError(KnlensError, ValueError):
+    """An edit applied to a model other than the one it was made for (its weights' fingerprint differs), one
+    that names weights the model does not have, or an architecture whose value vectors cannot be edited."""
+
+
+class EditStateError(KnlensError, RuntimeError):
+    """An edit applied twice, undone when it is not applied, or undone after something else changed the
+    weights it wrote (undo later edits first)."""
+
+
+class NoOpEditError(KnlensError, ValueError):
+    """An edit that does not change the model's weights (no neurons, zero step sizes, new values equal to the
+    old ones): it would make every evaluation a row of unchanged numbers."""

@@ -26,7 +26,7 @@ from torch import Tensor
 from knlens.core.errors import PromptError, TargetError
 from knlens.core.models import is_masked_lm
 
-__all__ = ["Queries", "encode", "stack", "row_groups", "target_tokens", "single_token"]
+__all__ = ["Queries", "encode", "encode_texts", "stack", "row_groups", "target_tokens", "single_token"]
 
 MultiToken = Literal["error", "teacher_forcing"]
 
@@ -187,3 +187,24 @@ def row_groups(q: Queries, size: int | None = None) -> list[Int[Tensor, "rows"]]
         groups.setdefault(key, []).append(i)
     size = size or len(q)
     return [torch.tensor(g[s:s + size]) for g in groups.values() for s in range(0, len(g), size)]
+
+
+def encode_texts(model: Any, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Right-padded tokens of whole ``texts`` (BOS as TransformerLens adds it) and their attention mask.
+
+    >>> from knlens import load_model
+    >>> tokens, mask = encode_texts(load_model("tiny-gpt2"), ["the dog", "the capital of france"])
+    >>> tokens.shape, mask.sum(1).tolist()
+    (torch.Size([2, 5]), [3, 5])
+    """
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise PromptError("every text must be a non-empty string")
+    rows = [model.to_tokens(t)[0].tolist() for t in texts]
+    width = max(map(len, rows))
+    pad = model.tokenizer.pad_token_id
+    tokens = torch.full((len(rows), width), 0 if pad is None else pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    device = getattr(model.cfg, "device", None) or "cpu"
+    return tokens.to(device), mask.to(device)
