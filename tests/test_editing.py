@@ -159,7 +159,7 @@ BAD = {
     "multi-token new target (KN)": (TargetError, lambda m: kn_update(m, FACT, " berlin is", NeuronSet([(1, 3)]))),
     "λ NaN": (NonFiniteError, lambda m: kn_update(m, FACT, " berlin", NeuronSet([(1, 3)]), lambda1=float("nan"))),
     "λ inf": (NonFiniteError, lambda m: kn_update(m, FACT, " berlin", NeuronSet([(1, 3)]), lambda2=float("inf"))),
-    "zero steps": (NoOpEditError, lambda m: kn_update(m, FACT, " berlin", NeuronSet([(1, 3)]), lambda1=0, lambda2=0)),
+    "zero steps": (NoOpEditError, lambda m: kn_update(m, FACT, " berlin", NeuronSet([(1, 3)]), lambda1=0.0, lambda2=0.0)),
     "no neurons": (NoOpEditError, lambda m: kn_update(m, FACT, " berlin", NeuronSet())),
     "no subject": (PromptError, lambda m: rank_one_edit(m, Fact(FACT.prompts, " paris"), " berlin", layer=0)),
     "random norm NaN": (NonFiniteError, lambda m: random_neuron_edit(m, {1: 2}, float("nan"))),

@@ -234,7 +234,7 @@ def check_new_target(model: Any, old: str, new: str) -> None:
 
 
 def make_edit(model: Any, editor: str, params: dict[str, Any],
-              changes: Sequence[tuple[str, int, Int[Tensor, "k"], Tensor]]) -> Edit:
+              changes: Sequence[tuple[str, int, Int[Tensor, "_"], Tensor]]) -> Edit:
     """An :class:`Edit` of ``model`` from ``(parameter name, axis, index, new values)`` changes; the old values
     are read from the model now (which is not changed)."""
     named = dict(model.named_parameters())
