@@ -25,7 +25,7 @@ a control can match one of them (:func:`random_editor`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -49,7 +49,7 @@ class EditRequest:
 
     fact: Fact
     new_target: str
-    neighbours: tuple[Fact, ...] = ()
+    neighbours: Sequence[Fact] = ()  # stored as a tuple
 
     def __post_init__(self) -> None:
         if not isinstance(self.new_target, str) or not self.new_target.strip():

@@ -50,7 +50,7 @@ def _read(model: Any, prompts: Sequence[str], target: str, batch_size: int) -> l
     for s in chunks(len(q), batch_size):
         sub = q.select(torch.arange(len(q))[s])
         logits = target_logits(model, sub).float()
-        logp.append(logits.log_softmax(-1)[torch.arange(len(sub)), sub.target].cpu())
+        logp.append(logits.log_softmax(-1)[torch.arange(len(sub), device=logits.device), sub.target].cpu())
         top.append(logits.argmax(-1).cpu())
     lp, am, tgt, idx = torch.cat(logp), torch.cat(top), q.target.cpu(), q.prompt_index.cpu()
     out = []

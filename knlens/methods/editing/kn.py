@@ -52,7 +52,7 @@ def _neurons(model: Any, neurons: NeuronSet) -> dict[int, list[int]]:
     return dict(sorted(neurons.by_layer().items()))
 
 
-def _signs(model: Any, fact: Fact, layers: dict[int, list[int]]) -> dict[int, Float[Tensor, "k"]]:
+def _signs(model: Any, fact: Fact, layers: dict[int, list[int]]) -> dict[int, Float[Tensor, "_"]]:
     """Per layer, the sign (±1) of each neuron's mean activation at the prompts' last token."""
     q = encode(model, list(fact.prompts), fact.target)
     q = q.select(q.token_index == 0)  # the prompts themselves, not the teacher-forced continuations
@@ -145,7 +145,7 @@ def random_neuron_edit(model: Any, counts: Mapping[int, int], norm: float, *, se
     for layer, idx in picked.items():
         slot = value_slot(model, layer)
         v = value_vectors(model, slot, idx)
-        changes.append(slot_change(slot, idx, (v.double() + delta[start:start + len(idx)]).to(v.dtype)))
+        changes.append(slot_change(slot, idx, (v.double().cpu() + delta[start:start + len(idx)]).to(v.dtype)))
         start += len(idx)
     neurons = NeuronSet([(l, i) for l, idx in picked.items() for i in idx])
     return make_edit(model, "random-neurons", {"neurons": neurons, "norm": float(norm), "seed": seed}, changes)
