@@ -142,10 +142,10 @@ def synonym_request(fact: Fact, new_target: str, *, templates: Sequence[str] | N
                                                                      table))
 
 
-def relation_probes(fact: Fact, new_target: str, *, word: str | None = None,
+def relation_probes(fact: Fact, new_target: str, *, word: str | None = None, none: str = " None",
                     question: str = RELATION_QUESTION) -> list[Probe]:
     """The ``relation`` probe (the question on the subject and ``new_target``: the relation's word should beat
-    " None" after the edit) and the ``relation_old`` probe (on the subject and the old object). ``word``
+    ``none`` after the edit) and the ``relation_old`` probe (on the subject and the old object). ``word``
     defaults to :data:`RELATION_WORDS` of the fact's relation."""
     subject = _need_subject(fact, "the relation question")
     word = word if word is not None else RELATION_WORDS.get(fact.relation or "")
@@ -153,7 +153,7 @@ def relation_probes(fact: Fact, new_target: str, *, word: str | None = None,
         raise FactError(f"no relation word for relation {fact.relation!r}: pass word=' ...' (known: "
                         f"{', '.join(RELATION_WORDS)})")
     ask = [question.format(subject=subject, object=o.strip()) for o in (new_target, fact.target)]
-    return [Probe("relation", ask[0], " None", word), Probe("relation_old", ask[1], word, " None")]
+    return [Probe("relation", ask[0], none, word), Probe("relation_old", ask[1], word, none)]
 
 
 def entity_relation_editors(**options: Any) -> dict[str, Editor]:
