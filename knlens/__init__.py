@@ -22,7 +22,9 @@ from knlens.run.hooks import (add, compose, hook_name, hooked, mean_ablate, neur
                               scale, set_value, zero_ablate)
 from knlens.methods.interventions import InterventionResult, intervene, measure
 from knlens.methods.editing.edit import Edit, fingerprint
-from knlens.methods.editing.editors import EditRequest
+from knlens.methods.editing.criteria import (criterion_values, entity_relation_editors, relation_probes,
+                                             symmetry_request, synonym_request)
+from knlens.methods.editing.editors import EditRequest, Probe
 from knlens.methods.editing.evaluate import evaluate_edits
 from knlens.methods.editing.kn import kn_erase, kn_update, random_neuron_edit
 from knlens.methods.editing.rank_one import rank_one_edit
@@ -38,6 +40,7 @@ from knlens.studies.knowledge_neurons import locate
 from knlens.methods.tracing.corruption import Corruption
 from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace, trace_facts
+from knlens.viz.edit_page import render_edit_html, write_edit_html
 from knlens.viz.report import render_html, write_html
 from knlens.viz.tokens import token_view
 from knlens.results.contract import Result, load_result, same
@@ -61,5 +64,6 @@ __all__ = [
     "Corruption", "Trace", "trace", "trace_facts", "render_html", "token_view", "write_html",
     "Result", "load_result", "same",
     "Edit", "EditEvaluation", "EditRequest", "evaluate_edits", "fingerprint", "kn_erase", "kn_update",
-    "random_neuron_edit", "rank_one_edit",
+    "random_neuron_edit", "rank_one_edit", "Probe", "criterion_values", "entity_relation_editors",
+    "relation_probes", "symmetry_request", "synonym_request", "render_edit_html", "write_edit_html",
 ]

@@ -55,3 +55,47 @@ def test_a_multi_token_target_for_the_kn_editor_is_one_line(capsys):
     assert main([*BASE, "--new", " berlin is", "--editor", "kn-update", "--neurons", "1:3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the target ' berlin is' is 2 tokens") and err.count("\n") == 1
+
+
+def test_edit_with_the_criteria_writes_the_before_after_page(tmp_path, capsys):
+    from knlens.core.errors import DataNotFoundError
+    from knlens.data.pararel import reverse_templates
+    from knlens.viz.html import remote_sources
+
+    try:
+        reverse_templates("P36")
+    except DataNotFoundError as err:
+        pytest.skip(f"no data folder: {err}")
+    out = tmp_path / "out"
+    argv = ["edit", "--model", "tiny-llama", "--quiet", "--fact", "capital-france", "--new", " Rome", "--symmetry",
+            "--synonym-template", "[X] speaks", "--editor", "rank-one", "--editor", "rank-one-relation",
+            "--layer", "0", "--steps", "3", "--n-text", "0", "--neighbours", "1", "--out", str(out)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "symmetry" in captured.out and captured.err == ""
+    ev = EditEvaluation.load(out)
+    assert {"symmetry", "symmetry_old", "synonym"} <= set(ev.frame.group)
+    sym = ev.frame[ev.frame.group == "symmetry"]
+    assert set(sym.target_true) == {" Italy"} and set(sym.target_new) == {" France"}
+    assert "Rome is the capital of" in set(sym.prompt)
+    edits = {p.name: Edit.load(p) for p in (out / "edits").iterdir()}
+    assert edits["rank-one-relation"].params["key_at"] == "relation" and edits["rank-one"].params["key_at"] == "subject"
+    page = (out / "report.html").read_text()
+    assert remote_sources(page) == [] and "<script" not in page
+    for title in ("edit prompt (reliability)", "paraphrases (generality)", "reverse prompts of the new object",
+                  "synonymous prompts", "rank-one-relation"):
+        assert title in page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fact", "language-france", "--new", " German", "--symmetry"], "no symmetric or bijective reading"),
+    (["--fact", "capital-france", "--new", " Madrid", "--symmetry"], "give --new-subject S"),
+    (["--fact", "capital-france", "--new", " Rome", "--synonym"], "no synonymous reading"),
+])
+def test_criteria_bad_input_is_one_line_before_the_model_loads(argv, message, capsys, monkeypatch):
+    import knlens.core.models
+
+    monkeypatch.setattr(knlens.core.models, "load_model", _no_model)
+    assert main(["edit", "--model", "tiny-llama", "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1

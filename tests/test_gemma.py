@@ -72,3 +72,41 @@ def test_locate_reports_the_grid_it_ended_on(gemma, refined):
     text = format_result(res)
     assert "integration: gauss-legendre 16, refined on Gauss-Legendre nodes (up to 128)" in text
     assert "still above the tolerance" not in text
+
+
+def test_kn_value_slots_write_through_the_post_mlp_norm(gemma):
+    """W_out is down_proj, the post-MLP norm follows it, and a small KN update through the norm writes the new
+    object's unembedding direction into the residual stream (outside the MLP output's own direction)."""
+    from knlens.methods.editing.edit import fingerprint
+    from knlens.methods.editing.kn import kn_update
+    from knlens.methods.editing.slots import post_mlp_gain, token_vector, value_slot
+
+    layer, fact = 5, knlens.Fact(["The capital of France is"], " Paris", subject="France")
+    assert "down_proj" in value_slot(gemma, layer).name
+    norm = gemma.blocks[layer].ln2_post.original_component
+    gain = post_mlp_gain(gemma, layer)
+    torch.testing.assert_close(gain, 1 + norm.weight.detach().float(), atol=1e-4, rtol=1e-4)
+    print(f"\nlayer {layer} post-MLP gain: min {float(gain.min()):.3g}, median {float(gain.median()):.3g}, "
+          f"max {float(gain.max()):.3g}")
+    tokens = gemma.to_tokens(fact.prompts[0])
+    _, cache = gemma.run_with_cache(tokens)
+    mid, post, out = (cache[f"blocks.{layer}.{h}"] for h in ("hook_resid_mid", "hook_resid_post", "mlp.hook_out"))
+    torch.testing.assert_close(post, mid + norm(out), atol=1e-3, rtol=1e-4)
+    neuron = int(cache[f"blocks.{layer}.mlp.hook_post"][0, -1].abs().argmax())
+    e_new, y = token_vector(gemma, " Rome").double(), (post - mid)[0, -1].double()
+
+    def outside(v):
+        return v - (v @ y) / (y @ y) * y
+
+    start = fingerprint(gemma)
+    cos = {}
+    for post_norm in (True, False):
+        edit = kn_update(gemma, fact, " Rome", knlens.NeuronSet([(layer, neuron)]), lambda1=0.0, lambda2=1e-3,
+                         post_norm=post_norm)
+        with edit.apply(gemma):
+            _, after = gemma.run_with_cache(tokens)
+        delta = outside((after[f"blocks.{layer}.hook_resid_post"] - post)[0, -1].double())
+        cos[post_norm] = float(delta @ outside(e_new) / (delta.norm() * outside(e_new).norm()))
+    print(f"cos(residual change, e_new): through the norm {cos[True]:.4f}, as written {cos[False]:.4f}")
+    assert fingerprint(gemma) == start
+    assert cos[True] > 0.99 and cos[True] > cos[False]

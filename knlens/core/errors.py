@@ -147,3 +147,8 @@ class EditStateError(KnlensError, RuntimeError):
 class NoOpEditError(KnlensError, ValueError):
     """An edit that does not change the model's weights (no neurons, zero step sizes, new values equal to the
     old ones): it would make every evaluation a row of unchanged numbers."""
+
+
+class NoSymmetryError(KnlensError, ValueError):
+    """Bijective symmetry asked of a relation that has no reverse reading: not declared symmetric or bijective
+    (``knlens.data.pararel.SYMMETRIC_RELATIONS``), or without templates that ask the subject from the object."""

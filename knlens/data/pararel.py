@@ -27,18 +27,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from knlens.core.errors import DataFormatError, DataNotFoundError, SettingsError
+from knlens.core.errors import DataFormatError, DataNotFoundError, NoSymmetryError, SettingsError
 from knlens.core.facts import Fact
-from knlens.data.builtin import UnknownRelationError
+from knlens.data.builtin import BUILTIN_RELATIONS, UnknownRelationError
 
-__all__ = ["DATA_ENV", "NO_SPACE_LANGUAGES", "default_data_dir", "load_mpararel", "load_pararel",
-           "mpararel_languages", "mpararel_relations", "pararel_relations", "data_subdir", "read_jsonl"]
+__all__ = ["DATA_ENV", "NO_SPACE_LANGUAGES", "SYMMETRIC_RELATIONS", "default_data_dir", "load_mpararel", "load_pararel",
+           "mpararel_languages", "mpararel_relations", "pararel_relations", "data_subdir", "read_jsonl",
+           "reverse_templates"]
 
 DATA_ENV = "KNLENS_DATA"
 """The environment variable that overrides where the data sets are looked for."""
 
 NO_SPACE_LANGUAGES = frozenset({"zh", "zh-hans", "zh-hant", "ja", "th", "lo", "km", "my"})
 """Languages written without spaces between words: their targets get no leading space."""
+
+SYMMETRIC_RELATIONS: dict[str, str] = {
+    "P36": "bijective: a country (or region) has one capital, a capital is the capital of one country",
+    "P1376": "bijective: the inverse of P36 (capital of)",
+    "P47": "symmetric: shares border with",
+    "P530": "symmetric: diplomatic relation",
+    "P190": "symmetric: twinned administrative body (twin cities)",
+}
+"""The ParaRel relations whose reverse reading holds — the object's fact names the subject again — and why.
+Bijective symmetry (Niu et al., 2024) is defined for these only; every other relation is many-to-one or
+one-to-many (a field of work has many people, a country many cities)."""
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _Y_LAST = re.compile(r"^(?P<prefix>.*)\[Y\]\s*[.。]?\s*$", re.DOTALL)
@@ -202,6 +214,40 @@ def load_pararel(relation: str, data_dir: str | os.PathLike[str] | None = None, 
               for i, row in read_jsonl(folder / "tuples" / f"{rel}.jsonl")]
     return _build_facts(rel, templates, tuples, spaced=True, min_paraphrases=min_paraphrases, max_facts=max_facts,
                         seed=seed, source="ParaRel")
+
+
+def reverse_templates(relation: str, data_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The templates of ``relation`` that ask for the subject given the object, cut before the subject, with
+    ``[Y]`` (the object) left in: ParaRel patterns whose ``[X]`` ends them and follows ``[Y]``
+    (``"[Y] is the capital of [X]."`` gives ``"[Y] is the capital of"``).
+
+    ``relation`` is a ParaRel id or a built-in relation name with a Wikidata id (``"capital"`` is P36).
+    Raises :class:`~knlens.core.errors.NoSymmetryError` for a relation not in :data:`SYMMETRIC_RELATIONS`
+    or one whose patterns have no such template.
+
+    >>> reverse_templates("P36")[:2]                    # doctest: +SKIP
+    ['[Y] is the capital of', '[Y] is the capital city of']
+    """
+    rel = relation.strip()
+    builtin = BUILTIN_RELATIONS.get(rel)
+    if builtin is not None and builtin.wikidata:
+        rel = builtin.wikidata
+    if rel.upper() not in SYMMETRIC_RELATIONS:
+        raise NoSymmetryError(f"relation {relation!r} has no symmetric or bijective reading, so its edits have no "
+                              f"reverse fact to test; relations with one: "
+                              f"{', '.join(SYMMETRIC_RELATIONS)}")
+    folder = data_subdir(data_dir, "pararel", "patterns/*.jsonl")
+    rel = _check_relation(rel, folder, "ParaRel")
+    out = []
+    for _, row in read_jsonl(folder / "patterns" / f"{rel}.jsonl"):
+        swapped = str(row.get("pattern", "")).replace("[X]", "\x00").replace("[Y]", "[X]").replace("\x00", "[Y]")
+        t = _prompt_template(swapped, object_last=True, spaced=True, capitalize=False)
+        if t is not None:
+            out.append(t.replace("[X]", "[Y]"))  # the object, in the reverse reading's subject place
+    if not out:
+        raise NoSymmetryError(f"ParaRel's {rel} has no template that asks for the subject after the object "
+                              f"(\"[Y] ... [X].\"), so its reverse facts cannot be asked")
+    return list(dict.fromkeys(out))
 
 
 def mpararel_languages(data_dir: str | os.PathLike[str] | None = None) -> list[str]:

@@ -38,18 +38,39 @@ from knlens.methods.editing.kn import kn_erase, kn_update, random_neuron_edit
 from knlens.methods.editing.rank_one import rank_one_edit
 from knlens.stats.sets import Vectors
 
-__all__ = ["EditRequest", "Editor", "kn_update_editor", "kn_erase_editor", "consistency_editors", "rank_one_editor",
+__all__ = ["Probe", "EditRequest", "Editor", "kn_update_editor", "kn_erase_editor", "consistency_editors", "rank_one_editor",
            "random_editor"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A further prompt an edit is judged on, in a named ``group`` (``"symmetry"``, ``"synonym"``, ...):
+    ``target_true`` is what the unedited model should answer, ``target_new`` what the edit implies (``None``:
+    only the true object is read, e.g. an old fact whose fate is reported)."""
+
+    group: str
+    prompt: str
+    target_true: str
+    target_new: str | None = None
+
+    def __post_init__(self) -> None:
+        Fact(self.prompt, self.target_true)  # the prompt's and the target's checks
+        if self.target_new is not None:
+            Fact(self.prompt, self.target_new)
+        if self.group in ("reliability", "generality", "locality"):
+            raise SettingsError(f"a probe's group cannot be {self.group!r}: the request's own prompts make it")
 
 
 @dataclass(frozen=True)
 class EditRequest:
     """Rewrite ``fact`` (edit prompt ``fact.prompts[0]``, paraphrases the rest) to ``new_target``; ``neighbours``
-    are facts whose answers the edit should leave alone."""
+    are facts whose answers the edit should leave alone, ``probes`` further prompts to judge it on (the editing
+    criteria of :mod:`knlens.methods.editing.criteria`)."""
 
     fact: Fact
     new_target: str
     neighbours: Sequence[Fact] = ()  # stored as a tuple
+    probes: Sequence[Probe] = ()  # stored as a tuple
 
     def __post_init__(self) -> None:
         if not isinstance(self.new_target, str) or not self.new_target.strip():
@@ -57,6 +78,7 @@ class EditRequest:
         if self.new_target.strip() == self.fact.target.strip():
             raise SameTargetError(f"the new target {self.new_target!r} is the fact's target: nothing to edit")
         object.__setattr__(self, "neighbours", tuple(self.neighbours))
+        object.__setattr__(self, "probes", tuple(self.probes))
 
     @property
     def name(self) -> str:

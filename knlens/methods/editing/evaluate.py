@@ -61,27 +61,36 @@ def _read(model: Any, prompts: Sequence[str], target: str, batch_size: int) -> l
     return out
 
 
-def _prompts(request: EditRequest) -> list[tuple[str, str, str]]:
-    """(group, prompt, true target) of every prompt the request is judged on."""
-    fact = request.fact
-    out = [("reliability", fact.prompts[0], fact.target)]
-    out += [("generality", p, fact.target) for p in fact.prompts[1:]]
-    out += [("locality", p, n.target) for n in request.neighbours for p in n.prompts]
+def _prompts(request: EditRequest) -> list[tuple[str, str, str, str | None]]:
+    """(group, prompt, true target, new target) of every prompt the request is judged on."""
+    fact, new = request.fact, request.new_target
+    out: list[tuple[str, str, str, str | None]] = [("reliability", fact.prompts[0], fact.target, new)]
+    out += [("generality", p, fact.target, new) for p in fact.prompts[1:]]
+    out += [("locality", p, n.target, new) for n in request.neighbours for p in n.prompts]
+    out += [(pr.group, pr.prompt, pr.target_true, pr.target_new) for pr in request.probes]
     return out
 
 
+_UNREAD = {"nll": math.nan, "argmax": "", "acc": math.nan}  # a probe without a new object
+
+
 def _measure(model: Any, request: EditRequest, batch_size: int) -> list[dict[str, Any]]:
+    """One reading per prompt and object: the prompts that share an object are read together."""
     items = _prompts(request)
-    new = _read(model, [p for _, p, _ in items], request.new_target, batch_size)
-    true: list[dict[str, Any]] = [{}] * len(items)
-    for target in dict.fromkeys(t for _, _, t in items):
-        at = [i for i, (_, _, t) in enumerate(items) if t == target]
-        for i, r in zip(at, _read(model, [items[i][1] for i in at], target, batch_size)):
-            true[i] = r
-    return [{"group": g, "prompt": p, "target_true": t, "target_new": request.new_target,
-             "nll_true": tr["nll"], "acc_true": tr["acc"], "argmax_true": tr["argmax"],
-             "nll_new": nw["nll"], "acc_new": nw["acc"], "argmax_new": nw["argmax"]}
-            for (g, p, t), tr, nw in zip(items, true, new)]
+    wanted = [(i, which, target) for i, (_, _, true, new) in enumerate(items)
+              for which, target in (("true", true), ("new", new)) if target is not None]
+    read: dict[tuple[int, str], dict[str, Any]] = {}
+    for target in dict.fromkeys(t for _, _, t in wanted):
+        at = [(i, which) for i, which, t in wanted if t == target]
+        for key, r in zip(at, _read(model, [items[i][1] for i, _ in at], target, batch_size)):
+            read[key] = r
+    rows = []
+    for i, (g, p, t, n) in enumerate(items):
+        tr, nw = read[(i, "true")], read.get((i, "new"), _UNREAD)
+        rows.append({"group": g, "prompt": p, "target_true": t, "target_new": n, "nll_true": tr["nll"],
+                     "acc_true": tr["acc"], "argmax_true": tr["argmax"], "nll_new": nw["nll"], "acc_new": nw["acc"],
+                     "argmax_new": nw["argmax"]})
+    return rows
 
 
 def _rows(request: EditRequest, editor: str, before: list[dict[str, Any]], after: list[dict[str, Any]]

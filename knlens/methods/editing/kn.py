@@ -34,7 +34,8 @@ from knlens.core.facts import Fact
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
 from knlens.methods.editing.edit import Edit, check_finite, check_new_target, make_edit
-from knlens.methods.editing.slots import VectorKind, slot_change, token_vector, value_slot, value_vectors
+from knlens.methods.editing.slots import (VectorKind, slot_change, through_post_norm, token_vector, value_slot,
+                                          value_vectors)
 from knlens.run.engine import activations_at
 from knlens.run.hooks import hook_name
 
@@ -65,12 +66,15 @@ def _signs(model: Any, fact: Fact, layers: dict[int, list[int]]) -> dict[int, Fl
 
 
 def kn_update(model: Any, fact: Fact, new_target: str, neurons: NeuronSet, *, lambda1: float = LAMBDA_OLD,
-              lambda2: float = LAMBDA_NEW, vectors: VectorKind = "unembed", sign: Sign = "activation") -> Edit:
+              lambda2: float = LAMBDA_NEW, vectors: VectorKind = "unembed", sign: Sign = "activation",
+              post_norm: bool = True) -> Edit:
     """Dai et al.'s update of ``fact`` (old object ``fact.target``) to ``new_target`` on ``neurons``' value slots.
 
     Both targets must be single tokens. ``vectors``: the tokens' ``"unembed"`` (default) or ``"embed"`` vectors.
     ``sign``: ``"activation"`` (flip the step for neurons whose mean activation on the fact's prompts is
-    negative) or ``"none"`` (Dai's formula as published). The model is not changed; apply the returned edit.
+    negative) or ``"none"`` (Dai's formula as published). ``post_norm``: where a norm follows ``W_out`` (Gemma-2/3),
+    step along ``e ⊘ g`` (:func:`~knlens.methods.editing.slots.through_post_norm`) so that the residual stream
+    receives ``e``'s direction; ``False``: along ``e`` as written. The model is not changed; apply the edit.
     """
     check_finite(lambda1=lambda1, lambda2=lambda2)
     if sign not in ("activation", "none"):
@@ -84,11 +88,12 @@ def kn_update(model: Any, fact: Fact, new_target: str, neurons: NeuronSet, *, la
         slot = value_slot(model, l)
         v = value_vectors(model, slot, idx).float()
         norm = v.norm(dim=1, keepdim=True)
-        step = -lambda1 * norm / e_old.norm() * e_old.float() + lambda2 * norm / e_new.norm() * e_new.float()
+        old, new = (through_post_norm(model, l, e.float()) if post_norm else e.float() for e in (e_old, e_new))
+        step = -lambda1 * norm / old.norm() * old + lambda2 * norm / new.norm() * new
         changes.append(slot_change(slot, idx, v + signs[l][:, None].to(v) * step.to(v)))
     params = {"fact": fact.name or fact.prompts[0], "target_old": fact.target, "target_new": new_target,
               "neurons": neurons, "lambda1": float(lambda1), "lambda2": float(lambda2), "vectors": vectors,
-              "sign": sign, "signs": torch.cat([signs[l] for l in layers])}
+              "sign": sign, "signs": torch.cat([signs[l] for l in layers]), "post_norm": post_norm}
     return make_edit(model, "kn-update", params, changes)
 
 
@@ -106,16 +111,20 @@ def _neutral(model: Any, neutral: Neutral, vectors: VectorKind) -> Float[Tensor,
     raise SettingsError(f"unknown neutral vector {neutral!r}; use 'unk', 'zero' or 'mean'")
 
 
-def kn_erase(model: Any, neurons: NeuronSet, *, neutral: Neutral = "unk", vectors: VectorKind = "unembed") -> Edit:
+def kn_erase(model: Any, neurons: NeuronSet, *, neutral: Neutral = "unk", vectors: VectorKind = "unembed",
+             post_norm: bool = True) -> Edit:
     """Set ``neurons``' value slots to a neutral vector: the unknown token's (``"unk"``, Dai et al.'s paper),
-    ``"zero"`` (their code) or the vocabulary's ``"mean"``; ``vectors`` picks unembedding or embedding."""
+    ``"zero"`` (their code) or the vocabulary's ``"mean"``; ``vectors`` picks unembedding or embedding;
+    ``post_norm`` divides it by a post-MLP norm's gain as :func:`kn_update` does."""
     layers = _neurons(model, neurons)
     e = _neutral(model, neutral, vectors)
     changes = []
     for l, idx in layers.items():
         slot = value_slot(model, l)
-        changes.append(slot_change(slot, idx, e[None, :].expand(len(idx), -1)))
-    return make_edit(model, "kn-erase", {"neurons": neurons, "neutral": neutral, "vectors": vectors}, changes)
+        written = through_post_norm(model, l, e) if post_norm else e
+        changes.append(slot_change(slot, idx, written[None, :].expand(len(idx), -1)))
+    return make_edit(model, "kn-erase", {"neurons": neurons, "neutral": neutral, "vectors": vectors,
+                                         "post_norm": post_norm}, changes)
 
 
 def random_neuron_edit(model: Any, counts: Mapping[int, int], norm: float, *, seed: int = 0,

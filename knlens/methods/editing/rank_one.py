@@ -3,10 +3,11 @@ rank-one edit).
 
 With ``M`` = ``W_out`` ``[d_mlp, d_model]`` of layer l (the MLP writes ``k·M``):
 
-1. **key** ``k*``: the neuron activations (``hook_post``) at the subject's last token of the edit prompt,
-   averaged over ``prefixes`` (ROME averages over ~20 text prefixes the model samples; knlens' default is the
+1. **key** ``k*``: the neuron activations (``hook_post``) at the subject's last token of the edit prompt
+   (``key_at="subject"``; ``key_at="relation"``: at the relation's last token, the last prompt token outside
+   the subject — Wei et al.'s relation-side edit of the same fact), averaged over ``prefixes`` (ROME averages over ~20 text prefixes the model samples; knlens' default is the
    bare prompt, and any prefixes can be given);
-2. **value** ``v* = k*·M + δ``: ``δ`` is added to the MLP output at the subject's last token and optimised
+2. **value** ``v* = k*·M + δ``: ``δ`` is added to the MLP output at the key's token and optimised
    with Adam so that the new target is predicted (mean per-token NLL, teacher forced, over the prompts),
    plus ``kl_factor``·KL(original ‖ edited) of the next token after "<subject> is a" (ROME's essence term)
    and ``weight_decay``·‖δ‖²/‖o‖² (o: the original MLP output there); ‖δ‖ is clamped to
@@ -44,14 +45,15 @@ from knlens.core.tokens import Queries, encode
 from knlens.methods.editing.covariance import key_covariance
 from knlens.methods.editing.edit import Edit, check_finite, check_new_target, make_edit
 from knlens.methods.editing.slots import slot_change, value_slot, value_vectors
-from knlens.methods.tracing.spans import subject_token_span
+from knlens.methods.tracing.spans import prefix_tokens, subject_token_span
 from knlens.run.engine import activations_at, target_logits
 from knlens.run.hooks import add, hook_name
 
-__all__ = ["rank_one_edit", "rank_one_update", "default_layer", "ESSENCE_TEMPLATE"]
+__all__ = ["rank_one_edit", "rank_one_update", "default_layer", "key_position", "ESSENCE_TEMPLATE", "KeyAt"]
 
 ESSENCE_TEMPLATE = "{} is a"  # ROME's prompt for the KL term that keeps the subject's other properties
 STOP_LOSS = 0.05
+KeyAt = Literal["subject", "relation"]
 
 
 def default_layer(model: Any) -> int:
@@ -60,10 +62,32 @@ def default_layer(model: Any) -> int:
     return model.cfg.n_layers // 4
 
 
-def _subject_positions(model: Any, q: Queries, subject: str) -> Tensor:
-    """Each row's position of the subject's last token (rows of one prompt share it)."""
-    last = torch.tensor([subject_token_span(model, p, subject)[1] - 1 for p in q.prompts], device=q.position.device)
-    return last[q.prompt_index]
+def key_position(model: Any, prompt: str, subject: str, key_at: KeyAt = "subject") -> int:
+    """Where the rank-one key is read in ``model.to_tokens(prompt)``: the subject's last token, or the relation's
+    last token (the last prompt token outside the subject: the prompt's last token, or the one before the
+    subject when the subject ends the prompt).
+
+    >>> from knlens import load_model
+    >>> m = load_model("tiny-llama")
+    >>> key_position(m, "the capital of france is", "france"), key_position(m, "the capital of france is", "france", "relation")
+    (4, 5)
+    """
+    start, end = subject_token_span(model, prompt, subject)
+    if key_at == "subject":
+        return end - 1
+    if key_at != "relation":
+        raise SettingsError(f"key_at must be 'subject' or 'relation', got {key_at!r}")
+    full, n_special = prefix_tokens(model, prompt)
+    at = len(full) - 1 if end < len(full) else start - 1
+    if at < n_special:
+        raise PromptError(f"the prompt {prompt!r} has no relation token outside the subject {subject!r}")
+    return at
+
+
+def _key_positions(model: Any, q: Queries, subject: str, key_at: KeyAt) -> Tensor:
+    """Each row's key position (rows of one prompt share it)."""
+    at = torch.tensor([key_position(model, p, subject, key_at) for p in q.prompts], device=q.position.device)
+    return at[q.prompt_index]
 
 
 def _read(model: Any, q: Queries, subject_pos: Tensor, delta: Tensor, layer: int) -> Float[Tensor, "batch vocab"]:
@@ -95,17 +119,20 @@ def rank_one_edit(model: Any, fact: Fact, new_target: str, *, layer: int | None 
                   prefixes: Sequence[str] = ("",), covariance: Float[Tensor, "d_mlp d_mlp"] | None = None,
                   steps: int = 20, lr: float = 0.5, weight_decay: float = 0.5, clamp_norm: float = 4.0,
                   kl_factor: float = 0.0625, ridge: float = 1e-4, n_texts: int = 1000, seed: int = 0,
-                  cache_dir: str | os.PathLike[str] | None | Literal[False] = None) -> Edit:
+                  cache_dir: str | os.PathLike[str] | None | Literal[False] = None, key_at: KeyAt = "subject") -> Edit:
     """Rewrite ``fact.prompts[prompt]`` → ``new_target`` (any number of tokens) at ``layer``'s ``W_out``.
 
-    ``fact.subject`` must be given (the key is read at its last token). ``covariance``: the keys' second
+    ``fact.subject`` must be given (the key is read at its last token, or with ``key_at="relation"`` at the
+    relation's last token: :func:`key_position`; the essence prompt's delta sits at the same kind of token). ``covariance``: the keys' second
     moment; ``None`` computes it with :func:`~knlens.methods.editing.covariance.key_covariance` (``n_texts``,
     ``seed``, ``cache_dir``). The model is not changed; apply the returned edit.
     """
     if is_masked_lm(model):
         raise SettingsError("the rank-one edit is for left-to-right models (it predicts the target after the prompt)")
     if fact.subject is None:
-        raise PromptError("the rank-one edit reads its key at the subject's last token: give the fact a subject")
+        raise PromptError("the rank-one edit finds its key token from the subject: give the fact a subject")
+    if key_at not in ("subject", "relation"):
+        raise SettingsError(f"key_at must be 'subject' or 'relation', got {key_at!r}")
     if steps < 1:
         raise SettingsError(f"steps must be at least 1, got {steps}")
     check_finite(lr=lr, weight_decay=weight_decay, clamp_norm=clamp_norm, kl_factor=kl_factor, ridge=ridge)
@@ -121,7 +148,7 @@ def rank_one_edit(model: Any, fact: Fact, new_target: str, *, layer: int | None 
     essence = q.prompt_index == len(prompts)
     q = q.select(~essence | (q.token_index == 0))
     essence, rows = q.prompt_index == len(prompts), torch.arange(len(q), device=q.position.device)
-    at = _subject_positions(model, q, fact.subject)
+    at = _key_positions(model, q, fact.subject, key_at)
     keys = dataclasses.replace(q, position=at).select(~essence & (q.token_index == 0))
     key = activations_at(model, keys, [hook_name(layer)])[hook_name(layer)].double().mean(0).cpu()
     out0 = activations_at(model, keys.select([0]), [hook_name(layer, "mlp.hook_out")])
@@ -155,7 +182,7 @@ def rank_one_edit(model: Any, fact: Fact, new_target: str, *, layer: int | None 
         else covariance
     new = rank_one_update(weights, key, value, cov.cpu(), ridge=ridge)
     params = {"fact": fact.name or text, "prompt": text, "subject": fact.subject, "target_old": fact.target,
-              "target_new": new_target, "layer": layer, "prefixes": list(prefixes), "steps": steps,
+              "target_new": new_target, "key_at": key_at, "layer": layer, "prefixes": list(prefixes), "steps": steps,
               "steps_run": ran, "final_nll": nll, "lr": lr, "weight_decay": weight_decay, "clamp_norm": clamp_norm,
               "kl_factor": kl_factor, "ridge": ridge, "covariance": "given" if covariance is not None else
               f"text_sample part 0, n={n_texts}, seed={seed}", "key": key.float(), "value": value.float(),

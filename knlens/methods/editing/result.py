@@ -2,8 +2,10 @@
 (docs/methods.md, editing evaluation).
 
 ``frame`` has one row per (fact, editor, group, prompt), ``group`` one of ``reliability`` (the edit prompt),
-``generality`` (its paraphrases) and ``locality`` (the neighbours' prompts). For the prompt's true object
-(``target_true``: the fact's target, or the neighbour's) and for the new object (``target_new``) it holds,
+``generality`` (its paraphrases), ``locality`` (the neighbours' prompts), or a probe's group (the editing
+criteria of :mod:`knlens.methods.editing.criteria`: ``symmetry``, ``symmetry_old``, ``synonym``, ``relation``,
+``relation_old``). For the prompt's true object (``target_true``: the fact's target, the neighbour's, or the
+probe's) and for the new object (``target_new``; none for ``symmetry_old``, whose columns are NaN) it holds,
 before and after the edit, the mean per-token NLL (teacher forced), the share of target tokens that are the
 argmax (EasyEdit's accuracy) and the argmax ids themselves (space-separated); ``agreement`` is the share of
 the argmax tokens along the true object that the edit left unchanged (EasyEdit's locality).
@@ -20,6 +22,14 @@ locality                  EasyEdit locality: share of neighbours' argmax tokens 
 locality_gold             accuracy of the neighbours' gold objects after the edit
 locality_ns               CounterFact neighbourhood score: share of neighbour prompts with NLL(true) < NLL(new)
 perplexity_change         perplexity after / before − 1 on the text sample
+symmetry                  EasyEdit accuracy of the edited subject on the reverse prompts of the new object
+symmetry_pn               share of those prompts where P(edited subject) > P(the new object's own subject)
+symmetry_old              EasyEdit accuracy of the edited subject on the reverse prompts of the old object
+synonym                   EasyEdit accuracy of the new object's synonym on the synonymous prompts
+synonym_pn                share of those prompts where P(new synonym) > P(old synonym)
+relation                  share of relation questions on (subject, new object) with NLL(relation) < NLL(None)
+relation_old              the same on (subject, old object)
+relation_margin           log P(relation) − log P(None) on (subject, new object) (per token; the same check, graded)
 ========================= ====================================================================================
 """
 
@@ -39,7 +49,7 @@ from knlens.stats.tests import paired_group_test
 
 __all__ = ["EditEvaluation", "EditEvaluationSettings", "METRICS", "GROUPS"]
 
-GROUPS = ("reliability", "generality", "locality")
+GROUPS = ("reliability", "generality", "locality", "symmetry", "symmetry_old", "synonym", "relation", "relation_old")
 # metric -> (group, value column after, value column before, convention)
 METRICS: dict[str, tuple[str, str, str, str]] = {
     "reliability": ("reliability", "acc_new_after", "acc_new_before", "EasyEdit"),
@@ -49,6 +59,14 @@ METRICS: dict[str, tuple[str, str, str, str]] = {
     "locality": ("locality", "agreement", "agreement_before", "EasyEdit"),
     "locality_gold": ("locality", "acc_true_after", "acc_true_before", "gold accuracy"),
     "locality_ns": ("locality", "ns_after", "ns_before", "CounterFact NS"),
+    "symmetry": ("symmetry", "acc_new_after", "acc_new_before", "EasyEdit"),
+    "symmetry_pn": ("symmetry", "es_after", "es_before", "P_new > P_true"),
+    "symmetry_old": ("symmetry_old", "acc_true_after", "acc_true_before", "EasyEdit"),
+    "synonym": ("synonym", "acc_new_after", "acc_new_before", "EasyEdit"),
+    "synonym_pn": ("synonym", "es_after", "es_before", "P_new > P_true"),
+    "relation": ("relation", "es_after", "es_before", "NLL(relation) < NLL(None)"),
+    "relation_old": ("relation_old", "ns_after", "ns_before", "NLL(relation) < NLL(None)"),
+    "relation_margin": ("relation", "margin_after", "margin_before", "log P(relation) - log P(None)"),
 }
 
 
@@ -82,11 +100,16 @@ class EditEvaluation(TableResult):
 
     def _derived(self) -> pd.DataFrame:
         f = self.frame
-        return f.assign(es_after=(f.nll_new_after < f.nll_true_after).astype(float),
-                        es_before=(f.nll_new_before < f.nll_true_before).astype(float),
-                        ns_after=(f.nll_true_after < f.nll_new_after).astype(float),
-                        ns_before=(f.nll_true_before < f.nll_new_before).astype(float),
-                        agreement_before=1.0)
+
+        def below(a: pd.Series, b: pd.Series) -> pd.Series:  # NaN where a row has no new object
+            return (a < b).astype(float).where(a.notna() & b.notna())
+
+        return f.assign(es_after=below(f.nll_new_after, f.nll_true_after),
+                        es_before=below(f.nll_new_before, f.nll_true_before),
+                        ns_after=below(f.nll_true_after, f.nll_new_after),
+                        ns_before=below(f.nll_true_before, f.nll_new_before), agreement_before=1.0,
+                        margin_after=f.nll_true_after - f.nll_new_after,
+                        margin_before=f.nll_true_before - f.nll_new_before)
 
     def per_fact(self) -> pd.DataFrame:
         """One value per fact, editor and metric (``after``, and ``before`` the edit): the mean over the

@@ -7,6 +7,12 @@ Gemma: an ``nn.Linear``, neurons on axis 1), ``c_proj.weight`` ``[d_mlp, d_model
 neurons on axis 0), ``output.dense.weight`` for BERT. An edit writes that parameter; :func:`value_slot`
 finds it and checks that it holds exactly ``W_out`` (or its transpose) before anything is written.
 
+Gemma-2/3 normalise the MLP's output before adding it to the residual stream (``post_feedforward_layernorm``,
+TransformerLens' ``blocks.{l}.ln2_post``: ``g ⊙ x / rms(x)``, ``g = 1 + weight``), so a value vector ``v``
+reaches the residual as ``g ⊙ v`` (up to the common scale ``1/rms``): :func:`post_mlp_gain` reads ``g``, and
+:func:`through_post_norm` turns a direction meant for the residual stream into the slot change that writes it
+there (``e ⊘ g``). Models without such a norm (GPT-2, Llama, SmolLM2) are left as they are.
+
 >>> from knlens import load_model
 >>> value_slot(load_model("tiny-llama"), 0).axis, value_slot(load_model("tiny-gpt2"), 0).axis
 (1, 0)
@@ -24,7 +30,8 @@ from torch import Tensor
 from knlens.core.errors import EditModelError, NeuronIndexError, SettingsError, TargetError
 from knlens.core.tokens import target_tokens
 
-__all__ = ["Slot", "value_slot", "value_vectors", "token_vector", "slot_change", "VectorKind"]
+__all__ = ["Slot", "value_slot", "value_vectors", "token_vector", "slot_change", "VectorKind", "post_mlp_gain",
+           "through_post_norm"]
 
 VectorKind = Literal["unembed", "embed"]
 
@@ -100,3 +107,37 @@ def slot_change(slot: Slot, neurons: list[int], rows: Float[Tensor, "k d_model"]
     """The ``(parameter, axis, index, new values)`` change that writes ``rows`` as the value vectors of
     ``neurons`` (in the parameter's own orientation), for :func:`~knlens.methods.editing.edit.make_edit`."""
     return slot.name, slot.axis, torch.as_tensor(neurons, dtype=torch.long), rows if slot.axis == 0 else rows.T
+
+
+def post_mlp_gain(model: Any, layer: int) -> Float[Tensor, "d_model"] | None:
+    """The per-dimension gain ``g`` of the norm between layer ``layer``'s ``W_out`` and the residual stream
+    (``blocks.{layer}.ln2_post``, Gemma-2/3), read from the norm itself (its output on a vector of ones, times
+    the RMS of that vector); ``None`` when the block has no such norm.
+
+    >>> from knlens import load_model
+    >>> post_mlp_gain(load_model("tiny-llama"), 0) is None
+    True
+    """
+    if not 0 <= layer < model.cfg.n_layers:
+        raise NeuronIndexError(f"layer {layer} outside the model's {model.cfg.n_layers} layers")
+    bridge = getattr(model.blocks[layer], "ln2_post", None)
+    norm = getattr(bridge, "original_component", None)
+    if norm is None:
+        return None
+    weight = next(norm.parameters()).detach()
+    ones = torch.ones(1, 1, model.cfg.d_model, dtype=weight.dtype, device=weight.device)
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+    with torch.no_grad():
+        gain = norm(ones)[0, 0].double().cpu() * (1.0 + eps) ** 0.5
+    if not torch.isfinite(gain).all() or bool((gain == 0).any()):
+        raise EditModelError(f"layer {layer}'s post-MLP norm has a zero or non-finite gain: no value vector can write "
+                             f"those dimensions")
+    return gain.float()
+
+
+def through_post_norm(model: Any, layer: int, vectors: Float[Tensor, "*batch d_model"]
+                      ) -> Float[Tensor, "*batch d_model"]:
+    """``vectors`` ⊘ the post-MLP gain of ``layer`` (:func:`post_mlp_gain`): a value-vector change that writes
+    ``vectors``' direction into the residual stream; ``vectors`` unchanged when the block has no post-MLP norm."""
+    gain = post_mlp_gain(model, layer)
+    return vectors if gain is None else vectors / gain.to(vectors)
