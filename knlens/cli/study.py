@@ -139,5 +139,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, default=1,
                        help="torch threads (default: %(default)s; on a shared 2-core machine 2 threads ran 10x slower)")
         _add_settings(s, spec)
-        s.set_defaults(run=run)
+    p.set_defaults(run=run)
     return p
