@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from knlens import Fact
+from knlens import Fact, NeuronSet
 from knlens.core.errors import InsufficientDataError, NoOpEditError, SettingsError
 from knlens.core.models import TINY_VOCAB
 from knlens.data.pararel import default_data_dir
 from knlens.methods.editing.edit import fingerprint, make_edit
+from knlens.methods.editing.editors import EditRequest
 from knlens.studies.editing_cases import (COUNT_COLUMNS, EditingSettings, counterfactual_cases, interleave,
                                           select_cases)
 from knlens.studies.editing_study import EDITORS, EditingStudy, editing_study, run_cases
@@ -92,12 +93,13 @@ def study(tiny_llama, candidates):
                              "convention": "test", "before": 0.0, "after": 1.0})
 
     start = fingerprint(tiny_llama)
-    ev, facts = run_cases(tiny_llama, cases, settings, criteria=[criterion])
+    ev, facts, generic = run_cases(tiny_llama, cases, settings, criteria=[criterion])
     assert fingerprint(tiny_llama) == start
     assert rows and all(rows)
     counts["studied"] = [3, 0]
-    return EditingStudy(settings, ev, {"counts": counts, "facts": facts},
-                        {"facts": 3.0, "cases": float(len(cases)), "skipped": 0.0, "refined": 0.0,
+    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic},
+                        {"facts": 3.0, "cases": float(len(cases)), "located": float(generic.located.sum()),
+                         "skipped": 0.0, "refined": 0.0,
                          "mean_neurons": float(facts.n_neurons.mean()), "shared_neurons": 0.0,
                          "mean_seconds_per_fact": 1.0}, {"filter": 1.0, "total": 2.0})
 
@@ -150,7 +152,7 @@ def test_the_budget_and_the_cap_bound_the_facts(tiny_llama, candidates):
     cases, _ = select_cases(tiny_llama, candidates[0], TINY)
     with pytest.raises(InsufficientDataError, match="budget ran out"):
         run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "budget_minutes": 1e-9}), criteria=[])
-    ev, facts = run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "max_facts": 1}), criteria=[])
+    ev, facts, _ = run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "max_facts": 1}), criteria=[])
     assert len(facts) == 1 and set(ev.metrics().n_facts) == {1}
 
 
@@ -181,3 +183,25 @@ def test_a_short_real_run(real_model):
     assert set(m.editor) == set(EDITORS) and (m.n_facts == 2).all()
     print("\n" + result.evaluation.table().to_string(index=False))
     assert "## Headline" in render_markdown(result)
+
+
+def test_generic_neurons_are_those_of_more_than_one_located_fact():
+    from knlens.studies.editing_cases import EditCase
+    from knlens.studies.editing_study import _generic, _Located, _sets
+
+    def located(rel, name, pairs, refined=True):
+        fact = Fact(["the capital of france is"], " paris", name=name)
+        scores = torch.arange(30.0).reshape(1, 3, 10).expand(2, -1, -1)  # [prompt, layer, neuron], all positive
+        return _Located(EditCase(EditRequest(fact, " rome"), rel), scores, NeuronSet(pairs), refined, 0.0)
+
+    xs = [located("R", "a", [(0, 1), (1, 2)]), located("R", "b", [(0, 1), (1, 3)]),
+          located("R", "c", [(0, 1), (2, 4)]), located("S", "d", [(0, 1)])]
+    generic, table = _generic(xs, 0.1)
+    assert generic["R"] == NeuronSet([(0, 1)]) and generic["S"] == NeuronSet()  # one fact: nothing is generic
+    assert table.set_index("relation").loc["R", "most frequent"] == "L0.N1 (3)"
+    sets, source = _sets(xs[0], generic["R"], 3)
+    assert sets["kn"] == NeuronSet([(1, 2)]) and sets["raw"] == xs[0].raw and source == "refined"
+    assert len(sets["aware"]) == 1 and not sets["aware"] & generic["R"]
+    only_generic = located("R", "e", [(0, 1)])
+    sets, source = _sets(only_generic, generic["R"], 3)  # nothing left: the top 3 non-generic by mean attribution
+    assert source == "top 3 mean" and len(sets["kn"]) == 3 and not sets["kn"] & generic["R"]

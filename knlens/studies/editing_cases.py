@@ -60,6 +60,8 @@ class EditingSettings:
     neighbour_prompts: int = 2  # prompts per neighbouring fact
     steps: int = 8  # Gauss–Legendre nodes of integrated gradients (the KN editors' neurons)
     fallback_k: int = 3  # neurons (top mean attribution) when Dai's refinement keeps none
+    generic_share: float = 0.1  # generic: in the KN sets of more than this share of a relation's located facts
+    locate_share: float = 0.25  # share of the budget left after the filters spent locating facts (phase 1)
     rank_one_layer: int | None = None  # None: knlens' default (a quarter of the way up)
     rank_one_steps: int = 20
     control_neurons: int = 10  # random neurons of the control of the rank-one edit
@@ -75,6 +77,9 @@ class EditingSettings:
                                 f"{self.min_prompts} and {self.max_prompts}")
         if self.neighbours < 1 or self.neighbour_prompts < 1 or self.steps < 1 or self.fallback_k < 1:
             raise SettingsError("neighbours, neighbour_prompts, steps and fallback_k must be at least 1")
+        if not 0 < self.locate_share < 1 or not 0 <= self.generic_share < 1:
+            raise SettingsError(f"locate_share must be in (0, 1) and generic_share in [0, 1), got {self.locate_share} "
+                                f"and {self.generic_share}")
         if not self.budget_minutes > 0:
             raise SettingsError(f"budget_minutes must be positive, got {self.budget_minutes}")
         if self.max_facts is not None and self.max_facts < 1:
