@@ -45,6 +45,9 @@ LIMITATIONS = [
     "absolute change and the t-tests are reported beside them.",
     "- The ParaRel facts have 3–6 paraphrases against dozens of syntax prompts; the similarity is also given on "
     "random subsets of the same size, and the ParaRel rows are means over facts.",
+    "- The random control of an edit has the KN edit's norm ‖ΔW‖, but a value slot's effect is its neuron's "
+    "activation times its change: the number neurons include massive-activation neurons (mean |a| of 10–60 at "
+    "the last token), so a random edit of the same norm on ordinary neurons moves the output far less.",
     "- One model (135M parameters); the paper's models (BERT, GPT-2, LLaMA-2) are larger.",
 ]
 
@@ -72,17 +75,29 @@ def _headline(r: SyntaxStudy) -> list[str]:
                      f"vs ungrammatical preference flipped on {f['good vs bad flipped'].mean():.0%} "
                      f"({m['good vs bad flipped'].mean():.0%}).")
     if len(edits):
-        e = edits[edits.metric == "reliability_es"].pivot_table(index=["task", "number"], columns="editor",
-                                                                  values="mean").reset_index()
-        lines.append("- **KN edit of number** (rewrite to the ungrammatical token; share of prompts where it then "
-                     "beats the grammatical one): " + "; ".join(
-                         f"{a} {b}: {k:.0%} (random neurons of the same norm {x:.0%})"
-                         for a, b, k, x in zip(e.task, e.number, e["kn-update"], e["random-kn"])) + ".")
+        e = edits[edits.editor == "kn-update"].pivot_table(index=["task", "number"], columns="metric",
+                                                           values="mean").reset_index()
+        r_ = edits[edits.editor == "random-kn"].pivot_table(index=["task", "number"], columns="metric",
+                                                            values="mean").reset_index()
+        before = edits[(edits.editor == "kn-update") & (edits.metric == "reliability_es")].set_index(
+            ["task", "number"])["before"]
+        lines.append("- **KN edit of number** (rewrite to the ungrammatical token): the share of prompts where it then "
+                     "beats the grammatical one (before the edit), EasyEdit locality on the other task's prompts, and "
+                     "the mean perplexity change — " + "; ".join(
+                         f"{a} {b}: {es:.0%} ({before[(a, b)]:.0%}), locality {loc:.2f}, perplexity {ppl:+.3g} "
+                         f"(random neurons of the same norm: {res:.0%}, {rloc:.2f}, {rppl:+.3g})"
+                         for a, b, es, loc, ppl, res, rloc, rppl in zip(
+                             e.task, e.number, e.reliability_es, e.locality, e.perplexity_change, r_.reliability_es,
+                             r_.locality, r_.perplexity_change)) + ".")
     comp = t["comparison"]
     if len(t["pararel"]):
         p = comp[comp["prompt set"] == "ParaRel facts"].iloc[0]
-        lines.append(f"- **ParaRel facts** ({p['sets']} facts): {p['neurons']} neurons, similarity "
-                     f"{p['similarity (all prompts)']} over their paraphrases (mean [95 % CI]); see the comparison.")
+        sim = f"similarity (n={r.settings.subset})"
+        lines.append(f"- **Syntax beside facts**: syntax sets of {loc.prompts.min()}–{loc.prompts.max()} prompts have "
+                     f"{loc.neurons.min()}–{loc.neurons.max()} neurons and similarity {loc.similarity.min():.3f}–"
+                     f"{loc.similarity.max():.3f} ({loc[sim].min():.3f}–{loc[sim].max():.3f} on subsets of "
+                     f"{r.settings.subset}); {p['sets']} ParaRel facts have {p['neurons']} neurons and similarity "
+                     f"{p['similarity (all prompts)']} ({p[sim]} on subsets; mean [95 % CI]) over their paraphrases.")
     return lines
 
 
