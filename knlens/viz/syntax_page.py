@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import platform
 
+import numpy as np
 import pandas as pd
 
 from knlens.studies.syntax_data import TASKS, WORD_CLASSES
@@ -84,11 +85,11 @@ def _headline(r: SyntaxStudy) -> list[str]:
         lines.append("- **KN edit of number** (rewrite to the ungrammatical token): the share of prompts where it then "
                      "beats the grammatical one (before the edit), EasyEdit locality on the other task's prompts, and "
                      "the mean perplexity change — " + "; ".join(
-                         f"{a} {b}: {es:.0%} ({before[(a, b)]:.0%}), locality {loc:.2f}, perplexity {ppl:+.3g} "
-                         f"(random neurons of the same norm: {res:.0%}, {rloc:.2f}, {rppl:+.3g})"
-                         for a, b, es, loc, ppl, res, rloc, rppl in zip(
-                             e.task, e.number, e.reliability_es, e.locality, e.perplexity_change, r_.reliability_es,
-                             r_.locality, r_.perplexity_change)) + ".")
+                         f"{k['task']} {k['number']}: {k['reliability_es']:.0%} ({before[(k['task'], k['number'])]:.0%}), "
+                         f"locality {k['locality']:.2f}, perplexity {k.get('perplexity_change', np.nan):+.3g} (random "
+                         f"neurons of the same norm: {x['reliability_es']:.0%}, {x['locality']:.2f}, "
+                         f"{x.get('perplexity_change', np.nan):+.3g})"
+                         for k, x in zip(e.to_dict("records"), r_.to_dict("records"))) + ".")
     comp = t["comparison"]
     if len(t["pararel"]):
         p = comp[comp["prompt set"] == "ParaRel facts"].iloc[0]
