@@ -1,7 +1,12 @@
 """``knlens study``: a paper's study on real data, one command, its tables written into a page.
 
     knlens study query-localization --page benchmarks/QUERY_LOCALIZATION.md --out ql-out
+    knlens study editing --page benchmarks/EDITING.md --budget-minutes 30
+    knlens study syntax --page benchmarks/SYNTAX.md
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
+
+Every study's settings dataclass is its options: each field ``some_name`` is ``--some-name`` with the field's
+default (tuples take several values).
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +23,58 @@ import torch
 
 from knlens.cli.common import add_common_options, load_model, output_dir, say, table, write_outputs
 from knlens.core.errors import OutputError
+from knlens.studies.editing_cases import EditingSettings
+from knlens.studies.editing_study import editing_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
-from knlens.viz.query_localization_page import render_markdown
+from knlens.studies.syntax_study import SyntaxSettings, syntax_study
+from knlens.viz import editing_page, query_localization_page, syntax_page
 
-__all__ = ["add_parser", "run", "STUDIES"]
+__all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
 
-STUDIES = ("query-localization",)
-_DEFAULTS = QueryLocalizationSettings()
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A study the command runs: its settings class, ``run(model, settings, data_dir=, say=)``, its page renderer,
+    a one-line description and help for the options (field name -> text)."""
+
+    settings: type
+    run: Callable[..., Any]
+    render: Callable[[Any], str]
+    description: str
+    options: dict[str, str]
+
+
+STUDIES: dict[str, StudySpec] = {
+    "query-localization": StudySpec(
+        QueryLocalizationSettings, query_localization_study, query_localization_page.render_markdown,
+        "Query localization (Chen et al., ICLR 2025) on ParaRel: consistency of knowledge neurons across paraphrases, "
+        "query-KN mapping, consistency-aware selection and knowledge synapses.",
+        {"relations": "ParaRel relations", "candidates": "facts read per relation before the known filter",
+         "facts_per_relation": "known facts studied per relation",
+         "min_prompts": "a fact is kept when known on at least this many paraphrases",
+         "max_prompts": "answered paraphrases analysed per fact", "steps": "Gauss-Legendre nodes of integrated gradients",
+         "threshold": "coarse neurons: score >= threshold x max",
+         "generic_share": "generic: in the sets of more than this share of a relation's facts",
+         "n_random": "random sets per neuron set in the mapping test",
+         "k": "set size of the selection comparison and the synapse test",
+         "n_controls": "random control positions per synapse test", "others": "facts of the same relation used for locality",
+         "seed": "seed of the fact sample and the random sets"}),
+    "editing": StudySpec(
+        EditingSettings, editing_study, editing_page.render_markdown,
+        "Knowledge editing on ParaRel: KN update, KN erase, consistency-aware KN, rank-one and random-neuron controls "
+        "on facts the model knows, judged by reliability, generality, locality (both conventions) and perplexity.",
+        {"relations": "ParaRel relations", "candidates": "facts read per relation before the filters",
+         "budget_minutes": "stop starting new facts when the next would overrun this many minutes",
+         "max_facts": "edit at most this many facts", "rank_one_layer": "the rank-one edit's layer"}),
+    "syntax": StudySpec(
+        SyntaxSettings, syntax_study, syntax_page.render_markdown,
+        "Syntax through the knowledge-neuron instruments (Niu et al., ICLR 2024) on BLiMP: number neurons of "
+        "determiner-noun and subject-verb agreement, their suppression and KN editing, and their localisation beside "
+        "ParaRel facts'.",
+        {"locate": "prompts per (task, number) whose attributions are pooled",
+         "heldout": "new prompts per (task, number) for suppression", "n_random": "random sets per control",
+         "pararel_facts": "ParaRel facts localised for the comparison (0: none)"}),
+}
 
 
 def _write_page(path: str, text: str) -> Path:
@@ -36,54 +88,56 @@ def _write_page(path: str, text: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``knlens study``: the study's tests on stdout; ``--page`` the Markdown page, ``--out`` the result."""
-    fields = {f.name for f in dataclasses.fields(QueryLocalizationSettings)} - {"model"}
-    settings = QueryLocalizationSettings(model=args.model, **{k: (tuple(v) if isinstance(v, list) else v)
-                                                              for k, v in vars(args).items() if k in fields})
+    """Run ``knlens study NAME``: the study's table on stdout; ``--page`` the Markdown page, ``--out`` the result."""
+    spec = STUDIES[args.name]
+    fields = {f.name for f in dataclasses.fields(spec.settings)} - {"model"}
+    settings = spec.settings(model=args.model, **{k: (tuple(v) if isinstance(v, list) else v)
+                                                  for k, v in vars(args).items() if k in fields})
     out = output_dir(args.out) if args.out else None
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args)
     t0 = time.time()
-    result = query_localization_study(model, settings, data_dir=args.data_dir,
-                                      say=lambda msg: say(args, f"[{time.time() - t0:6.0f}s] {msg}"))
+    result = spec.run(model, settings, data_dir=args.data_dir,
+                      say=lambda msg: say(args, f"[{time.time() - t0:6.0f}s] {msg}"))
     print(table(result.to_frame()), flush=True)
     if args.page:
-        print(f"\nwrote {_write_page(args.page, render_markdown(result))}", flush=True)
+        print(f"\nwrote {_write_page(args.page, spec.render(result))}", flush=True)
     if out is not None:
-        write_outputs(out, result, {"study.md": lambda p: p.write_text(render_markdown(result))})
+        write_outputs(out, result, {"study.md": lambda p: p.write_text(spec.render(result))})
     return 0
+
+
+def _add_settings(p: argparse.ArgumentParser, spec: StudySpec) -> None:
+    """One option per settings field (but ``model``), typed by its default."""
+    defaults = spec.settings()
+    for f in dataclasses.fields(spec.settings):
+        if f.name == "model":
+            continue
+        default, flag = getattr(defaults, f.name), f"--{f.name.replace('_', '-')}"
+        text = spec.options.get(f.name, f.name.replace("_", " "))
+        if isinstance(default, tuple):
+            p.add_argument(flag, nargs="+", default=list(default), help=f"{text} (default: %(default)s)")
+        else:
+            kind = type(default) if default is not None else (int if "int" in str(f.type) else float)
+            p.add_argument(flag, type=kind, default=default, help=f"{text} (default: %(default)s)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``study`` to ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     p = subparsers.add_parser(
-        "study", help="run a paper's study on real data (ParaRel) and write its tables",
-        description="Query localization (Chen et al., ICLR 2025) on ParaRel: consistency of knowledge neurons "
-                    "across paraphrases, query-KN mapping, consistency-aware selection and knowledge synapses, "
-                    "with the number of facts kept by each filter, the versions used and the limitations.")
-    p.add_argument("name", choices=STUDIES, help="the study")
-    add_common_options(p, out_help="save the study (result.json, tensors.safetensors) and study.md there")
-    p.add_argument("--page", metavar="FILE.md", help="write the Markdown page there (e.g. benchmarks/QUERY_LOCALIZATION.md)")
-    p.add_argument("--data-dir", metavar="DIR", help="ParaRel data folder (default: knlens.data's default)")
-    p.add_argument("--relations", nargs="+", default=list(_DEFAULTS.relations), help="ParaRel relations (default: %(default)s)")
-    for name, help_text in (("candidates", "facts read per relation before the known filter"),
-                            ("facts-per-relation", "known facts studied per relation"),
-                            ("min-prompts", "a fact is kept when known on at least this many paraphrases"),
-                            ("max-prompts", "answered paraphrases analysed per fact"),
-                            ("steps", "Gauss-Legendre nodes of integrated gradients"),
-                            ("n-random", "random sets per neuron set in the mapping test"),
-                            ("k", "set size of the selection comparison and the synapse test"),
-                            ("n-controls", "random control positions per synapse test"),
-                            ("others", "facts of the same relation used for locality"),
-                            ("seed", "seed of the fact sample and the random sets")):
-        p.add_argument(f"--{name}", type=int, default=getattr(_DEFAULTS, name.replace("-", "_")),
-                       help=f"{help_text} (default: %(default)s)")
-    p.add_argument("--threshold", type=float, default=_DEFAULTS.threshold,
-                   help="coarse neurons: score >= threshold x max (default: %(default)s)")
-    p.add_argument("--generic-share", type=float, default=_DEFAULTS.generic_share,
-                   help="generic: in the sets of more than this share of a relation's facts (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default: %(default)s; on a shared 2-core machine 2 threads ran 10x slower)")
+        "study", help="run a paper's study on real data (ParaRel, BLiMP) and write its tables",
+        description="Run a study on real data and write its tables: " + " ".join(
+            f"{name}: {spec.description}" for name, spec in STUDIES.items()))
+    studies = p.add_subparsers(dest="name", metavar="STUDY", required=True)
+    for name, spec in STUDIES.items():
+        s = studies.add_parser(name, help=spec.description, description=spec.description)
+        add_common_options(s, out_help="save the study (result.json, tensors.safetensors) and study.md there")
+        s.add_argument("--page", metavar="FILE.md", help="write the Markdown page there (e.g. benchmarks/"
+                                                         f"{name.upper().replace('-', '_')}.md)")
+        s.add_argument("--data-dir", metavar="DIR", help="data folder (default: knlens.data's default)")
+        s.add_argument("--threads", type=int, default=1,
+                       help="torch threads (default: %(default)s; on a shared 2-core machine 2 threads ran 10x slower)")
+        _add_settings(s, spec)
     p.set_defaults(run=run)
     return p
