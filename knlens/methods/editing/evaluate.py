@@ -2,8 +2,10 @@
 editing evaluation).
 
 For each request, the model is read once before any edit; then each editor builds its edit on the unedited
-model, the edit is applied, the model is read again, and the edit is undone (also when reading fails). Every
-reading is teacher forced on the true and on the new object of each prompt; the result keeps the raw
+model, the edit is applied, the model is read again, and the edit is undone (also when reading fails). The
+prompts read are the edit prompt, its paraphrases, the neighbours' prompts and the request's probes (the
+editing criteria: :mod:`knlens.methods.editing.criteria`). Every reading is teacher forced on the true and on
+the new object of each prompt (a probe without a new object: the true one only); the result keeps the raw
 quantities (NLLs, argmax ids) and reduces them to each convention afterwards
 (:class:`~knlens.methods.editing.result.EditEvaluation`). At the end the model's weights are checked to be the
 ones it started with.
