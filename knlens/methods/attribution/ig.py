@@ -60,7 +60,8 @@ from knlens.methods.attribution.adaptive import (DEFAULT_MAX_STEPS, DEFAULT_TOLE
 from knlens.methods.attribution.baselines import Baseline, check_baseline, describe_baseline
 from knlens.methods.attribution.cells import ig_row
 from knlens.methods.attribution.grids import Grid, quadrature
-from knlens.methods.attribution.result import Attribution, AttributionSettings
+from knlens.methods.attribution.result import Attribution, AttributionSettings, Screen
+from knlens.methods.attribution.screen import get_screen, screened
 from knlens.run.engine import ENGINES, Engine, Quantity
 from knlens.run.hooks import hook_name
 from knlens.run.placement import model_dtype, precision_and_place, resolve_dtype
@@ -90,8 +91,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
               multi_token: MultiToken = "teacher_forcing", token_reduce: Literal["mean", "sum"] = "mean",
               engine: Engine = "fast", batch_size: int = 256, progress: bool = False,
               device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-              tolerance: float | None = DEFAULT_TOLERANCE, max_steps: int = DEFAULT_MAX_STEPS
-              ) -> list[Attribution]:
+              tolerance: float | None = DEFAULT_TOLERANCE, max_steps: int = DEFAULT_MAX_STEPS,
+              screen: Screen | str | None = None) -> list[Attribution]:
     """Integrated-gradients attributions of every prompt of ``fact`` (one :class:`Attribution` each).
 
     ``fact`` is a :class:`~knlens.Fact`, or prompts with ``target``. A multi-token target is teacher-forced
@@ -109,6 +110,11 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     128), with a :class:`~knlens.core.errors.CompletenessWarning` if it stays above (see
     :mod:`knlens.methods.attribution.adaptive`); ``settings.grid``/``steps`` are then those of the pass kept and
     ``settings.refinement`` lists every pass. ``tolerance=None`` integrates on ``grid``/``steps`` only.
+    ``screen`` (``"gradxact"``, ``"gauss2"``, … or a :class:`~knlens.methods.attribution.result.Screen`)
+    integrates exactly only the layers a cheap first pass picks, checks against the exact scores that the
+    others cannot hold a neuron above ``threshold`` × the top score or in the top ``top_k``, and falls back
+    to every layer with a :class:`~knlens.core.errors.ScreenFallbackWarning` when it cannot show that (see
+    :mod:`knlens.methods.attribution.screen`); each result's ``screen`` records what was left out.
 
     >>> from knlens import load_model, Fact
     >>> model = load_model("tiny-gpt2")
@@ -127,6 +133,11 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SettingsError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_budget(tolerance, max_steps)
+    if screen is not None:
+        return _screened(model, prompts, target, get_screen(screen), layers=layers, hook_point=hook_point,
+                         steps=steps, grid=grid, quantity=quantity, baseline=baseline, multi_token=multi_token,
+                         token_reduce=token_reduce, engine=engine, batch_size=batch_size, progress=progress,
+                         device=device, dtype=dtype, tolerance=tolerance, max_steps=max_steps)
     if tolerance is not None:
         kw: dict[str, Any] = dict(hook_point=hook_point, layers=layers, quantity=quantity, baseline=baseline,
                                   multi_token=multi_token, token_reduce=token_reduce, engine=engine,
@@ -169,6 +180,21 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
             completeness_error=reduce([r["completeness_error"] for r in mine]),
             clean_value=float(torch.tensor([r["clean"] for r in mine]).mean())))
     return out
+
+
+def _screened(model: Any, prompts: list[str], target: str, screen: Screen, *, layers: Sequence[int] | None,
+              baseline: Baseline, **kw: Any) -> list[Attribution]:
+    """:func:`attribute` with ``screen``: the unscreened call on any subset of the layers is its ``run``."""
+    layer_ids = _resolve_layers(model, layers)
+    check_baseline(baseline, len(layer_ids), model.cfg.d_mlp)
+
+    def run(subset: list[int], **over: Any) -> list[Attribution]:
+        base = baseline[[layer_ids.index(l) for l in subset]] if isinstance(baseline, Tensor) else baseline
+        return attribute(model, prompts, target, layers=subset, baseline=base, **{**kw, **over})
+
+    return screened(model, prompts, target, screen, layer_ids, run, hook_point=kw["hook_point"], baseline=baseline,
+                    quantity=kw["quantity"], multi_token=kw["multi_token"], token_reduce=kw["token_reduce"],
+                    device=kw["device"], dtype=kw["dtype"])
 
 
 def integrated_gradients(model: Any, prompt: str, target: str, **kwargs: Any) -> Attribution:

@@ -13,7 +13,49 @@ from torch import Tensor
 from knlens.core.neurons import NeuronSet
 from knlens.results.contract import Result
 
-__all__ = ["Attribution", "AttributionSettings"]
+__all__ = ["Attribution", "AttributionSettings", "Screen", "ScreenCheck"]
+
+
+@dataclass(frozen=True)
+class Screen:
+    """How a screened integration picks its layers, and what it must guarantee (docs/methods.md, screening).
+
+    ``method`` is the cheap first pass: ``"gradxact"`` (gradient × (activation − baseline) at the clean
+    point, one backward for all layers) or ``"gauss2"`` / ``"gauss3"`` / ``"gauss4"`` (integrated gradients
+    on that many Gauss–Legendre nodes). The guarantee: no neuron of a layer left out scores
+    ``threshold`` × the prompt's top score or more (Dai's coarse cut), nor enters the prompt's ``top_k``.
+    A layer is integrated exactly when its largest screened |score| is at least 1/``safety`` of that level.
+    """
+
+    method: str = "gauss2"
+    threshold: float = 0.2
+    top_k: int = 20
+    safety: float = 4.0
+
+
+@dataclass(frozen=True)
+class ScreenCheck:
+    """What the screen did for one prompt, and the check of its guarantee against exact integration.
+
+    ``kept`` are the layers the screen picked, ``verified`` the skipped layer with the largest screened
+    score, integrated exactly as well to measure the screen's error, ``skipped`` the layers never
+    integrated exactly. ``ratio`` is the largest ``max|exact| / max|screened|`` over every exactly integrated
+    layer and prompt of the call: how far the screen was measured to underestimate a layer. ``bound`` =
+    ``ratio`` × the largest screened |score| of the skipped layers (what a skipped neuron is taken to reach
+    at most), ``level`` = min(threshold × the top exact score, the k-th exact score): what it must stay
+    below. ``passed`` is ``bound < level``; when a prompt of the call fails, every layer is integrated
+    exactly (``fell_back``) and the result is the unscreened one.
+    """
+
+    method: str
+    kept: tuple[int, ...]
+    verified: tuple[int, ...]
+    skipped: tuple[int, ...]
+    ratio: float
+    bound: float
+    level: float
+    passed: bool
+    fell_back: bool
 
 
 @dataclass(frozen=True)
@@ -39,6 +81,7 @@ class AttributionSettings:
     tolerance: float | None = None
     max_steps: int | None = None
     refinement: str = ""
+    screen: Screen | None = None  # screened integration (knlens.methods.attribution.screen); None: every layer
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +104,7 @@ class Attribution(Result):
     clean_value: float  # f(a) of the unpatched model (P(target) for quantity="prob")
     settings: AttributionSettings
     layers: tuple[int, ...] = field(default=())  # the model layers the rows of ``scores`` stand for
+    screen: ScreenCheck | None = None  # what a screened integration left out and how that was checked
 
     @property
     def n_layers(self) -> int:
