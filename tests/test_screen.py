@@ -12,11 +12,16 @@ import torch
 
 import knlens
 from knlens.core.errors import ScreenFallbackWarning, SettingsError
+from knlens.core.tokens import encode
 from knlens.methods.attribution import screen as screen_module
 from knlens.methods.attribution.result import Screen
-from knlens.methods.attribution.screen import check_screen, get_screen, grad_x_activation, pick_layers
+from knlens.methods.attribution.screen import check_screen, first_pass, get_screen, pick_layers
+from knlens.methods.selection import best_by_mean
+from knlens.run.engine import read_quantity, target_logits
+from knlens.run.hooks import position_mask
 
 PROMPTS = ["the capital of france is", "the capital city of france is", "france capital city is"]
+EXACT = dict(steps=6, grid="gauss-legendre", tolerance=None)
 
 
 @pytest.fixture(scope="module")
@@ -25,96 +30,130 @@ def deep():
     return knlens.tiny_model("llama", n_layers=6, seed=1)
 
 
-def test_pick_layers_keeps_what_can_reach_the_level_and_verifies_the_nearest_skipped():
+@pytest.fixture(scope="module")
+def full(deep):
+    return knlens.attribute(deep, PROMPTS, " paris", **EXACT)
+
+
+def _like(template, scores, delta=None):
+    """An attribution with these scores (and layer effects: their sums unless given), for the pure functions."""
+    delta = scores.sum(-1) if delta is None else delta
+    return dataclasses.replace(template, scores=scores, delta=delta, activations=torch.ones_like(scores),
+                               completeness_error=(scores.sum(-1) - delta).abs(), layers=tuple(range(len(scores))))
+
+
+def test_pick_layers_bounds_each_layer_by_its_peak_and_its_unexplained_effect(full):
     s = torch.tensor([[1.0, -0.1], [0.02, 0.0], [0.0, -0.06], [0.01, 0.01]])
-    # level = 0.2 × 1.0; a layer stays when its largest |score| reaches level / 4 = 0.05 (a negative one too)
-    assert pick_layers([s], [0, 1, 2, 3], Screen(top_k=0, safety=4.0)) == ([0, 2], [1])
-    assert pick_layers([s], [0, 1, 2, 3], Screen(top_k=0, safety=1.0)) == ([0], [2])
-    # another prompt keeps what it needs: the union is integrated
-    other = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.5, 0.0]])
-    assert pick_layers([s, other], [0, 1, 2, 3], Screen(top_k=0, safety=1.0)) == ([0, 3], [2])
-    # top_k lowers the level to the k-th score: here the 3rd is 0.02, so layers down to 0.005 stay
-    assert pick_layers([s], [0, 1, 2, 3], Screen(top_k=3, safety=4.0)) == ([0, 1, 2, 3], [])
+    delta = s.sum(-1) + torch.tensor([0.0, 0.0, 0.0, 0.28])  # layer 3's screened scores miss 0.28 of its effect
+    one = [_like(full[0], s, delta)]
+    # a layer stays when peak × safety + |unexplained| reaches 0.2 × the top screened score (a negative peak too)
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=1.0)) == ([0, 3], [2])
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=4.0)) == ([0, 2, 3], [1])
+    # with min_count 2, a layer that may be coarse in one prompt only is left out
+    other = _like(full[0], torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    assert pick_layers([*one, other], [0, 1, 2, 3], Screen(min_count=2, top_k=0, safety=1.0)) == ([0], [3])
+    # top_k by mean: the 3rd-best mean is 0.01 here, so every layer may hold one of the top 3
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=5, top_k=3, safety=1.0)) == ([0, 1, 2, 3], [])
     # no positive score: nothing to cut at, every layer stays
-    assert pick_layers([-s.abs()], [0, 1, 2, 3], Screen()) == ([0, 1, 2, 3], [])
+    assert pick_layers([_like(full[0], -s.abs())], [0, 1, 2, 3], Screen()) == ([0, 1, 2, 3], [])
 
 
-def test_grad_x_activation_is_integrated_gradients_on_one_node_at_one(tiny):
-    prompts = ["the capital of france is", "the capital city of"]
-    targets = (" paris",) if knlens.core.models.is_masked_lm(tiny) else (" paris", " paris is")  # + teacher forcing
-    for target in targets:
-        gx = grad_x_activation(tiny, prompts, target, [0, 1])
-        ig = knlens.attribute(tiny, prompts, target, steps=1, grid="right", tolerance=None)
-        for g, a in zip(gx, ig):
-            torch.testing.assert_close(g, a.scores, rtol=1e-4, atol=1e-7)
+def _grad_times_activation(model, prompt, target):
+    """(a − 0) · ∂P/∂a at the clean point for every layer, by autograd on one plain forward (independent of
+    the IG engine)."""
+    q = encode(model, [prompt], target)
+    probes, clean = {}, {}
+
+    def probe(name):
+        def hook(act, hook=None):
+            at = position_mask(act, q.position)
+            clean[name] = act.detach()[at][0]
+            probes[name] = torch.zeros(act.shape[-1], requires_grad=True)
+            return torch.where(at[:, :, None], act + probes[name], act)
+        return hook
+    names = [f"blocks.{l}.mlp.hook_post" for l in range(model.cfg.n_layers)]
+    with torch.enable_grad():
+        f = read_quantity(target_logits(model, q, [(n, probe(n)) for n in names]), q.target, "prob")
+        grads = torch.autograd.grad(f.sum(), [probes[n] for n in names])
+    return torch.stack([clean[n] * g for n, g in zip(names, grads)])
+
+
+def test_the_gradxact_screen_is_gradient_times_activation(tiny):
+    prompt = "the capital of france is" if not knlens.core.models.is_masked_lm(tiny) else "the capital of [MASK]"
+    run = lambda layers, **kw: knlens.attribute(tiny, [prompt], " paris", layers=layers, **kw)  # noqa: E731
+    screen = first_pass(Screen(method="gradxact"), [0, 1], run)[0]
+    torch.testing.assert_close(screen.scores, _grad_times_activation(tiny, prompt, " paris"), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ["gradxact", "gauss2"])
-def test_screened_equals_exact_on_the_layers_it_integrates(deep, method):
-    scr = Screen(method=method, top_k=0, safety=1.0)
+def test_screened_equals_exact_on_the_layers_it_integrates(deep, full, method):
+    scr = Screen(method=method, min_count=1, top_k=0, safety=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScreenFallbackWarning)
-        attrs = knlens.attribute(deep, PROMPTS, " paris", steps=6, grid="gauss-legendre", tolerance=None, screen=scr)
-    full = knlens.attribute(deep, PROMPTS, " paris", steps=6, grid="gauss-legendre", tolerance=None)
+        attrs = knlens.attribute(deep, PROMPTS, " paris", screen=scr, **EXACT)
     for a, f in zip(attrs, full):
         c = a.screen
         assert a.settings.screen == scr and c.method == method
         assert sorted([*c.kept, *c.verified, *c.skipped]) == list(range(6))
-        if c.fell_back:
-            assert a.layers == tuple(range(6)) and "screen" in a.settings.engine_note
-        else:
-            assert c.passed and c.bound < c.level and a.layers == tuple(sorted([*c.kept, *c.verified]))
+        assert a.layers == (tuple(range(6)) if c.fell_back else tuple(sorted([*c.kept, *c.verified])))
+        assert c.passed != c.fell_back and (c.why != "") == c.fell_back
         rows = list(a.layers)
         torch.testing.assert_close(a.scores, f.scores[rows], rtol=1e-4, atol=1e-8)
         torch.testing.assert_close(a.delta, f.delta[rows], rtol=1e-4, atol=1e-8)
 
 
-def test_a_screen_that_leaves_layers_out_keeps_the_exact_coarse_neurons(deep, monkeypatch):
-    """When the check passes, the coarse neurons and the top k over the exact layers are those of all layers."""
-    scr = Screen(method="gauss2", threshold=0.5, top_k=3, safety=1.0)
-    full = knlens.attribute(deep, PROMPTS, " paris", steps=6, grid="gauss-legendre", tolerance=None)
-    monkeypatch.setattr(screen_module, "_first_pass", lambda *a, **kw: [f.scores for f in full])  # a perfect screen
-    attrs = knlens.attribute(deep, PROMPTS, " paris", steps=6, grid="gauss-legendre", tolerance=None, screen=scr)
+def test_a_passing_check_keeps_the_coarse_neurons_and_top_of_every_layer(deep, full, monkeypatch):
+    scr = Screen(threshold=0.5, min_count=1, top_k=3, safety=1.0)
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: list(full))  # a perfect screen
+    attrs = knlens.attribute(deep, PROMPTS, " paris", screen=scr, **EXACT)
     c = attrs[0].screen
-    assert c.skipped and c.passed and not c.fell_back and c.ratio == pytest.approx(1.0, rel=1e-4)
+    assert c.skipped and c.passed and not c.fell_back and c.beta < 1e-3
+    assert 0 < c.skipped_mass < 1 and all(a.screen.bound < 0.5 * a.screen.top for a in attrs)
     for a, f in zip(attrs, full):
-        assert len(a.layers) < 6
-        assert knlens.coarse(a, 0.5) == knlens.coarse(f, 0.5) and a.top(3) == f.top(3)
+        assert knlens.coarse(a, 0.5) == knlens.coarse(f, 0.5)
+    assert best_by_mean(attrs, 3) == best_by_mean(full, 3)
 
 
-def test_a_loose_bound_falls_back_to_every_layer_loudly(deep, monkeypatch):
-    """A screen that underestimates every layer but the top one 100-fold: the verified layer measures it,
-    the bound exceeds the level, and every layer is integrated exactly."""
-    full = knlens.attribute(deep, PROMPTS, " paris", steps=6, grid="gauss-legendre", tolerance=None)
+def test_an_unexplained_effect_keeps_a_layer_whose_screened_scores_are_small(deep, full, monkeypatch):
+    """A screen that misses a layer's effect (as Gauss-2 misses SmolLM2's layer 0) keeps it by its residual."""
     top = int(torch.stack([f.scores.abs().amax(-1) for f in full]).amax(0).argmax())
+    blind = [dataclasses.replace(f, scores=torch.where(torch.arange(6)[:, None] == top, f.scores * 1e-3, f.scores))
+             for f in full]  # its delta is still the layer's true effect
+    kept, _ = pick_layers(blind, list(range(6)), Screen(threshold=0.5, min_count=1, top_k=0, safety=1.0))
+    assert top in kept
 
-    def blind(model, prompts, target, screen, layers, run, **kw):
-        return [torch.where(torch.arange(len(layers))[:, None] == top, f.scores, f.scores * 1e-2) for f in full]
-    monkeypatch.setattr(screen_module, "_first_pass", blind)
-    with pytest.warns(ScreenFallbackWarning, match="screen gauss2 -> all layers"):
-        attrs = knlens.attribute(deep, PROMPTS, " paris", steps=6, grid="gauss-legendre", tolerance=None,
-                                 screen=Screen(top_k=0, safety=1.0))
+
+def test_a_loose_bound_falls_back_to_every_layer_loudly(deep, full, monkeypatch):
+    """A screen that underestimates every layer but the top one 100-fold, its layer effects scaled alike so
+    that nothing looks unexplained: the verified layer measures the error, and every layer is integrated."""
+    top = int(torch.stack([f.scores.abs().amax(-1) for f in full]).amax(0).argmax())
+    low = (torch.arange(6) != top).float() * 0.99
+    blind = [dataclasses.replace(f, scores=f.scores * (1 - low[:, None]), delta=f.delta * (1 - low)) for f in full]
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: blind)
+    with pytest.warns(ScreenFallbackWarning, match="screen gauss2 -> all layers: layer"):
+        attrs = knlens.attribute(deep, PROMPTS, " paris", screen=Screen(min_count=1, top_k=0, safety=1.0), **EXACT)
     for a, f in zip(attrs, full):
-        assert a.screen.fell_back and a.screen.ratio > 50 and a.layers == tuple(range(6))
+        assert a.screen.fell_back and not a.screen.passed and a.screen.beta > 50 and a.layers == tuple(range(6))
         assert "screen gauss2 -> all layers" in a.settings.engine_note
         torch.testing.assert_close(a.scores, f.scores, rtol=0, atol=0)
 
 
-def test_check_screen_fails_without_positive_exact_evidence(deep):
-    exact = knlens.attribute(deep, PROMPTS[:1], " paris", layers=[0], steps=2, tolerance=None)
-    negative = dataclasses.replace(exact[0], scores=-exact[0].scores.abs())
-    screens = [torch.ones(6, deep.cfg.d_mlp) * 1e-9]
-    c = check_screen(screens, [negative], list(range(6)), [0], [], Screen())[0]
-    assert not c.passed and c.skipped == (1, 2, 3, 4, 5)
+def test_check_screen_fails_without_positive_exact_evidence(full):
+    f = full[0]
+    negative = [dataclasses.replace(f, scores=-f.scores.abs()[:1], activations=f.activations[:1], delta=f.delta[:1],
+                                    completeness_error=f.completeness_error[:1], layers=(0,))]
+    c = check_screen(full[:1], negative, list(range(6)), [0], [], Screen())[0]
+    assert not c.passed and c.skipped == (1, 2, 3, 4, 5) and "no positive exact score" in c.why
 
 
 def test_screen_with_a_tensor_baseline_slices_it_to_the_layers(deep):
     base = torch.randn(6, deep.cfg.d_mlp) * 0.01
-    attrs = knlens.attribute(deep, PROMPTS[:1], " paris", steps=4, tolerance=None, baseline=base,
-                             screen=Screen(top_k=0, safety=1.0))
-    full = knlens.attribute(deep, PROMPTS[:1], " paris", steps=4, tolerance=None, baseline=base)
-    rows = list(attrs[0].layers)
-    torch.testing.assert_close(attrs[0].scores, full[0].scores[rows], rtol=1e-4, atol=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScreenFallbackWarning)
+        attrs = knlens.attribute(deep, PROMPTS[:1], " paris", baseline=base, **EXACT,
+                                 screen=Screen(min_count=1, top_k=0, safety=1.0))
+    full = knlens.attribute(deep, PROMPTS[:1], " paris", baseline=base, **EXACT)
+    torch.testing.assert_close(attrs[0].scores, full[0].scores[list(attrs[0].layers)], rtol=1e-4, atol=1e-8)
 
 
 def test_bad_screens_are_refused(tiny_llama):
@@ -124,11 +163,14 @@ def test_bad_screens_are_refused(tiny_llama):
         get_screen(Screen(safety=0.5))
 
 
-def test_locate_records_the_screen(deep):
+def test_locate_asks_the_screen_for_the_guarantee_of_its_preset(deep):
     fact = knlens.Fact(PROMPTS, " paris")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ScreenFallbackWarning)
         r = knlens.locate(deep, fact, steps=4, n_random=1, progress=False, specificity=False, held_out=False,
                           screen="gradxact")
-    assert r.settings.screen == Screen(method="gradxact", threshold=0.2)
+        e = knlens.locate(deep, fact, steps=4, n_random=1, progress=False, specificity=False, preset="eleuther",
+                          screen="gauss2")
+    assert r.settings.screen == Screen(method="gradxact", threshold=0.2, min_count=3, top_k=20)
+    assert e.settings.screen == Screen(method="gauss2", threshold=0.3, min_count=2, top_k=20)  # > 0.5 · 2 folds
     assert all(a.screen is not None for a in r.attributions)

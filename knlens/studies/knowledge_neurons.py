@@ -54,7 +54,7 @@ from knlens.methods.interventions import measure, per_prompt
 from knlens.studies.knowledge_neurons_result import LocateResult, LocateSettings
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
-from knlens.methods.selection import SelectionPreset, best_by_mean, coarse, get_preset, refinement
+from knlens.methods.selection import SelectionPreset, best_by_mean, coarse, get_preset, min_prompts, refinement
 from knlens.methods.specificity import specificity as run_specificity
 
 __all__ = ["LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations"]
@@ -111,8 +111,10 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
 
     ``steps``/``grid``/``engine``/``hook_point``/``tolerance``/``max_steps`` go to :func:`knlens.attribute`
     (adaptive integration; P(target), zero baseline,
-    multi-token targets teacher-forced), and so does ``screen`` (a method name takes the preset's coarse
-    threshold as the level its check guarantees; see :mod:`knlens.methods.attribution.screen`); ``preset`` to :func:`knlens.methods.selection.refinement`;
+    multi-token targets teacher-forced), and so does ``screen`` (a method name gets the guarantee this
+    selection needs: the preset's coarse cut, the fewest prompts a refined neuron is coarse in whatever ``p``
+    becomes, on every held-out fold too, and the table's ``top_k``; see
+    :mod:`knlens.methods.attribution.screen`); ``preset`` to :func:`knlens.methods.selection.refinement`;
     ``n_random``/``controls``/``n_bins``/``seed`` to :func:`knlens.measure`. ``held_out``: leave-one-prompt-out
     evaluation (``None``: on when the fact has ≥ 4 prompts). ``specificity``: ``True`` tests the neurons on the
     built-in facts of other relations, a list of facts on those, ``False`` skips it. ``top_k`` best neurons
@@ -141,8 +143,11 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
     if held_out and n_prompts < 2:
         raise ControlError(f"held-out evaluation needs at least 2 prompts; the fact has {n_prompts}")
     engine_requested = engine
-    if isinstance(screen, str):
-        screen = get_screen(Screen(method=screen, threshold=cfg.threshold))
+    if isinstance(screen, str):  # the guarantee this selection needs: its cut, its floor, the table's top
+        least = min_prompts(n_prompts - 1 if held_out else n_prompts, 0.0 if cfg.adaptive else cfg.p,
+                            min_count=cfg.min_count, strict=cfg.strict_count)
+        screen = get_screen(Screen(method=screen, threshold=cfg.threshold, min_count=max(1, least),
+                                   top_k=max(Screen.top_k, top_k, fallback_k)))
     if attributions is not None:
         attributions = tuple(attributions)
         if [a.prompt for a in attributions] != list(fact.prompts) or any(a.target != fact.target

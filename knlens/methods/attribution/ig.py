@@ -192,9 +192,7 @@ def _screened(model: Any, prompts: list[str], target: str, screen: Screen, *, la
         base = baseline[[layer_ids.index(l) for l in subset]] if isinstance(baseline, Tensor) else baseline
         return attribute(model, prompts, target, layers=subset, baseline=base, **{**kw, **over})
 
-    return screened(model, prompts, target, screen, layer_ids, run, hook_point=kw["hook_point"], baseline=baseline,
-                    quantity=kw["quantity"], multi_token=kw["multi_token"], token_reduce=kw["token_reduce"],
-                    device=kw["device"], dtype=kw["dtype"])
+    return screened(prompts, screen, layer_ids, run)
 
 
 def integrated_gradients(model: Any, prompt: str, target: str, **kwargs: Any) -> Attribution:

@@ -18,32 +18,38 @@ __all__ = ["Attribution", "AttributionSettings", "Screen", "ScreenCheck"]
 
 @dataclass(frozen=True)
 class Screen:
-    """How a screened integration picks its layers, and what it must guarantee (docs/methods.md, screening).
+    """How a screened integration picks its layers, and what it guarantees (docs/methods.md, screening).
 
-    ``method`` is the cheap first pass: ``"gradxact"`` (gradient × (activation − baseline) at the clean
-    point, one backward for all layers) or ``"gauss2"`` / ``"gauss3"`` / ``"gauss4"`` (integrated gradients
-    on that many Gauss–Legendre nodes). The guarantee: no neuron of a layer left out scores
-    ``threshold`` × the prompt's top score or more (Dai's coarse cut), nor enters the prompt's ``top_k``.
-    A layer is integrated exactly when its largest screened |score| is at least 1/``safety`` of that level.
+    ``method`` is the cheap first pass over every layer: ``"gradxact"`` (gradient × (activation − baseline)
+    at the clean point: integrated gradients on one node at α = 1) or ``"gauss2"`` / ``"gauss3"`` /
+    ``"gauss4"`` (integrated gradients on that many Gauss–Legendre nodes). The guarantee, for the prompts of
+    one call: every prompt's top score lies in an exactly integrated layer, no neuron of a left-out layer
+    scores ``threshold`` × its prompt's top score or more in ``min_count`` or more prompts (so it is never a
+    refined neuron when a neuron must be coarse in at least ``min_count`` prompts: Dai's floor is 3), and
+    none is among the ``top_k`` by mean score over the prompts. ``safety`` inflates the screened scores
+    when layers are picked (the check itself uses the error it measures).
     """
 
     method: str = "gauss2"
     threshold: float = 0.2
+    min_count: int = 3
     top_k: int = 20
-    safety: float = 4.0
+    safety: float = 1.5
 
 
 @dataclass(frozen=True)
 class ScreenCheck:
     """What the screen did for one prompt, and the check of its guarantee against exact integration.
 
-    ``kept`` are the layers the screen picked, ``verified`` the skipped layer with the largest screened
-    score, integrated exactly as well to measure the screen's error, ``skipped`` the layers never
-    integrated exactly. ``ratio`` is the largest ``max|exact| / max|screened|`` over every exactly integrated
-    layer and prompt of the call: how far the screen was measured to underestimate a layer. ``bound`` =
-    ``ratio`` × the largest screened |score| of the skipped layers (what a skipped neuron is taken to reach
-    at most), ``level`` = min(threshold × the top exact score, the k-th exact score): what it must stay
-    below. ``passed`` is ``bound < level``; when a prompt of the call fails, every layer is integrated
+    ``kept`` are the layers the screen picked, ``verified`` the left-out layer nearest the cut, integrated
+    exactly as well, ``skipped`` the layers never integrated exactly. ``beta`` is the screen's error measured
+    on every exactly integrated layer and prompt of the call: the largest (max|exact − screened| − |r|) /
+    max|screened| of a layer, where r = Δ − Σ screened is the effect its screened scores leave unexplained
+    (Δ = f(a) − f(baseline) of the layer, from two forwards of the model). A left-out layer's neurons are
+    bounded by (1 + beta) × its largest |screened score| + |r|; ``bound`` is the largest such bound of this
+    prompt, ``top`` its top exact score, ``coarse_layers`` the left-out layers where the bound reaches
+    ``threshold`` × ``top``. ``skipped_mass`` = Σ |Δ| of the left-out layers / Σ |Δ| of all layers.
+    ``passed`` is the call's check (``why`` says what failed); when it fails every layer is integrated
     exactly (``fell_back``) and the result is the unscreened one.
     """
 
@@ -51,11 +57,14 @@ class ScreenCheck:
     kept: tuple[int, ...]
     verified: tuple[int, ...]
     skipped: tuple[int, ...]
-    ratio: float
+    beta: float
     bound: float
-    level: float
+    top: float
+    coarse_layers: tuple[int, ...]
+    skipped_mass: float
     passed: bool
     fell_back: bool
+    why: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,40 @@
 """Screened integrated gradients: a cheap first pass picks the layers worth integrating exactly, and a
-check that does not rely on the screen bounds what the skipped layers could hold (docs/methods.md, screening).
+check against exact numbers bounds what the layers left out could hold (docs/methods.md, screening).
 
 Dai et al.'s selection keeps a prompt's neurons scoring at least ``t`` × its top score over *all* layers,
-so a layer may be left out only if none of its neurons can reach that level. The steps, per call of
-:func:`~knlens.attribute` (all prompts of a fact share their layers):
+and refines those coarse in enough prompts, so a layer may be left out only if none of its neurons could
+change that. For the prompts of one call of :func:`~knlens.attribute` (one fact: they share their layers):
 
-1. **screen** every layer (:class:`~knlens.methods.attribution.result.Screen`): ``"gradxact"`` is the
-   gradient × (activation − baseline) at the clean point, one backward pass for all layers (integrated
-   gradients with one node at α = 1); ``"gaussN"`` is integrated gradients on N Gauss–Legendre nodes;
-2. **pick** the layers whose largest screened |score| is at least ``level / safety`` for some prompt, where
-   ``level`` = min(``threshold`` × the prompt's top screened score, its ``top_k``-th screened score);
-   the skipped layer closest to that cut is **verified**: integrated exactly too;
-3. **integrate exactly** the picked and verified layers (same grid, adaptive refinement and engine as an
-   unscreened call);
-4. **check**, with the exact scores: ``ratio`` = the largest max|exact| / max|screened| over the exactly
-   integrated layers (how far the screen underestimates a layer, measured where the truth is known);
-   per prompt ``bound`` = ``ratio`` × the largest screened |score| in the skipped layers, ``level`` =
-   min(``threshold`` × the top exact score, the ``top_k``-th exact score). ``bound < level`` for every
-   prompt: the skipped layers hold no coarse neuron and none of the top ``top_k``, and the result keeps the
-   exact layers only (``Attribution.layers``), with a :class:`ScreenCheck` saying what was left out;
+1. **screen** every layer with a :class:`~knlens.methods.attribution.result.Screen`: ``"gradxact"``
+   (integrated gradients on one node at α = 1, i.e. gradient × (activation − baseline) at the clean point)
+   or ``"gaussN"`` (N Gauss–Legendre nodes), on the engine asked for, with its α = 0 cell, which gives
+   each layer's exact effect Δ = f(a) − f(baseline);
+2. **bound** each neuron of layer ``l`` by ``B = c · s + |r|``: ``s`` the layer's largest |screened score|,
+   ``r = Δ − Σ screened`` the effect its screened scores leave unexplained (a quadrature that misses a sharp
+   change along the path leaves it there: SmolLM2's layer 0, whose top neuron outscores every other layer,
+   is screened at 3 % of it);
+3. **pick** with ``c = safety``: a layer stays when its bound reaches its prompt's top screened score, or
+   ``t`` × that top in ``min_count`` prompts, or the ``top_k``-th mean screened score; the left-out layer
+   nearest that cut is **verified** (integrated exactly as well);
+4. **integrate exactly** the picked and verified layers (same grid, adaptive refinement and engine as an
+   unscreened call), and **check** with ``c = 1 + beta``, ``beta`` the screen's error beyond ``|r|``
+   measured on every exactly integrated layer, against the exact top scores and the exact ``top_k``-th mean.
+   When it holds, each prompt's top score is in the exact layers, no left-out neuron is coarse in
+   ``min_count`` prompts or in the top ``top_k`` by mean, so the refined neurons (for any ``p`` that demands
+   ``min_count`` prompts or more) and that top ``k`` equal those of every layer;
 5. otherwise every layer is integrated exactly, with a :class:`~knlens.core.errors.ScreenFallbackWarning`
-   and ``settings.engine_note`` saying why (``ScreenCheck.fell_back``).
+   and ``settings.engine_note`` saying why (:attr:`ScreenCheck.fell_back`).
 
-The bound assumes that no skipped layer is underestimated by the screen more than the worst layer
-measured; the verified layer (the skipped one nearest the cut) is where that assumption is tested.
+The check rests on one assumption, stated here rather than hidden: a left-out layer's error beyond its
+unexplained effect is no larger, relative to its screened scores, than the largest measured on the exact
+layers; the verified layer, the left-out one nearest the cut, is where it is tested.
 
 >>> from knlens import load_model, attribute
 >>> model = load_model("tiny-llama")
->>> attrs = attribute(model, ["the capital of france is"], " paris", steps=8, screen="gradxact")
->>> attrs[0].screen.passed or attrs[0].screen.fell_back
-True
+>>> attrs = attribute(model, ["the capital of france is"], " paris", steps=8, screen="gauss2")
+>>> c = attrs[0].screen
+>>> sorted([*c.kept, *c.verified, *c.skipped]), c.passed or c.fell_back
+([0, 1], True)
 """
 
 from __future__ import annotations
@@ -38,179 +43,180 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from knlens.core.errors import ScreenFallbackWarning, SettingsError
-from knlens.core.tokens import MultiToken, Queries, encode
-from knlens.methods.attribution.baselines import Baseline, baseline_values
 from knlens.methods.attribution.result import Attribution, Screen, ScreenCheck
-from knlens.run.engine import Quantity, read_quantity, target_logits
-from knlens.run.hooks import hook_name, position_mask
-from knlens.run.placement import precision_and_place, resolve_dtype
 
-__all__ = ["SCREENS", "get_screen", "grad_x_activation", "pick_layers", "check_screen", "screened"]
+__all__ = ["SCREENS", "get_screen", "first_pass", "pick_layers", "check_screen", "screened", "describe_screen"]
 
 log = logging.getLogger("knlens.methods.attribution.ig")
 
 SCREENS: tuple[str, ...] = ("gradxact", "gauss2", "gauss3", "gauss4")
 Run = Callable[..., list[Attribution]]
-"""``run(layers, **overrides)``: :func:`~knlens.attribute` of the call's prompts on ``layers`` (unscreened)."""
+"""``run(layers, **overrides)``: the unscreened :func:`~knlens.attribute` of the call's prompts on ``layers``."""
 
 
 def get_screen(screen: Screen | str) -> Screen:
     """A :class:`Screen` from a method name (defaults otherwise), checked.
 
-    >>> get_screen("gradxact").method, get_screen("gauss2").threshold
-    ('gradxact', 0.2)
+    >>> get_screen("gradxact").method, get_screen("gauss2").min_count
+    ('gradxact', 3)
     """
     s = Screen(method=screen) if isinstance(screen, str) else screen
     if not isinstance(s, Screen) or s.method not in SCREENS:
         raise SettingsError(f"unknown screen {screen!r}; use one of {', '.join(map(repr, SCREENS))} or None")
-    if not 0 < s.threshold <= 1 or s.top_k < 0 or not s.safety >= 1:
-        raise SettingsError(f"a screen needs 0 < threshold <= 1, top_k >= 0 and safety >= 1, got {s}")
+    if not 0 < s.threshold <= 1 or s.min_count < 1 or s.top_k < 0 or not s.safety >= 1:
+        raise SettingsError(f"a screen needs 0 < threshold <= 1, min_count >= 1, top_k >= 0 and safety >= 1, got {s}")
     return s
+
+
+def first_pass(screen: Screen, layers: list[int], run: Run) -> list[Attribution]:
+    """The screen's attributions of every layer: one node at α = 1 (``gradxact``) or N Gauss–Legendre nodes."""
+    grid, steps = ("right", 1) if screen.method == "gradxact" else ("gauss-legendre", int(screen.method[5:]))
+    return run(layers, steps=steps, grid=grid, tolerance=None)
 
 
 def _peaks(scores: Float[Tensor, "layer d"]) -> Float[Tensor, "layer"]:
     return scores.abs().amax(-1)
 
 
-def _level(scores: Float[Tensor, "layer d"], screen: Screen) -> float:
-    """min(threshold × the top score, the top_k-th score): what no left-out neuron may reach."""
-    flat = scores.flatten()
-    level = screen.threshold * float(flat.max())
+def _kth_mean(scores: Sequence[Float[Tensor, "layer d"]], k: int) -> float:
+    mean = torch.stack(list(scores)).mean(0).flatten()
+    return float(mean.topk(min(k, mean.numel())).values[-1])
+
+
+def _bounds(first: Sequence[Attribution], c: float) -> Float[Tensor, "prompt layer"]:
+    """``c`` × each layer's largest |screened score| + |its unexplained effect Δ − Σ screened|, per prompt."""
+    s = torch.stack([_peaks(a.scores) for a in first])
+    r = torch.stack([(a.delta - a.scores.sum(-1)).abs() for a in first])
+    return c * s + r
+
+
+def _closeness(bound: Float[Tensor, "prompt layer"], top: Float[Tensor, "prompt"], kth_mean: float,
+               screen: Screen) -> Float[Tensor, "layer"]:
+    """How near each layer comes to holding a neuron that matters (≥ 1: it may): its bound over the coarse
+    level in its ``min_count``-th prompt, over a prompt's top score, or its mean over the ``top_k``-th mean."""
+    n = bound.shape[0]
+    coarse = (bound / (screen.threshold * top[:, None])).sort(0, descending=True).values
+    near = coarse[screen.min_count - 1] if screen.min_count <= n else torch.zeros(bound.shape[1])
+    near = torch.maximum(near, (bound / top[:, None]).amax(0))
     if screen.top_k:
-        level = min(level, float(flat.topk(min(screen.top_k, flat.numel())).values[-1]))
-    return level
+        near = torch.maximum(near, bound.mean(0) / kth_mean if kth_mean > 0 else torch.full_like(near, torch.inf))
+    return near
 
 
-def _row_gradxact(model: Any, row: Queries, names: list[str], baseline: Baseline,
-                  quantity: Quantity) -> Float[Tensor, "layer d"]:
-    """(a − b) · ∂f/∂a of one query row for every hook point, from one forward and one backward."""
-    clean: dict[str, Tensor] = {}
-    probes: dict[str, Tensor] = {}
-
-    def probe(name: str) -> Callable[..., Tensor]:
-        def hook(act: Float[Tensor, "batch pos d"], hook: Any = None) -> Float[Tensor, "batch pos d"]:
-            at = position_mask(act, row.position)
-            clean[name] = act.detach()[at][0].float()
-            probes[name] = torch.zeros(act.shape[-1], device=act.device, requires_grad=True)
-            return torch.where(at[:, :, None], act + probes[name].to(act.dtype), act)
-        return hook
-
-    with torch.enable_grad():
-        logits = target_logits(model, row, [(n, probe(n)) for n in names])
-        f = read_quantity(logits, row.target, quantity)
-        grads = torch.autograd.grad(f.sum(), [probes[n] for n in names])
-    acts = torch.stack([clean[n] for n in names])
-    return ((acts - baseline_values(baseline, model, row, names, acts)) * torch.stack(grads).float()).cpu()
-
-
-def grad_x_activation(model: Any, prompts: Sequence[str], target: str, layers: Sequence[int], *,
-                      hook_point: str = "hook_post", baseline: Baseline = "zero", quantity: Quantity = "prob",
-                      multi_token: MultiToken = "teacher_forcing", token_reduce: str = "mean",
-                      device: str | torch.device | None = None, dtype: torch.dtype | str | None = None
-                      ) -> list[Float[Tensor, "layer d"]]:
-    """Gradient × (activation − baseline) at the clean point, one ``[layer, d]`` per prompt: integrated
-    gradients with a single node at α = 1, for all ``layers`` from one backward pass per query row.
-
-    >>> from knlens import load_model
-    >>> [s.shape for s in grad_x_activation(load_model("tiny-llama"), ["the capital of france is"], " paris", [0, 1])]
-    [torch.Size([2, 48])]
-    """
-    names = [hook_name(l, hook_point) for l in layers]
-    q = encode(model, list(prompts), target, multi_token=multi_token)
-    with precision_and_place(model, device, resolve_dtype(dtype)) as where:
-        qd = q.to(where)
-        base = baseline.to(where) if isinstance(baseline, Tensor) else baseline
-        rows = [_row_gradxact(model, qd.row(i), names, base, quantity) for i in range(len(q))]
-    out = []
-    for p in range(len(prompts)):
-        mine = torch.stack([rows[i] for i in (q.prompt_index == p).nonzero()[:, 0].tolist()])
-        out.append(mine.mean(0) if token_reduce == "mean" else mine.sum(0))
-    return out
-
-
-def pick_layers(screens: Sequence[Float[Tensor, "layer d"]], layers: Sequence[int], screen: Screen
-                ) -> tuple[list[int], list[int]]:
-    """The layers to integrate exactly: those whose largest screened |score| reaches ``level / safety`` for
-    some prompt (``kept``), and the skipped layer nearest that cut (``verified``, empty when none is skipped).
-
-    >>> s = torch.tensor([[1.0, 0.0], [0.01, 0.0], [0.2, 0.1]])
-    >>> pick_layers([s], [0, 1, 2], Screen(top_k=0, safety=4.0))
-    ([0, 2], [1])
-    """
-    reach = torch.zeros(len(layers))
-    for s in screens:
-        level = _level(s, screen)
-        if level <= 0:  # no positive evidence to cut at: every layer stays
-            return list(layers), []
-        reach = torch.maximum(reach, _peaks(s) / level)
-    keep = reach >= 1 / screen.safety
+def pick_layers(first: Sequence[Attribution], layers: Sequence[int], screen: Screen) -> tuple[list[int], list[int]]:
+    """The layers to integrate exactly: those whose screened bound (with ``safety``) may matter (``kept``), and
+    the left-out layer nearest that cut (``verified``; empty when none is left out)."""
+    top = torch.tensor([float(a.scores.max()) for a in first])
+    if bool((top <= 0).any()):  # no positive evidence to cut at: every layer stays
+        return list(layers), []
+    near = _closeness(_bounds(first, screen.safety), top, _kth_mean([a.scores for a in first], screen.top_k)
+                      if screen.top_k else 0.0, screen)
+    keep = near >= 1
     kept = [l for l, k in zip(layers, keep.tolist()) if k]
     if keep.all():
         return kept, []
     rest = (~keep).nonzero()[:, 0]
-    return kept, [layers[int(rest[reach[rest].argmax()])]]
+    return kept, [layers[int(rest[near[rest].argmax()])]]
 
 
-def check_screen(screens: Sequence[Float[Tensor, "layer d"]], exact: Sequence[Attribution], layers: Sequence[int],
+def _beta(first: Sequence[Attribution], exact: Sequence[Attribution], rows: list[int]) -> float:
+    """The screen's largest error beyond its unexplained effect, relative to its largest |score|, over the
+    exactly integrated layers (``rows`` of the screen) and every prompt."""
+    beta = 0.0
+    for f, e in zip(first, exact):
+        s = f.scores[rows]
+        err = ((e.scores - s).abs().amax(-1) - (f.delta[rows] - s.sum(-1)).abs()).clamp_min(0)
+        peak = _peaks(s)
+        rel = torch.where(err > 0, err / peak, torch.zeros_like(err))  # err > 0 = peak: inf
+        beta = max(beta, float(rel.max()))
+    return beta
+
+
+def check_screen(first: Sequence[Attribution], exact: Sequence[Attribution], layers: Sequence[int],
                  kept: Sequence[int], verified: Sequence[int], screen: Screen) -> list[ScreenCheck]:
-    """The guarantee of a screened integration checked against the exact scores (see the module docstring):
-    one :class:`ScreenCheck` per prompt, ``passed`` when its bound is below its level."""
-    row = {l: i for i, l in enumerate(layers)}
-    done = list(exact[0].layers)
-    skipped = tuple(l for l in layers if l not in set(done))
-    ratio = 0.0
-    for s, a in zip(screens, exact):
-        e_peak, s_peak = _peaks(a.scores), _peaks(s[[row[l] for l in done]])
-        r = torch.where(e_peak > 0, e_peak / s_peak, torch.zeros_like(e_peak))  # e > 0 = s: inf, the screen saw nothing
-        ratio = max(ratio, float(r.max()))
+    """The guarantee of a screened integration checked against the exact scores (steps 2 and 4 of the module
+    docstring): one :class:`ScreenCheck` per prompt; ``passed`` is the same for all (the check is the call's)."""
+    done = set(exact[0].layers)
+    skipped = [l for l in layers if l not in done]
+    beta = _beta(first, exact, [layers.index(l) for l in exact[0].layers])
+    top = torch.tensor([float(a.scores.max()) for a in exact])
+    cols = [layers.index(l) for l in skipped]
+    bound = _bounds(first, 1 + beta)[:, cols]
+    why = ""
+    if skipped and bool((top <= 0).any()):
+        why = "a prompt has no positive exact score, so a left-out layer may hold its top"
+    elif skipped:
+        kth = _kth_mean([a.scores for a in exact], screen.top_k) if screen.top_k else 0.0
+        near = _closeness(bound, top, kth, screen)
+        if bool((near >= 1).any()):
+            worst = int(near.argmax())
+            why = (f"layer {skipped[worst]} may hold a neuron that matters (bound {float(bound[:, worst].max()):.3g} "
+                   f"with beta {beta:.3g}: {float(near[worst]):.3g} of the nearest level)")
+    mass = torch.stack([a.delta.abs() for a in first])
     out = []
-    for s, a in zip(screens, exact):
-        sigma = float(_peaks(s[[row[l] for l in skipped]]).max()) if skipped else 0.0
-        bound = ratio * sigma if sigma > 0 else 0.0
-        level = _level(a.scores, screen)
-        passed = not skipped or (float(a.scores.max()) > 0 and bound < level)
-        out.append(ScreenCheck(method=screen.method, kept=tuple(kept), verified=tuple(verified), skipped=skipped,
-                               ratio=ratio, bound=bound, level=level, passed=passed, fell_back=False))
+    for p, a in enumerate(exact):
+        level = screen.threshold * float(top[p])
+        out.append(ScreenCheck(
+            method=screen.method, kept=tuple(kept), verified=tuple(verified), skipped=tuple(skipped), beta=beta,
+            bound=float(bound[p].max()) if skipped else 0.0, top=float(top[p]),
+            coarse_layers=tuple(l for l, b in zip(skipped, bound[p].tolist()) if b >= level),
+            skipped_mass=float(mass[p, cols].sum() / mass[p].sum().clamp_min(1e-30)), passed=not why,
+            fell_back=False, why=why))
     return out
 
 
-def _first_pass(model: Any, prompts: Sequence[str], target: str, screen: Screen, layers: list[int], run: Run,
-                **kw: Any) -> list[Float[Tensor, "layer d"]]:
-    if screen.method == "gradxact":
-        return grad_x_activation(model, prompts, target, layers, **kw)
-    nodes = int(screen.method.removeprefix("gauss"))
-    return [a.scores for a in run(layers, steps=nodes, grid="gauss-legendre", tolerance=None)]
-
-
-def screened(model: Any, prompts: Sequence[str], target: str, screen: Screen, layers: list[int], run: Run,
-             **kw: Any) -> list[Attribution]:
+def screened(prompts: Sequence[str], screen: Screen, layers: list[int], run: Run) -> list[Attribution]:
     """Attributions of ``prompts`` by screened integration (steps 1–5 of the module docstring); ``run`` is the
-    unscreened :func:`~knlens.attribute` of the call, ``kw`` the keywords of :func:`grad_x_activation`."""
-    screens = _first_pass(model, prompts, target, screen, layers, run, **kw)
-    kept, verified = pick_layers(screens, layers, screen)
-    exact = run(sorted([*kept, *verified]))
-    checks = check_screen(screens, exact, layers, kept, verified, screen)
-    failed = [(p, c) for p, c in zip(prompts, checks) if not c.passed]
+    unscreened :func:`~knlens.attribute` of the call on any subset of ``layers``."""
+    first = first_pass(screen, layers, run)
+    kept, verified = pick_layers(first, layers, screen)
+    exact = run(sorted([*kept, *verified])) if verified else run(layers)
+    checks = check_screen(first, exact, layers, kept, verified, screen)
     note = ""
-    if failed:
-        p, c = failed[0]
-        note = (f"screen {screen.method} -> all layers: on {len(failed)} of {len(prompts)} prompts the skipped "
-                f"layers {list(c.skipped)} may reach the level (e.g. {p!r}: bound {c.bound:.3g} = measured ratio "
-                f"{c.ratio:.3g} x screened {c.bound / c.ratio if c.ratio else 0:.3g}, level {c.level:.3g})")
-        warnings.warn(f"integrated gradients: {note}", ScreenFallbackWarning, stacklevel=4)
+    if not checks[0].passed:
+        note = f"screen {screen.method} -> all layers: {checks[0].why}"
+        warnings.warn(f"integrated gradients of {len(prompts)} prompt(s): {note}", ScreenFallbackWarning,
+                      stacklevel=4)
         log.warning("%s", note)
         exact = run(layers)
         checks = [dataclasses.replace(c, fell_back=True) for c in checks]
-    out = []
-    for a, c in zip(exact, checks):
-        joined = "; ".join(x for x in (a.settings.engine_note, note) if x)
-        out.append(dataclasses.replace(a, screen=c, settings=dataclasses.replace(a.settings, screen=screen,
-                                                                                engine_note=joined)))
-    return out
+    return [dataclasses.replace(a, screen=c, settings=dataclasses.replace(
+        a.settings, screen=screen, engine_note="; ".join(x for x in (a.settings.engine_note, note) if x)))
+        for a, c in zip(exact, checks)]
+
+
+def _span(layers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` as ``'0-2, 5'``."""
+    parts: list[list[int]] = []
+    for l in layers:
+        if parts and l == parts[-1][-1] + 1:
+            parts[-1].append(l)
+        else:
+            parts.append([l])
+    return ", ".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts) or "none"
+
+
+def describe_screen(attributions: Sequence[Attribution]) -> str:
+    """One line on what a screened call (one :func:`~knlens.attribute`) left out and how it was checked.
+
+    >>> from knlens import attribute, load_model
+    >>> attrs = attribute(load_model("tiny-llama"), ["the capital of france is"], " paris", steps=2, screen="gauss2")
+    >>> print(describe_screen(attrs))
+    gauss2: integrated exactly layers 0-1 (picked 0-1, verified none), left out none ...
+    """
+    c = attributions[0].screen
+    if c is None:
+        return "none: every layer integrated exactly"
+    mass = max(a.screen.skipped_mass for a in attributions)
+    text = (f"{c.method}: integrated exactly layers {_span(sorted([*c.kept, *c.verified]))} (picked {_span(c.kept)}, "
+            f"verified {_span(c.verified)}), left out {_span(c.skipped)} (at most {mass:.1%} of a prompt's layer "
+            f"effects); measured screen error beta {c.beta:.3g}")
+    if c.fell_back:
+        text += f"; the check failed ({c.why}): every layer integrated exactly"
+    return text
