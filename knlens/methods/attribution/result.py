@@ -34,7 +34,7 @@ class Screen:
     threshold: float = 0.2
     min_count: int = 3
     top_k: int = 20
-    safety: float = 1.5
+    safety: float = 1.25
 
 
 @dataclass(frozen=True)
