@@ -2,8 +2,8 @@
 
 Run (from the repository root)::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/screening.py --out screening.jsonl      # resumable: facts in the file are skipped
-    PYTHONPATH=. .venv/bin/python benchmarks/screening.py --summarize screening.jsonl
+    .venv/bin/python benchmarks/screening.py --top-k 20 3 --out screening.jsonl   # resumable: facts in the file are skipped
+    .venv/bin/python benchmarks/screening.py --summarize screening.jsonl
 
 Facts: ParaRel P36 and P1376 as the query-localization study reads them (150 random candidates per relation,
 seed 0, object-last templates, ≥ 3 paraphrases), kept when SmolLM2-135M answers at least 3 paraphrases; those

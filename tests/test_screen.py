@@ -174,3 +174,16 @@ def test_locate_asks_the_screen_for_the_guarantee_of_its_preset(deep):
     assert r.settings.screen == Screen(method="gradxact", threshold=0.2, min_count=3, top_k=20)
     assert e.settings.screen == Screen(method="gauss2", threshold=0.3, min_count=2, top_k=20)  # > 0.5 · 2 folds
     assert all(a.screen is not None for a in r.attributions)
+
+
+def test_screened_results_round_trip_with_what_they_left_out(deep, full, monkeypatch, tmp_path):
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: list(full))  # a perfect screen: layers are left out
+    scr = Screen(threshold=0.5, min_count=1, top_k=3, safety=1.0)
+    attrs = knlens.attribute(deep, PROMPTS, " paris", screen=scr, **EXACT)
+    r = knlens.locate(deep, knlens.Fact(PROMPTS, " paris"), attributions=attrs, n_random=1, progress=False,
+                      specificity=False, held_out=False)
+    assert attrs[0].screen.skipped and r.settings.screen == scr
+    for i, value in enumerate((attrs[0], r)):
+        back = type(value).load(value.save(tmp_path / str(i)))
+        assert knlens.same(back, value) and back.key == value.key
+    assert type(r).load(tmp_path / "1").attributions[0].screen == attrs[0].screen
