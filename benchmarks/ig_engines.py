@@ -29,6 +29,7 @@ import torch
 
 from knlens import attribute, load_model, random_model
 from knlens.core.tokens import encode
+from knlens.run.precision import LOG_FLOOR, NOISE_FACTOR, self_disagreement
 
 PROMPT = "The capital of France is the city of"
 TARGET = " Paris"
@@ -60,36 +61,52 @@ def flops(engine: str, model, layers: list[int], steps: int, n_tok: int) -> floa
     return total
 
 
-def run(model, prompt: str, target: str, engine: str, layers: list[int], steps: int, batch_size: int):
+def run(model, prompts: list[str], target: str, engine: str, layers: list[int], steps: int, batch_size: int):
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     sync()
     t = time.perf_counter()
-    attr = attribute(model, [prompt], target, layers=layers, steps=steps, engine=engine, batch_size=batch_size,
+    attr = attribute(model, prompts, target, layers=layers, steps=steps, engine=engine, batch_size=batch_size,
                      tolerance=None)[0]  # a fixed grid: every engine runs the same cells
     sync()
     return time.perf_counter() - t, attr
 
 
+def variants(prompt: str, n: int) -> list[str]:
+    """``n`` prompts of the same words as ``prompt`` (same token count), the last word kept, the others rotated:
+    rows of equal length, which the engines run through one staircase."""
+    words = prompt.split()
+    head, last = words[:-1], words[-1]
+    return [" ".join(head[i % len(head):] + head[:i % len(head)] + [last]) for i in range(n)]
+
+
 def compare(model, name: str, prompt: str, target: str, args, peak: float | None = None) -> None:
     """Reference, batched and fast on a layer subset; batched and fast on every layer; print the table."""
+    prompts = variants(prompt, args.prompts)
     n_tok = encode(model, [prompt], target).tokens.shape[1]
     L = model.cfg.n_layers
     subset = sorted({round(i * (L - 1) / max(1, args.layers_ref - 1)) for i in range(args.layers_ref)})
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     print(f"{name}: {L} layers, d_mlp {model.cfg.d_mlp}, {dtype} weights on {next(model.parameters()).device}; "
-          f"prompt {n_tok} tokens; m = {args.steps}; {torch.get_num_threads()} CPU threads; reference subset {subset}")
-    run(model, prompt, target, "fast", subset[:1], 2, args.batch_size)  # warm-up (kernels, caches)
+          f"{len(prompts)} prompt(s) of {n_tok} tokens; m = {args.steps}; {torch.get_num_threads()} CPU threads; "
+          f"reference subset {subset}")
+    q = encode(model, [prompt], target)
+    noise = self_disagreement(model, q.tokens, int(q.position[0]), int(q.target[0]), args.batch_size)
+    print(f"  plain forward alone vs as one of {args.batch_size} rows: {noise.quantity:.3g} nats in P, {noise.logits:.3g} "
+          f"in the logits apart (the engine checks' "
+          f"half-precision tolerance is {NOISE_FACTOR:g}x this, at least {LOG_FLOOR} nats)")
+    run(model, prompts, target, "fast", subset[:1], 2, args.batch_size)  # warm-up (kernels, caches)
     rows = []
     results = {}
     for layers, engines in ((subset, ("reference", "batched", "fast")), (list(range(L)), ("batched", "fast"))):
         for engine in engines:
-            dt, attr = run(model, prompt, target, engine, layers, args.steps, args.batch_size)
+            dt, attr = run(model, prompts, target, engine, layers, args.steps, args.batch_size)
             results[(engine, len(layers))] = attr
-            cells = len(layers) * (args.steps + 1)
+            cells = len(prompts) * len(layers) * (args.steps + 1)
             toks = cells * (n_tok if engine == "reference" else 1)
-            fl = flops(engine, model, layers, args.steps, n_tok)
+            fl = len(prompts) * flops(engine, model, layers, args.steps, n_tok)
             rows.append((engine, len(layers), dt, cells / dt, toks / dt, fl / 1e9, fl / dt / 1e9))
-            print(f"  {engine:9s} {len(layers):2d} layers: {dt:7.2f} s", flush=True)
+            ran = attr.settings.engine + (f" ({attr.settings.engine_note})" if attr.settings.engine_note else "")
+            print(f"  {engine:9s} {len(layers):2d} layers: {dt:7.2f} s; engine that ran: {ran}", flush=True)
     ref = results[("reference", len(subset))]
     frac = " | fraction of peak" if peak else ""
     print(f"\n| engine | layers | wall s | cells/s | token positions/s | est. GFLOP | achieved GFLOP/s | speed-up{frac} |")
@@ -129,6 +146,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--layers-ref", type=int, default=6, help="layers the reference engine runs")
+    ap.add_argument("--prompts", type=int, default=1,
+                    help="prompts of equal length attributed in one call (they share the engines' batches)")
     ap.add_argument("--batch-size", type=int, default=256, help="cells per chunk (the library default)")
     ap.add_argument("--large-device", help="device of the Llama-8B-shaped run (default: cuda when available)")
     ap.add_argument("--large-layers", type=int, default=32, help="blocks of the Llama-8B-shaped model")

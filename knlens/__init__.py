@@ -21,6 +21,12 @@ from knlens.core.facts import Fact
 from knlens.run.hooks import (add, compose, hook_name, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows,
                               scale, set_value, zero_ablate)
 from knlens.methods.interventions import InterventionResult, intervene, measure
+from knlens.methods.editing.edit import Edit, fingerprint
+from knlens.methods.editing.editors import EditRequest
+from knlens.methods.editing.evaluate import evaluate_edits
+from knlens.methods.editing.kn import kn_erase, kn_update, random_neuron_edit
+from knlens.methods.editing.rank_one import rank_one_edit
+from knlens.methods.editing.result import EditEvaluation
 from knlens.methods.controls import random_control
 from knlens.methods.known import answers, known_facts
 from knlens.data.builtin import builtin_facts, get_fact
@@ -54,4 +60,6 @@ __all__ = [
     "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations",
     "Corruption", "Trace", "trace", "trace_facts", "render_html", "token_view", "write_html",
     "Result", "load_result", "same",
+    "Edit", "EditEvaluation", "EditRequest", "evaluate_edits", "fingerprint", "kn_erase", "kn_update",
+    "random_neuron_edit", "rank_one_edit",
 ]

@@ -36,12 +36,12 @@ def test_prompts_above_the_tolerance_are_refined_and_say_how(tiny_llama):
 
 def test_prompts_within_the_tolerance_are_not_recomputed(tiny_llama, monkeypatch):
     calls = []
-    real = knlens.methods.attribution.ig.attribute
+    real = knlens.methods.attribution.ig._fixed_grid
 
-    def counting(*args, **kwargs):
+    def counting(*args, **kwargs):  # every fixed-grid pass, the first and any refinement
         calls.append(kwargs.get("grid"))
         return real(*args, **kwargs)
-    monkeypatch.setattr(knlens.methods.attribution.ig, "attribute", counting)
+    monkeypatch.setattr(knlens.methods.attribution.ig, "_fixed_grid", counting)
     attrs = knlens.attribute(tiny_llama, PROMPTS, " paris", steps=16, grid="gauss-legendre", tolerance=0.05)
     assert calls == ["gauss-legendre"]  # the first pass only
     assert all(a.settings.steps == 16 and "->" not in a.settings.refinement for a in attrs)

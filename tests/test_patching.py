@@ -122,6 +122,28 @@ def test_fast_trace_default_windows_relation_and_multi_token(model, corrupt):
             torch.testing.assert_close(fast.effects[kind], loop.effects[kind], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 1000])
+def test_fast_forks_and_shared_windows_equal_the_loop(kind, batch_size):
+    """Six layers, window 4: windows [0, 2), [0, 3), [0, 4) share their first block (the narrower ones fork
+    from the widest), [2, 6) and [3, 6) are clamped; every token, kind and sample in few staircase runs
+    (batch_size 1000) or split into runs of one fork group (batch_size 1) gives the loop's numbers."""
+    six = knlens.tiny_model(kind, n_layers=6)
+    kw = dict(subject="capital of", samples=3, window=4, corrupt="subject")
+    loop = trace(six, PROMPT, TARGET, engine="reference", **kw)
+    fast = trace(six, PROMPT, TARGET, batch_size=batch_size, **kw)
+    assert fast.settings.engine == "fast" and fast.settings.engine_note == ""
+    for k in loop.kinds:
+        torch.testing.assert_close(fast.effects[k], loop.effects[k], atol=1e-6, rtol=0)
+    assert fast.effects["mlp"][:, 2:].abs().max() > 1e-4  # the restorations do something
+
+
+def test_fork_groups():
+    groups = tracing_fast.fork_groups("attn", [(0, 4), (0, 2), (0, 3), (2, 6), (3, 6), (3, 6)])
+    assert [[(u.start, u.end, u.entry, u.parent) for u in g] for g in groups] == [
+        [(0, 4, 0, -1), (0, 3, 3, 0), (0, 2, 2, 0)], [(2, 6, 2, -1)], [(3, 6, 3, -1)]]
+
+
 def test_fast_trace_falls_back_when_blocks_cannot_be_driven(model, monkeypatch):
     import knlens.run.staircase as staircase
     ref = trace(model, PROMPT, TARGET, subject=SUBJECT, kinds=("mlp",), engine="batched")

@@ -19,6 +19,8 @@ from knlens.core.errors import ResultFormatError
 from knlens.methods.activations import token_activations
 from knlens.methods.attribution.result import Screen
 from knlens.methods.attention import attention_patch, synapse_scaling
+from knlens.methods.editing.editors import EditRequest, kn_update_editor, random_editor
+from knlens.methods.editing.evaluate import evaluate_edits
 from knlens.methods.heldout import held_out
 from knlens.methods.interventions import measure
 from knlens.methods.specificity import specificity
@@ -68,6 +70,9 @@ BUILDERS = {
                                                        held_out=[2], others=OTHERS[:1]),
     "entity_vs_relation": lambda m: entity_vs_relation(m, PROMPTS[0], " paris", subject="france", samples=1,
                                                        known_only=False),
+    "edit_evaluation": lambda m: evaluate_edits(m, [EditRequest(FACT, " berlin", tuple(OTHERS))],
+                                                {"kn": kn_update_editor({"capital-france": KN}),
+                                                 "random": random_editor("kn")}, text=[PROMPTS[3]]),
 }
 MODELS = {"attribution-gpt2": "tiny_gpt2", "token_activations": "tiny_gpt2", "synapse_scaling": "tiny_gpt2"}
 

@@ -80,8 +80,8 @@ def _grad_times_activation(model, prompt, target):
 
 def test_the_gradxact_screen_is_gradient_times_activation(tiny):
     prompt = "the capital of france is" if not knlens.core.models.is_masked_lm(tiny) else "the capital of [MASK]"
-    run = lambda layers, **kw: knlens.attribute(tiny, [prompt], " paris", layers=layers, **kw)  # noqa: E731
-    screen = first_pass(Screen(method="gradxact"), [0, 1], run)[0]
+    run = lambda items, layers, **kw: [knlens.attribute(tiny, [prompt], " paris", layers=layers, **kw)]  # noqa: E731
+    screen = first_pass(Screen(method="gradxact"), [0, 1], run, [0])[0][0]
     torch.testing.assert_close(screen.scores, _grad_times_activation(tiny, prompt, " paris"), rtol=1e-4, atol=1e-7)
 
 
@@ -104,7 +104,7 @@ def test_screened_equals_exact_on_the_layers_it_integrates(deep, full, method):
 
 def test_a_passing_check_keeps_the_coarse_neurons_and_top_of_every_layer(deep, full, monkeypatch):
     scr = Screen(threshold=0.5, min_count=1, top_k=3, safety=1.0)
-    monkeypatch.setattr(screen_module, "first_pass", lambda *a: list(full))  # a perfect screen
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: [list(full)])  # a perfect screen
     attrs = knlens.attribute(deep, PROMPTS, " paris", screen=scr, **EXACT)
     c = attrs[0].screen
     assert c.skipped and c.passed and not c.fell_back and c.beta < 1e-3
@@ -129,7 +129,7 @@ def test_a_loose_bound_falls_back_to_every_layer_loudly(deep, full, monkeypatch)
     top = int(torch.stack([f.scores.abs().amax(-1) for f in full]).amax(0).argmax())
     low = (torch.arange(6) != top).float() * 0.99
     blind = [dataclasses.replace(f, scores=f.scores * (1 - low[:, None]), delta=f.delta * (1 - low)) for f in full]
-    monkeypatch.setattr(screen_module, "first_pass", lambda *a: blind)
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: [blind])
     with pytest.warns(ScreenFallbackWarning, match="screen gauss2 -> all layers: layer"):
         attrs = knlens.attribute(deep, PROMPTS, " paris", screen=Screen(min_count=1, top_k=0, safety=1.0), **EXACT)
     for a, f in zip(attrs, full):
@@ -177,7 +177,7 @@ def test_locate_asks_the_screen_for_the_guarantee_of_its_preset(deep):
 
 
 def test_screened_results_round_trip_with_what_they_left_out(deep, full, monkeypatch, tmp_path):
-    monkeypatch.setattr(screen_module, "first_pass", lambda *a: list(full))  # a perfect screen: layers are left out
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: [list(full)])  # a perfect screen: layers are left out
     scr = Screen(threshold=0.5, min_count=1, top_k=3, safety=1.0)
     attrs = knlens.attribute(deep, PROMPTS, " paris", screen=scr, **EXACT)
     r = knlens.locate(deep, knlens.Fact(PROMPTS, " paris"), attributions=attrs, n_random=1, progress=False,
@@ -187,3 +187,49 @@ def test_screened_results_round_trip_with_what_they_left_out(deep, full, monkeyp
         back = type(value).load(value.save(tmp_path / str(i)))
         assert knlens.same(back, value) and back.key == value.key
     assert type(r).load(tmp_path / "1").attributions[0].screen == attrs[0].screen
+
+
+OTHER = ["the capital of spain is", "spain's capital city is", "the capital city of spain is"]
+
+
+def test_attribute_facts_screens_every_fact_on_its_own_in_shared_passes(deep, monkeypatch):
+    facts = [knlens.Fact(PROMPTS, " paris"), knlens.Fact(OTHER, " madrid"), knlens.Fact(PROMPTS[:2], " rome"),
+             knlens.Fact(PROMPTS[::-1], " paris")]  # the first fact again: the same layers, one exact pass
+    scr = Screen(method="gauss2", threshold=0.9, min_count=2, top_k=0, safety=1.0)
+    calls = []
+    real = knlens.methods.attribution.ig._fixed_grid
+
+    def counting(model, items, **kwargs):  # every fixed-grid pass: which facts, which layers
+        calls.append((len(items), tuple(kwargs["layers"])))
+        return real(model, items, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScreenFallbackWarning)
+        one_by_one = [knlens.attribute(deep, f, screen=scr, **EXACT) for f in facts]
+        calls.clear()
+        monkeypatch.setattr(knlens.methods.attribution.ig, "_fixed_grid", counting)
+        together = knlens.methods.attribution.ig.attribute_facts(deep, facts, screen=scr, **EXACT)
+    assert calls[0] == (4, tuple(range(6)))  # one screen of every fact
+    picked = [tuple(sorted([*a[0].screen.kept, *a[0].screen.verified])) for a in together]
+    assert not any(a[0].screen.fell_back for a in together) and all(a[0].screen.skipped for a in together)
+    assert len(set(picked)) > 1 and picked[0] == picked[3]  # facts pick layers of their own
+    assert sorted(calls[1:]) == sorted((picked.count(p), p) for p in set(picked))  # one exact pass per set
+    for attrs, alone in zip(together, one_by_one):
+        for a, b in zip(attrs, alone):
+            assert a.layers == b.layers and a.screen.kept == b.screen.kept and a.screen.fell_back == b.screen.fell_back
+            torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-8)
+
+
+def test_one_fact_of_several_falls_back_alone_and_loudly(deep, full, monkeypatch):
+    facts = [knlens.Fact(PROMPTS, " paris"), knlens.Fact(PROMPTS, " paris")]
+    top = int(torch.stack([f.scores.abs().amax(-1) for f in full]).amax(0).argmax())
+    low = (torch.arange(6) != top).float() * 0.99
+    blind = [dataclasses.replace(f, scores=f.scores * (1 - low[:, None]), delta=f.delta * (1 - low)) for f in full]
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: [list(full), blind])  # perfect, then blind
+    scr = Screen(threshold=0.5, min_count=1, top_k=3, safety=1.0)
+    with pytest.warns(ScreenFallbackWarning, match=r"1 of 2 facts; screen gauss2 -> all layers: layer .*\(fact 1\)"):
+        good, bad = knlens.methods.attribution.ig.attribute_facts(deep, facts, screen=scr, **EXACT)
+    assert all(a.screen.passed and a.screen.skipped and "screen" not in a.settings.engine_note for a in good)
+    assert all(a.screen.fell_back and a.layers == tuple(range(6)) and "screen gauss2 -> all layers" in
+               a.settings.engine_note for a in bad)
+    for a, f in zip(bad, full):
+        torch.testing.assert_close(a.scores, f.scores, rtol=1e-5, atol=1e-8)

@@ -61,8 +61,10 @@ def test_ignored_cache_would_have_given_wrong_numbers(tiny_llama):
     assert (cached - plain).abs().max() > 0.1
 
 
-def test_wrong_staircase_cells_are_caught_by_the_alpha_one_check(tiny_llama, monkeypatch):
-    want = _attribute(tiny_llama, "reference")
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_wrong_staircase_cells_are_caught_by_the_alpha_one_check(tiny_llama, monkeypatch, dtype):
+    """Also in bf16, where the check compares P(target) in log space with a looser tolerance."""
+    want = _attribute(tiny_llama, "reference", dtype=dtype)
     build = cells.build_stairs
 
     def corrupted(*args, **kwargs):  # passes its own build check, then serves wrong prefix keys
@@ -72,7 +74,7 @@ def test_wrong_staircase_cells_are_caught_by_the_alpha_one_check(tiny_llama, mon
         return plan
     monkeypatch.setattr(cells, "build_stairs", corrupted)
     with pytest.warns(EngineFallbackWarning, match="α = 1"):
-        got = _attribute(tiny_llama, "fast")
+        got = _attribute(tiny_llama, "fast", dtype=dtype)
     _assert_same_scores(got, want)
     assert got[0].settings.engine == "reference"
 
@@ -100,3 +102,17 @@ def test_ignored_cache_on_the_embedded_model_gives_reference_numbers(real_model,
     assert got[0].settings.engine == "reference"
     torch.testing.assert_close(got[0].scores, want[0].scores, atol=1e-7, rtol=1e-4)
     assert got[0].clean_value == pytest.approx(0.75, abs=0.05)  # P(Paris) of the plain forward
+
+
+def test_half_precision_tolerance_is_measured_not_fixed(tiny_llama):
+    """In bf16 the tolerance is the model's own batch-shape disagreement times NOISE_FACTOR, at least
+    LOG_FLOOR; in float32 there is none (the fixed relative tolerance applies)."""
+    from knlens.run.precision import LOG_FLOOR, NOISE_FACTOR, log_tolerance, self_disagreement
+
+    q = knlens.encode(tiny_llama, PROMPTS[:1], " paris")
+    args = (q.tokens, int(q.position[0]), int(q.target[0]), 16)
+    assert log_tolerance(tiny_llama, *args) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        noise = self_disagreement(tiny_llama, *args).quantity
+        assert log_tolerance(tiny_llama, *args).quantity == pytest.approx(max(LOG_FLOOR, NOISE_FACTOR * noise))
+    assert noise < 0.088 / NOISE_FACTOR  # the planted corruption above (0.088 nat in bf16) stays detectable

@@ -1,15 +1,16 @@
-"""The ``knlens`` command line: ``knlens locate | trace | consistency | study | sweep | query | summary``.
+"""The ``knlens`` command line: ``knlens locate | trace | consistency | edit | study | sweep | query | summary``.
 
     knlens locate --fact capital-france --out knlens-out
     knlens trace --fact capital-france --kinds mlp attn --samples 3
     knlens consistency --fact capital-france --fact capital-germany --steps 8
+    knlens edit --fact capital-france --new " Berlin" --editor rank-one --control --out edit-out
     knlens study query-localization --page benchmarks/QUERY_LOCALIZATION.md
     knlens sweep locate --data pararel:P36 --model smollm2-135m --store runs/
     knlens query runs/ "select key, status, error from tasks"
     knlens summary runs/ --out summary.html
 
 Each subcommand is one module (:mod:`knlens.cli.locate`, :mod:`knlens.cli.trace`,
-:mod:`knlens.cli.consistency`, :mod:`knlens.cli.study`, :mod:`knlens.cli.sweep`, :mod:`knlens.cli.query`,
+:mod:`knlens.cli.consistency`, :mod:`knlens.cli.edit`, :mod:`knlens.cli.study`, :mod:`knlens.cli.sweep`, :mod:`knlens.cli.query`,
 :mod:`knlens.cli.summary`)
 with ``add_parser(subparsers)`` and ``run(args)``; what they share is in
 :mod:`knlens.cli.common`. Bad input (an unknown model or fact, a target outside the vocabulary, an empty
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from knlens.cli import consistency, locate, query, study, summary, sweep, trace
+from knlens.cli import consistency, edit, locate, query, study, summary, sweep, trace
 from knlens.cli.common import Parser, run_cli
 from knlens.core.versions import __version__
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     locate.add_parser(sub)
     trace.add_parser(sub)
     consistency.add_parser(sub)
+    edit.add_parser(sub)
     study.add_parser(sub)
     sweep.add_parser(sub)
     query.add_parser(sub)

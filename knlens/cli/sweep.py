@@ -3,6 +3,7 @@
     knlens sweep locate --data pararel:P36 --model smollm2-135m --store runs/ --max-facts 20 --known-only
     knlens sweep trace --data builtin:capital --store runs/ --set samples=3 --set 'kinds=["mlp"]'
     knlens sweep locate --data pararel:P36 --store runs/ --retry-failed
+    knlens sweep locate --data pararel:P36 --store runs/ --executor ray --ray-address HEAD:6379 --workers 8
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from knlens.cli.common import DEFAULT_MODEL, say
 from knlens.core.errors import CommandLineError
 from knlens.store.store import Store
+from knlens.sweeps.executors import EXECUTORS
 from knlens.sweeps.plan import STUDIES, get_study, parse_setting, read_facts
 from knlens.sweeps.sweep import sweep
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     say(args, f"sweep {study.name}: {len(facts)} facts from {args.data}, model {args.model}, store {store.path}")
     report = sweep(study, facts, args.model, store, settings=settings, known_only=args.known_only,
-                   retry_failed=args.retry_failed, progress=not args.quiet)
+                   retry_failed=args.retry_failed, progress=not args.quiet, executor=args.executor,
+                   ray_address=args.ray_address, workers=args.workers, worker_cpus=args.worker_cpus)
     for problem in store.problems():
         say(args, f"warning: {problem}")
     print(report.summary(), flush=True)
@@ -70,5 +73,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", metavar="DIR", help="where ParaRel / mParaRel are (default: $KNLENS_DATA or "
                                                      "../shared/data)")
     p.add_argument("--quiet", action="store_true", help="no progress lines (the summary still prints)")
+    ray = p.add_argument_group("executor", "where the tasks run; this process files every result in --store")
+    ray.add_argument("--executor", choices=EXECUTORS, default="local",
+                     help="local: one task after the other in this process (default); ray: on Ray workers, one "
+                          "actor per worker holding the model (needs pip install 'knlens[ray]')")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="a running Ray cluster, HOST:PORT of its head node (or ray://HOST:10001); checked before any "
+                          "work (default: $RAY_ADDRESS, else Ray starts on this machine)")
+    ray.add_argument("--workers", type=int, metavar="N",
+                     help="Ray workers, each loading the model once (default: the cluster's CPUs / --worker-cpus)")
+    ray.add_argument("--worker-cpus", type=float, default=1, metavar="C",
+                     help="CPUs each Ray worker reserves and uses as torch threads (default: %(default)s)")
     p.set_defaults(run=run)
     return p

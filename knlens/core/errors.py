@@ -119,3 +119,36 @@ class QueryError(KnlensError, ValueError):
 class SweepError(KnlensError, ValueError):
     """A sweep that cannot start: an unknown study, a data spec that names no data set, a setting the
     study does not take."""
+
+
+class RayNotInstalledError(KnlensError, ImportError):
+    """The Ray executor asked for where Ray is not installed (``pip install 'knlens[ray]'``)."""
+
+
+class RayUnreachableError(KnlensError, ConnectionError):
+    """A Ray cluster address that cannot be reached (nothing listens there, or Ray refuses to connect); raised
+    before any task runs."""
+
+
+class RayWorkerError(KnlensError, RuntimeError):
+    """A Ray worker that cannot serve a sweep (the cluster cannot place one, it cannot load the model, it runs
+    another knlens version than the driver), or that died under a task (recorded as that task's error)."""
+
+
+class SameTargetError(TargetError):
+    """An edit whose new target is the old one (the same tokens): there is nothing to change."""
+
+
+class EditModelError(KnlensError, ValueError):
+    """An edit applied to a model other than the one it was made for (its weights' fingerprint differs), one
+    that names weights the model does not have, or an architecture whose value vectors cannot be edited."""
+
+
+class EditStateError(KnlensError, RuntimeError):
+    """An edit applied twice, undone when it is not applied, or undone after something else changed the
+    weights it wrote (undo later edits first)."""
+
+
+class NoOpEditError(KnlensError, ValueError):
+    """An edit that does not change the model's weights (no neurons, zero step sizes, new values equal to the
+    old ones): it would make every evaluation a row of unchanged numbers."""

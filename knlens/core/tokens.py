@@ -26,7 +26,7 @@ from torch import Tensor
 from knlens.core.errors import PromptError, TargetError
 from knlens.core.models import is_masked_lm
 
-__all__ = ["Queries", "encode", "target_tokens", "single_token"]
+__all__ = ["Queries", "encode", "encode_texts", "stack", "row_groups", "target_tokens", "single_token"]
 
 MultiToken = Literal["error", "teacher_forcing"]
 
@@ -148,3 +148,63 @@ def encode(model: Any, prompts: str | Sequence[str], target: str, *,
     col = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.long)  # noqa: E731
     device = getattr(model.cfg, "device", None) or "cpu"
     return Queries(tokens, mask, col(1), col(2), col(3), col(4), tuple(prompts), target).to(device)
+
+
+def stack(qs: Sequence[Queries]) -> Queries:
+    """One right-padded batch of several :class:`Queries` (e.g. of several facts): rows in order, each keeping
+    its own target and position; ``prompt_index`` numbers the prompts of all of them in order.
+
+    >>> from knlens import load_model
+    >>> model = load_model("tiny-gpt2")
+    >>> q = stack([encode(model, ["the capital of france is"], " paris"), encode(model, ["paris is in"], " france")])
+    >>> q.tokens.shape, q.prompt_index.tolist(), q.prompts
+    (torch.Size([2, 6]), [0, 1], ('the capital of france is', 'paris is in'))
+    """
+    width = max(q.tokens.shape[1] for q in qs)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    offsets = [sum(len(q.prompts) for q in qs[:i]) for i in range(len(qs))]
+    return Queries(torch.cat([pad(q.tokens) for q in qs]), torch.cat([pad(q.attention_mask) for q in qs]),
+                   torch.cat([q.position for q in qs]), torch.cat([q.target for q in qs]),
+                   torch.cat([q.prompt_index + off for q, off in zip(qs, offsets)]),
+                   torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts),
+                   qs[0].target_str if len({q.target_str for q in qs}) == 1 else "")
+
+
+def row_groups(q: Queries, size: int | None = None) -> list[Int[Tensor, "rows"]]:
+    """The rows of ``q`` grouped by length and target position (rows that can share one clean pass and one
+    staircase run), each group in row order and cut into pieces of at most ``size`` rows; groups in the order
+    of their first row.
+
+    >>> from knlens import load_model
+    >>> q = encode(load_model("tiny-llama"), ["the capital of france is", "paris is in", "the capital of spain is"],
+    ...            " paris")
+    >>> [g.tolist() for g in row_groups(q)]                     # two prompts of 6 tokens share a group
+    [[0, 2], [1]]
+    """
+    lengths, positions = q.attention_mask.sum(1).tolist(), q.position.tolist()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, key in enumerate(zip(lengths, positions)):
+        groups.setdefault(key, []).append(i)
+    size = size or len(q)
+    return [torch.tensor(g[s:s + size]) for g in groups.values() for s in range(0, len(g), size)]
+
+
+def encode_texts(model: Any, texts: Sequence[str]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Right-padded tokens of whole ``texts`` (BOS as TransformerLens adds it) and their attention mask.
+
+    >>> from knlens import load_model
+    >>> tokens, mask = encode_texts(load_model("tiny-gpt2"), ["the dog", "the capital of france"])
+    >>> tokens.shape, mask.sum(1).tolist()
+    (torch.Size([2, 5]), [3, 5])
+    """
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise PromptError("every text must be a non-empty string")
+    rows = [model.to_tokens(t)[0].tolist() for t in texts]
+    width = max(map(len, rows))
+    pad = model.tokenizer.pad_token_id
+    tokens = torch.full((len(rows), width), 0 if pad is None else pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+    device = getattr(model.cfg, "device", None) or "cpu"
+    return tokens.to(device), mask.to(device)

@@ -36,6 +36,7 @@ from knlens.core.errors import ControlError
 from knlens.core.facts import Fact
 from knlens.methods.interventions import InterventionResult, measure
 from knlens.results.contract import Result
+from knlens.run.engine import Engine
 from knlens.core.neurons import NeuronSet
 from knlens.methods.selection import SelectionPreset, best_by_mean, get_preset, refinement
 
@@ -106,7 +107,7 @@ def _note(folds: pd.DataFrame, n: int, cfg: SelectionPreset, preset_name: str) -
 def held_out(model: Any, fact: Fact, attributions: Sequence[Attribution], preset: str | SelectionPreset = "dai",
              *, full: NeuronSet | None = None, fallback_k: int = 3, n_random: int = 20,
              controls: Sequence[str] = CONTROLS, n_bins: int = 10, seed: int = 0, hook_point: str = "hook_post",
-             baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> HeldOut:
+             baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64, engine: Engine = "fast") -> HeldOut:
     """Leave-one-prompt-out evaluation of ``fact``'s neurons from its per-prompt ``attributions``.
 
     ``full`` (the set refined on all prompts) is compared with each fold's set (``jaccard_all``). The other
@@ -133,5 +134,5 @@ def held_out(model: Any, fact: Fact, attributions: Sequence[Attribution], preset
         sets.append(tested)
     folds = pd.DataFrame(rows)
     iv = measure(model, facts, sets, n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, hook_point=hook_point,
-                 baseline=baseline, batch_size=batch_size)
+                 baseline=baseline, batch_size=batch_size, engine=engine)
     return HeldOut(folds, iv, _note(folds, n, cfg, preset_name), HeldOutSettings(preset_name, fallback_k, n))

@@ -15,8 +15,10 @@ An action with factor ``f`` moves each selected neuron along the integrated-grad
   the neurons have a negative pre-activation at the target, and records the caveat in its settings.
 
 Beside each fact's neurons, :func:`measure` runs ``n_random`` random sets of each control of
-:mod:`knlens.methods.controls` (``uniform`` within the layers, and ``matched`` on activation magnitude). All sets
-of a fact run as rows of one batch: each row carries its own neuron mask.
+:mod:`knlens.methods.controls` (``uniform`` within the layers, and ``matched`` on activation magnitude). All
+(action, set) pairs of a fact run together, each row with its own neuron mask, on the engines of
+:mod:`knlens.methods.scaling` (by default ``fast``: the prompt's prefix once, then a staircase from each set's
+lowest layer, checked against plain forwards).
 
 >>> from knlens import load_model, Fact, NeuronSet
 >>> model = load_model("tiny-llama")
@@ -36,16 +38,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from scipy import stats
 from torch import Tensor
 
 from knlens.methods.controls import CONTROLS, matched_control, matched_widening, random_control
 from knlens.stats.tests import empirical_floor, wilcoxon_floor
-from knlens.run.engine import activations_at, chunks, target_probs
+from knlens.methods.scaling import path_scale, scaled_probs
+from knlens.run.engine import Engine, activations_at
 from knlens.core.errors import ControlError, HookShapeError
 from knlens.core.facts import Fact
-from knlens.run.hooks import Hook, HookFn, hook_name, position_mask
+from knlens.run.hooks import hook_name
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import Queries, encode
 from knlens.results.contract import TableResult
@@ -57,33 +60,6 @@ FACTORS: dict[str, float] = {"suppress": 0.0, "enhance": 2.0}
 NON_MONOTONE_POINTS = ("hook_pre",)  # hook points where ×f is not monotone in the neuron's output
 
 
-def path_scale(factor: float, rows: Bool[Tensor, "batch d"], position: Tensor,
-               base: Float[Tensor, "d"] | None = None) -> HookFn:
-    """A hook that moves the selected neurons to ``b + factor·(a − b)`` at each row's ``position``.
-
-    ``rows[r]`` selects row ``r``'s neurons; ``base`` is the baseline ``b`` (0 when ``None``).
-
-    >>> act = torch.tensor([[[1.0, -2.0], [3.0, 4.0]]])            # [batch=1, pos=2, d=2]
-    >>> path_scale(2.0, torch.tensor([[True, False]]), torch.tensor([1]), torch.tensor([1.0, 0.0]))(act)
-    tensor([[[ 1., -2.],
-             [ 5.,  4.]]])
-    """
-    def hook(act: Float[Tensor, "batch pos d"], hook: Any = None) -> Float[Tensor, "batch pos d"]:
-        b = torch.zeros((), dtype=act.dtype, device=act.device) if base is None else base.to(act)
-        sel = position_mask(act, position)[:, :, None] & rows.to(act.device)[:, None, :]
-        return torch.where(sel, b + factor * (act - b), act)
-    return hook
-
-
-def _masks(sets: Sequence[NeuronSet], n_layers: int, d_mlp: int) -> Bool[Tensor, "set layer d"]:
-    mask = torch.zeros(len(sets), n_layers, d_mlp, dtype=torch.bool)
-    for i, s in enumerate(sets):
-        s.check(n_layers, d_mlp)
-        for n in s:
-            mask[i, n.layer, n.index] = True
-    return mask
-
-
 def _check_baseline(model: Any, baseline: Tensor | None) -> None:
     want = (model.cfg.n_layers, model.cfg.d_mlp)
     if baseline is not None and tuple(baseline.shape) != want:
@@ -91,13 +67,14 @@ def _check_baseline(model: Any, baseline: Tensor | None) -> None:
                              f"(one value per neuron of every layer)")
 
 
-@torch.no_grad()
 def intervene(model: Any, q: Queries, sets: Sequence[NeuronSet], factor: float, *, hook_point: str = "hook_post",
-              baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> Float[Tensor, "set batch"]:
+              baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64,
+              engine: Engine = "reference") -> Float[Tensor, "set batch"]:
     """P(target) of every row of ``q`` with each neuron set moved to ``b + factor·(a − b)`` at the target position.
 
     ``factor=0`` suppresses, ``factor=2`` enhances; ``baseline`` (``[n_layers, d_mlp]``) is ``b``, zero when
-    ``None``. Every (set, row) pair is one batch row.
+    ``None``. ``engine="reference"`` runs every (set, row) pair as one row of a plain forward; the faster engines
+    and the record of which one ran are :func:`knlens.methods.scaling.scaled_probs`'.
 
     >>> from knlens import load_model
     >>> model = load_model("tiny-llama")
@@ -106,19 +83,8 @@ def intervene(model: Any, q: Queries, sets: Sequence[NeuronSet], factor: float, 
     torch.Size([2, 2])
     """
     _check_baseline(model, baseline)
-    masks = _masks(sets, model.cfg.n_layers, model.cfg.d_mlp)  # [set, layer, d]
-    layers = masks.any(-1).any(0).nonzero()[:, 0].tolist()
-    n_rows = len(q)
-    pairs = torch.cartesian_prod(torch.arange(len(sets)), torch.arange(n_rows))  # (set, row)
-    out = torch.empty(len(pairs))
-    for s in chunks(len(pairs), batch_size):
-        set_i, row_i = pairs[s, 0], pairs[s, 1]
-        sub = q.select(row_i)
-        hooks: list[Hook] = [(hook_name(l, hook_point), path_scale(factor, masks[set_i, l], sub.position,
-                                                               None if baseline is None else baseline[l]))
-                             for l in layers]
-        out[s] = target_probs(model, sub, hooks, batch_size=None).cpu()
-    return out.view(len(sets), n_rows)
+    return scaled_probs(model, q, sets, [factor], hook_point=hook_point, baseline=baseline, engine=engine,
+                        batch_size=batch_size).after[0]
 
 
 def per_prompt(p: Float[Tensor, "*sets batch"], q: Queries) -> Float[Tensor, "*sets prompt"]:
@@ -158,7 +124,8 @@ class InterventionSettings:
     """How :func:`measure` moved the neurons: ``actions`` (name → factor f of ``a ← b + f·(a − b)``), the random
     ``controls`` and their ``n_random`` draws (``n_bins`` magnitude bins; ``matched_widened`` neurons whose bin
     had to be widened), the hook point and position, the baseline ``b`` and, at a hook point where ×f is not
-    monotone in the neuron's output, a note saying so."""
+    monotone in the neuron's output, a note saying so; the ``engine`` that ran (:mod:`knlens.methods.scaling`) and,
+    when a faster one fell back, why (``engine_note``)."""
 
     actions: dict[str, float] = field(default_factory=lambda: dict(FACTORS))
     n_random: int = 20
@@ -171,6 +138,8 @@ class InterventionSettings:
     baseline: str = "zero"  # "zero" | "custom tensor"
     rule: str = "a <- b + factor * (a - b)"
     non_monotone_note: str = ""
+    engine: str = "reference"
+    engine_note: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -272,13 +241,16 @@ def _target_activations(model: Any, q: Queries, hook_point: str) -> Float[Tensor
 def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet], *,
             actions: dict[str, float] | None = None, n_random: int = 20, controls: Sequence[str] = CONTROLS,
             n_bins: int = 10, seed: int = 0, hook_point: str = "hook_post",
-            baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> InterventionResult:
+            baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64,
+            engine: Engine = "fast") -> InterventionResult:
     """Suppress (×0) and enhance (×2) each fact's neurons, and ``n_random`` sets of each control.
 
     ``neuron_sets[i]`` belongs to ``facts[i]``. An empty set is measured too (it changes nothing).
     ``controls``: ``"uniform"`` (any neuron of the same layers) and/or ``"matched"`` (same layers, same
     ``n_bins``-quantile bin of |a − b| at the target position, averaged over the fact's prompts; see
     :mod:`knlens.methods.controls`). ``baseline`` (``[n_layers, d_mlp]``) is the ``b`` of ``b + f·(a − b)``.
+    ``engine`` runs every (action, set) of a fact's prompts (:func:`knlens.methods.scaling.scaled_probs`: ``"fast"``,
+    ``"batched"`` or ``"reference"``, same numbers up to float rounding); the one that ran is in the settings.
     """
     if len(facts) != len(neuron_sets):
         raise ControlError(f"{len(facts)} facts but {len(neuron_sets)} neuron sets: give one set per fact")
@@ -288,7 +260,7 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
     _check_baseline(model, baseline)
     actions = {k: float(v) for k, v in (FACTORS if actions is None else actions).items()}
     non_monotone = hook_point in NON_MONOTONE_POINTS and any(f not in (0.0, 1.0) for f in actions.values())
-    records, widened, negative = [], 0, 0
+    records, widened, negative, engines, notes = [], 0, 0, [], []
     for f_idx, (fact, kn) in enumerate(zip(facts, neuron_sets)):
         kn.check(model.cfg.n_layers, model.cfg.d_mlp)
         q = encode(model, list(fact.prompts), fact.target)
@@ -306,10 +278,13 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
             widened += matched_widening(kn, magnitude, n_bins)
             sets += [(matched_control(kn, magnitude, n_bins=n_bins, seed=rng + 500 + d), "random", "matched", d)
                      for d in range(n_random)]
-        before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q)
-        for action, factor in actions.items():
-            after = per_prompt(intervene(model, q, [s[0] for s in sets], factor, hook_point=hook_point, baseline=baseline,
-                                         batch_size=batch_size), q)
+        probs = scaled_probs(model, q, [s[0] for s in sets], list(actions.values()), hook_point=hook_point,
+                             baseline=baseline, engine=engine, batch_size=batch_size)
+        engines.append(probs.engine)
+        notes.append(probs.note)
+        before = per_prompt(probs.clean, q)
+        for k, (action, factor) in enumerate(actions.items()):
+            after = per_prompt(probs.after[k], q)
             for (s, kind, control, draw), p_after in zip(sets, after):
                 for p_idx, prompt in enumerate(fact.prompts):
                     b, a = float(before[p_idx]), float(p_after[p_idx])
@@ -329,4 +304,6 @@ def measure(model: Any, facts: Sequence[Fact], neuron_sets: Sequence[NeuronSet],
         pd.DataFrame.from_records(records),
         InterventionSettings(actions=actions, n_random=n_random, controls=tuple(controls), n_bins=n_bins,
                              matched_widened=int(widened), seed=seed, hook_point=hook_point, position="target",
-                             baseline="zero" if baseline is None else "custom tensor", non_monotone_note=note))
+                             baseline="zero" if baseline is None else "custom tensor", non_monotone_note=note,
+                             engine="+".join(dict.fromkeys("+".join(engines).split("+"))) if engines else engine,
+                             engine_note="; ".join(dict.fromkeys(n for n in notes if n))))

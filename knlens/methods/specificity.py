@@ -27,18 +27,18 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from knlens.stats.tests import empirical_floor
-from knlens.run.engine import target_probs
+from knlens.run.engine import Engine
 from knlens.core.errors import ControlError, PromptError, TargetError
 from knlens.core.facts import Fact
-from knlens.methods.interventions import FACTORS, NON_MONOTONE_POINTS, intervene, per_prompt
+from knlens.methods.interventions import FACTORS, NON_MONOTONE_POINTS, per_prompt
+from knlens.methods.scaling import scaled_probs
 from knlens.results.contract import TableResult
 from knlens.core.neurons import NeuronSet
-from knlens.core.tokens import Queries, encode
+from knlens.core.tokens import encode, stack
 
 __all__ = ["Specificity", "SpecificitySettings", "specificity", "other_relation_facts"]
 
@@ -79,26 +79,18 @@ def other_relation_facts(model: Any, fact: Fact, pool: Sequence[Fact] | None = N
     return usable, text
 
 
-def _stack(qs: Sequence[Queries]) -> Queries:
-    """One right-padded batch of several facts' queries (each row keeps its own target and position)."""
-    width = max(q.tokens.shape[1] for q in qs)
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-    offsets = [sum(len(q.prompts) for q in qs[:i]) for i in range(len(qs))]
-    return Queries(torch.cat([pad(q.tokens) for q in qs]), torch.cat([pad(q.attention_mask) for q in qs]),
-                   torch.cat([q.position for q in qs]), torch.cat([q.target for q in qs]),
-                   torch.cat([q.prompt_index + off for q, off in zip(qs, offsets)]),
-                   torch.cat([q.token_index for q in qs]), tuple(p for q in qs for p in q.prompts), "")
-
-
 @dataclass(frozen=True)
 class SpecificitySettings:
     """The intervention (``actions``: name → factor, at ``hook_point`` with baseline ``"zero"`` or
-    ``"custom tensor"``) and the other facts it was applied to (``others``: their names)."""
+    ``"custom tensor"``), the other facts it was applied to (``others``: their names) and the ``engine`` that ran
+    it (:mod:`knlens.methods.scaling`; ``engine_note``: why a faster one fell back)."""
 
     actions: dict[str, float] = field(default_factory=lambda: dict(FACTORS))
     hook_point: str = "hook_post"
     baseline: str = "zero"
     others: tuple[str, ...] = ()
+    engine: str = "reference"
+    engine_note: str = ""
 
 
 @dataclass(frozen=True, eq=False)
@@ -161,8 +153,10 @@ class Specificity(TableResult):
 
 def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[Fact] | None = None,
                 actions: dict[str, float] | None = None, hook_point: str = "hook_post",
-                baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64) -> Specificity:
-    """Suppress / enhance ``neurons`` on ``fact`` and on ``others`` (default: :func:`other_relation_facts`).
+                baseline: Float[Tensor, "layer d"] | None = None, batch_size: int = 64,
+                engine: Engine = "fast") -> Specificity:
+    """Suppress / enhance ``neurons`` on ``fact`` and on ``others`` (default: :func:`other_relation_facts`), on
+    ``engine`` (:func:`knlens.methods.scaling.scaled_probs`).
 
     Raises :class:`~knlens.core.errors.ControlError` when there is no other fact to compare with.
     """
@@ -179,10 +173,11 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
         warnings.warn(f"specificity: x2 at {hook_point} is not monotone in the neurons' output (see knlens.methods.interventions)",
                       UserWarning, stacklevel=2)
     facts = [fact, *others]
-    q = _stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
-    before = per_prompt(target_probs(model, q, batch_size=batch_size).cpu(), q).double()
-    after = {action: per_prompt(intervene(model, q, [neurons], factor, hook_point=hook_point, baseline=baseline,
-                                          batch_size=batch_size)[0], q).double() for action, factor in actions.items()}
+    q = stack([encode(model, list(fc.prompts), fc.target) for fc in facts])  # every prompt of every fact
+    probs = scaled_probs(model, q, [neurons], list(actions.values()), hook_point=hook_point, baseline=baseline,
+                         engine=engine, batch_size=batch_size)
+    before = per_prompt(probs.clean, q).double()
+    after = {action: per_prompt(probs.after[k, 0], q).double() for k, action in enumerate(actions)}
     per, start = [], 0
     for i, fc in enumerate(facts):
         rows = slice(start, start + len(fc.prompts))
@@ -194,5 +189,5 @@ def specificity(model: Any, fact: Fact, neurons: NeuronSet, *, others: Sequence[
                         "factor": float(factor), "p_before": float(b.mean()), "p_after": float(a.mean()),
                         "delta": float((a - b).mean() / b.mean()), "relative": float(((a - b) / b).mean())})
     settings = SpecificitySettings(actions, hook_point, "zero" if baseline is None else "custom tensor",
-                                   tuple(fc.name or fc.prompts[0] for fc in others))
+                                   tuple(fc.name or fc.prompts[0] for fc in others), probs.engine, probs.note)
     return Specificity(pd.DataFrame(per), basis, settings)

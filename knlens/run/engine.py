@@ -50,16 +50,20 @@ def chunks(n: int, size: int | None) -> list[slice]:
 
 
 def forward(model: Any, tokens: Int[Tensor, "batch pos"], hooks: Sequence[Hook] = (), *,
-            attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos vocab"]:
+            attention_mask: Int[Tensor, "batch pos"] | None = None,
+            stop_at_layer: int | None = None) -> Float[Tensor, "batch pos vocab"] | Float[Tensor, "batch pos d_model"]:
     """Logits of one plain whole-prompt forward (no cache) with ``hooks`` attached; the reference every
-    fast path is checked against.
+    fast path is checked against. ``stop_at_layer=l`` runs blocks ``0..l-1`` only and returns the residual
+    stream (for hooks that only read those blocks).
 
     >>> from knlens import load_model
     >>> model = load_model("tiny-llama")
     >>> forward(model, model.to_tokens("the capital of france is")).shape
     torch.Size([1, 6, 72])
     """
-    kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+    kw: dict[str, Any] = {} if attention_mask is None else {"attention_mask": attention_mask}
+    if stop_at_layer is not None:
+        kw["stop_at_layer"] = stop_at_layer
     with hooked(model, list(hooks)):
         return model(tokens, **kw)
 

@@ -38,9 +38,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from knlens.core.models import is_masked_lm
+from knlens.run.hooks import hooked
 
-__all__ = ["SharedPrefix", "Stairs", "recording", "model_tail", "cache_layers", "build_stairs", "reproduces",
-           "disagreement"]
+__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "model_tail", "cache_layers", "build_stairs",
+           "reproduces", "disagreement"]
 
 log = logging.getLogger(__name__)
 
@@ -136,20 +137,34 @@ class Stairs:
     def batch(self) -> int:
         return int(self.resid(0).shape[0])
 
-    def logits(self, model: Any, entry: Int[Tensor, "units"]) -> Float[Tensor, "rows vocab"]:
-        """Logits of units entering at blocks ``entry`` (ascending) with the recorded input of that block.
+    def logits(self, model: Any, entry: Int[Tensor, "units"], parent: Int[Tensor, "units"] | None = None
+               ) -> Float[Tensor, "rows vocab"]:
+        """Logits of units entering at blocks ``entry`` (ascending); see :meth:`final`."""
+        return self.tail(self.final(model, entry, parent)[:, None])[:, 0]
+
+    def final(self, model: Any, entry: Int[Tensor, "units"], parent: Int[Tensor, "units"] | None = None
+              ) -> Float[Tensor, "rows d"]:
+        """The last block's output at ``read_at`` (before the tail) of units entering at blocks ``entry``
+        (ascending), each with the recorded input of that block, or, where ``parent[u] >= 0``, with the
+        input unit ``parent[u]`` (which entered at an earlier block) has there: a fork of that unit.
 
         Units that entered stay in the batch, so block ``k`` runs the units with ``entry ≤ k``; the units
         entering at ``k`` are the last ones of the batch there (rows ``unit · batch + i``). Hooks attached
         to the model fire as usual.
         """
         counts = torch.bincount(entry.cpu(), minlength=len(self.calls)).tolist()
+        parents = None if parent is None else parent.tolist()
         b = self.batch
         swap = {id(self.cache): self.shared} if self.cache is not None else {}
         h: Tensor | None = None
         for k in range(int(entry.min()), len(self.calls)):
             if counts[k]:
-                new = _tile(self.resid(k), counts[k] * b)
+                if parents is None:
+                    new = _tile(self.resid(k), counts[k] * b)
+                else:
+                    first = 0 if h is None else h.shape[0] // b
+                    new = torch.cat([self.resid(k) if p < 0 else h[p * b:(p + 1) * b]  # type: ignore[index]
+                                     for p in parents[first:first + counts[k]]])
                 h = new if h is None else torch.cat([h, new.to(h.dtype)])
             assert h is not None
             args, kwargs = self.calls[k]
@@ -162,7 +177,7 @@ class Stairs:
             out = model.blocks[k](*args, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         assert h is not None
-        return self.tail(h[:, self.read_at:][:, :1])[:, 0]
+        return h[:, self.read_at]
 
 
 @contextlib.contextmanager
@@ -183,14 +198,48 @@ def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
             h.remove()
 
 
+class _Stopped(Exception):
+    """Ends a forward after its last block (see :func:`record_blocks`)."""
+
+
+def _cache_in(calls: list[tuple[tuple, dict] | None]) -> Any:
+    """The key/value cache object a recorded forward handed to its first block, or None."""
+    if not calls or calls[0] is None:
+        return None
+    args, kwargs = calls[0]
+    return next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")), None)
+
+
+def record_blocks(model: Any, tokens: Int[Tensor, "batch pos"], hooks: list[Any], *, cache: Any = None
+                  ) -> tuple[list[tuple[tuple, dict] | None], Any]:
+    """The block calls of a forward over ``tokens`` that continues ``cache`` (or starts a cache of its own),
+    with ``hooks`` attached, and the cache its blocks filled. The forward stops before the final norm: nothing
+    is unembedded. Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
+    def stop(module: Any, args: tuple) -> None:
+        raise _Stopped
+
+    handle = model.ln_final.register_forward_pre_hook(stop)
+    try:
+        with recording(model) as calls, hooked(model, hooks):
+            model(tokens, past_key_values=cache, use_cache=True)
+    except _Stopped:
+        pass
+    finally:
+        handle.remove()
+    return calls, cache if cache is not None else _cache_in(calls)
+
+
 def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, cache: Any,
                  prefix: list[tuple[Tensor, Tensor]] | None, read_at: int,
-                 reference: Float[Tensor, "batch vocab"]) -> Stairs | None:
+                 reference: Float[Tensor, "batch vocab"] | None, log_tolerance: float | None = None
+                 ) -> Stairs | None:
     """A :class:`Stairs` for the recorded ``calls``, or None when the block loop does not reproduce
     ``reference`` (the recorded run's logits at ``read_at``) for two units entering at block 0.
 
     ``cache`` is the cache object of the recorded run and ``prefix`` the keys/values of the positions
-    before its first one (both None for a run without a cache).
+    before its first one (both None for a run without a cache). ``reference=None`` skips the check: the
+    caller then checks the staircase's own rows against plain forwards of the model (and catches what the
+    block loop raises on an architecture it does not fit).
     """
     tail = model_tail(model)
     if tail is None or calls is None or not calls or any(c is None for c in calls):
@@ -198,48 +247,73 @@ def build_stairs(model: Any, calls: list[tuple[tuple, dict] | None] | None, *, c
     if (cache is None) != (prefix is None) or (prefix is not None and len(prefix) != len(calls)):
         return None
     if cache is None:  # a cache the forward made for itself is dropped (no earlier positions to read)
-        args, kwargs = calls[0]
-        cache = next((v for v in (*args, *kwargs.values()) if hasattr(v, "update") and hasattr(v, "get_seq_length")),
-                     None)
+        cache = _cache_in(calls)
     plan = Stairs(calls=calls, cache=cache, shared=SharedPrefix(prefix) if prefix is not None else None,
                   tail=tail, read_at=read_at)  # type: ignore[arg-type]
+    if reference is None:
+        return plan
     try:
         with torch.no_grad():
             check = plan.logits(model, torch.zeros(2, dtype=torch.long))
     except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit
         log.debug("staircase unavailable (%s: %s); using whole-model forwards", type(err).__name__, err)
         return None
-    return plan if reproduces(check, torch.cat([reference, reference])) else None
+    return plan if reproduces(check, torch.cat([reference, reference]), log_tolerance) else None
 
 
-def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "rows vocab"]) -> bool:
-    """Whether staircase logits equal the model's own (to 1e-4 of the largest logit in float32, 2e-2 in
-    half precision)."""
-    tol = 1e-4 if reference.dtype == torch.float32 and check.dtype == torch.float32 else 2e-2
-    scale = float(reference.float().abs().max().clamp_min(1.0))
-    ok = check.shape == reference.shape and float((check.float() - reference.float()).abs().max()) <= tol * scale
+def reproduces(check: Float[Tensor, "rows vocab"], reference: Float[Tensor, "rows vocab"],
+               log_tolerance: float | None = None) -> bool:
+    """Whether staircase logits equal the model's own: to ``log_tolerance`` (nats, measured for a half
+    precision by :func:`knlens.run.precision.log_tolerance`) when given, else to 1e-4 of the largest logit
+    in float32 and 2e-2 in half precision."""
+    err = float((check.float() - reference.float()).abs().max()) if check.shape == reference.shape else float("inf")
+    if log_tolerance is not None:
+        tol = log_tolerance
+    else:
+        rel = 1e-4 if reference.dtype == torch.float32 and check.dtype == torch.float32 else 2e-2
+        tol = rel * float(reference.float().abs().max().clamp_min(1.0))
+    ok = err <= tol
     if not ok:
-        log.debug("staircase does not reproduce the model's logits; using whole-model forwards")
+        log.debug("staircase does not reproduce the model's logits (%.3g apart, tolerance %.3g); "
+                  "using whole-model forwards", err, tol)
     return ok
 
 
-def disagreement(check: Tensor, reference: Tensor, what: str, *, rtol: float | None = None) -> str | None:
-    """``None`` when ``check`` equals ``reference`` (a plain forward's numbers) to ``rtol`` of the largest
-    reference value (default 1e-3 in float32, 5e-2 in half precision); else a sentence saying how far off.
+def disagreement(check: Tensor, reference: Tensor, what: str, *, half: bool = False,
+                 log_tolerance: float | None = None, absolute_tolerance: float | None = None) -> str | None:
+    """``None`` when ``check`` equals ``reference`` (a plain forward's numbers); else a sentence saying how
+    far off. With ``log_tolerance`` (nats, from :func:`knlens.run.precision.log_tolerance`), probabilities
+    are compared in log space and other values absolutely to it; with ``absolute_tolerance`` (logits), values
+    absolutely. Otherwise to 1e-3 of the largest reference value in float32, 5e-2 in half precision
+    (``half``, or either tensor in a half dtype).
 
     >>> disagreement(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0001]), "logits") is None
     True
     >>> disagreement(torch.tensor([3e-8]), torch.tensor([0.75]), "P(target)")
     'P(target) differ from a plain forward by 0.75 (largest value 0.75)'
+    >>> disagreement(torch.tensor([1.32e-6]), torch.tensor([1.45e-6]), "P", log_tolerance=0.3) is None
+    True
+    >>> disagreement(torch.tensor([1e-6]), torch.tensor([4e-6]), "P", log_tolerance=0.3)
+    'P differ from a plain forward by 1.39 nats (tolerance 0.3; largest value 4e-06)'
     """
-    if rtol is None:
-        half = check.dtype != torch.float32 or reference.dtype != torch.float32
-        rtol = 5e-2 if half else 1e-3
     if check.shape != reference.shape:
         return f"{what} have shape {tuple(check.shape)}, a plain forward's {tuple(reference.shape)}"
-    ref = reference.float()
-    err = float((check.float() - ref).abs().max()) if ref.numel() else 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    if err == err and err <= rtol * scale + 1e-12:  # err == err: NaN never agrees
+    if not reference.numel():
+        return None
+    got, ref = check.float(), reference.float()
+    scale = float(ref.abs().max())
+    if log_tolerance is not None or absolute_tolerance is not None:
+        if log_tolerance is not None and bool((ref > 0).all()) and bool((got > 0).all()):
+            got, ref = got.log(), ref.log()
+        tol = log_tolerance if log_tolerance is not None else absolute_tolerance
+        err = float((got - ref).abs().max())
+        if err == err and err <= tol:  # err == err: NaN never agrees
+            return None
+        unit = " nats" if log_tolerance is not None else ""
+        return f"{what} differ from a plain forward by {err:.3g}{unit} (tolerance {tol:.3g}; largest value {scale:.3g})"
+    half = half or check.dtype != torch.float32 or reference.dtype != torch.float32
+    rtol = 5e-2 if half else 1e-3
+    err = float((got - ref).abs().max())
+    if err == err and err <= rtol * scale + 1e-12:
         return None
     return f"{what} differ from a plain forward by {err:.3g} (largest value {scale:.3g})"

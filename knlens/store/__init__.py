@@ -2,7 +2,7 @@
 result's own files, queryable in place with DuckDB (:class:`~knlens.store.store.Store`)."""
 
 from knlens.store.files import SCHEMA, STORE_FORMAT
-from knlens.store.store import Store, StoreProblemWarning
+from knlens.store.store import Failure, Store, StoreProblemWarning
 from knlens.store.task import Task
 
-__all__ = ["SCHEMA", "STORE_FORMAT", "Store", "StoreProblemWarning", "Task"]
+__all__ = ["SCHEMA", "STORE_FORMAT", "Failure", "Store", "StoreProblemWarning", "Task"]

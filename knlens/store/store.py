@@ -24,6 +24,7 @@ import re
 import traceback as tb
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from knlens.store.files import (MARKER, SCHEMA, STORE_FORMAT, TABLE_FILE, TASK_F
                                 fsync_tree, new_tmp_dir, publish, read_rows, row_table)
 from knlens.store.task import Task
 
-__all__ = ["Store", "StoreProblemWarning"]
+__all__ = ["Failure", "Store", "StoreProblemWarning"]
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_-]*/[a-z0-9-]+/[0-9a-f]{16}$")
 _LATEST = "qualify row_number() over (partition by key order by status = 'done' desc, finished desc, attempt desc) = 1"
@@ -48,6 +49,29 @@ _LATEST = "qualify row_number() over (partition by key order by status = 'done' 
 class StoreProblemWarning(UserWarning):
     """A file in a store that is not a readable row file (corrupt, foreign): it is ignored and its task
     counts as not done, so a sweep runs it again."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an attempt failed, as text: ``error`` (one line, ``Type: message``) and its ``traceback``. Text
+    travels where an exception's traceback cannot (from another process or machine).
+
+    >>> try:
+    ...     raise RuntimeError("no  luck\\nhere")
+    ... except RuntimeError as err:
+    ...     f = Failure.of(err)
+    >>> f.error, f.traceback.startswith("Traceback")
+    ('RuntimeError: no luck here', True)
+    """
+
+    error: str
+    traceback: str
+
+    @classmethod
+    def of(cls, error: BaseException) -> Failure:
+        """``error`` with the traceback it carries."""
+        return cls(f"{type(error).__name__}: {' '.join(str(error).split())}",
+                   "".join(tb.format_exception(type(error), error, error.__traceback__)))
 
 
 def _now() -> dt.datetime:
@@ -106,10 +130,11 @@ class Store:
 
     # ------------------------------------------------------------------------------------ writing
 
-    def put(self, task: Task, *, result: Any = None, error: BaseException | None = None,
+    def put(self, task: Task, *, result: Any = None, error: BaseException | Failure | None = None,
             started: dt.datetime | None = None, seconds: float | None = None) -> Path:
         """File one attempt of ``task``, atomically: with ``result`` (status ``done``: its ``save(dir)``, its
-        table, one row) or with ``error`` (status ``failed``: the error and its traceback). The folder."""
+        table, one row) or with ``error`` (status ``failed``: the error and its traceback, an exception or a
+        :class:`Failure`). The folder."""
         if (result is None) == (error is None):
             raise SettingsError("put takes either result= or error=, not both or neither")
         finished = _now()
@@ -123,8 +148,8 @@ class Store:
         try:
             tmp = new_tmp_dir(self.path)
             if error is not None:
-                row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())}"
-                row["traceback"] = "".join(tb.format_exception(type(error), error, error.__traceback__))
+                failure = error if isinstance(error, Failure) else Failure.of(error)
+                row.update(error=failure.error, traceback=failure.traceback)
             else:
                 result.save(tmp)
                 row.update(result_key=getattr(result, "key", None), result_type=type(result).__name__)

@@ -175,7 +175,7 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         bar.set_postfix_str(next_stage)
 
     measure_kw = dict(n_random=n_random, controls=controls, n_bins=n_bins, seed=seed, hook_point=hook_point,
-                      batch_size=batch_size)
+                      batch_size=batch_size, engine=engine)
     try:
         bar.set_postfix_str("integrated gradients")
         if attributions is None:
@@ -201,12 +201,13 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         spec = None
         if specificity is True:
             try:
-                spec = run_specificity(model, fact, tested, hook_point=hook_point, batch_size=batch_size)
+                spec = run_specificity(model, fact, tested, hook_point=hook_point, batch_size=batch_size,
+                                       engine=engine)
             except ControlError as err:
                 notes.append(f"specificity control skipped: {err}")
         elif specificity is not False:
             spec = run_specificity(model, fact, tested, others=list(specificity), hook_point=hook_point,
-                                   batch_size=batch_size)
+                                   batch_size=batch_size, engine=engine)
         done("specificity_s" if spec is not None else None, "token activations")
         acts = token_activations(model, fact, tested, hook_point=hook_point, batch_size=batch_size)
         done("activations_s", "done")

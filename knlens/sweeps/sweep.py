@@ -13,22 +13,20 @@ under its content key as soon as it finishes, so that a sweep killed at any poin
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from knlens.core import models
 from knlens.core.facts import Fact
 from knlens.core.versions import __version__
-from knlens.methods.known import known_facts
 from knlens.store.store import Store
 from knlens.store.task import Task
+from knlens.sweeps.executors import Executor, attempt, is_known, lost, make_executor
 from knlens.sweeps.plan import Study, dedupe, get_study
 
 __all__ = ["SweepReport", "sweep", "retry_failed", "run_tasks"]
@@ -84,39 +82,24 @@ def _model_name(model: Any) -> str:
     return model if isinstance(model, str) else str(getattr(getattr(model, "cfg", None), "model_name", "?"))
 
 
-def run_tasks(tasks: Sequence[Task], store: Store, study: Study, model: Callable[[], Any], *,
+def run_tasks(tasks: Sequence[Task], store: Store, study: Study, executor: Executor, *,
               progress: bool = True, stream: TextIO | None = None) -> tuple[int, int]:
-    """Run ``tasks`` one by one (the model from ``model()``, called once, when the first task runs), filing each
-    in ``store`` as it ends: its result, or its error (an exception of the study; Ctrl-C and errors of the
-    store itself stop the sweep). ``(done, failed)``."""
+    """Run ``tasks`` on ``executor`` (:func:`~knlens.sweeps.executors.attempt` on its model) and file each in
+    ``store`` as it ends: its result, or its error (an exception of the study, or a worker lost under it; Ctrl-C
+    and errors of the store itself stop the sweep). ``(done, failed)``."""
     bar = _Progress(len(tasks), (stream or sys.stderr) if progress else None)
-    loaded = None
     done = failed = 0
-    for task in tasks:
-        loaded = model() if loaded is None else loaded
-        started, clock = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-        try:
-            result = study(loaded, task.fact, task.settings)
-        except Exception as err:  # recorded with its traceback, never dropped
-            store.put(task, error=err, started=started, seconds=time.perf_counter() - clock)
-            failed += 1
-            bar(task, "failed", time.perf_counter() - clock)
-            continue
-        seconds = time.perf_counter() - clock
-        store.put(task, result=result, started=started, seconds=seconds)
-        done += 1
-        bar(task, "done", seconds)
+    for _, out in executor.map(functools.partial(attempt, study), tasks, on_error=lost):
+        store.put(out.task, result=out.result, error=out.failure, started=out.started, seconds=out.seconds)
+        done, failed = done + (out.failure is None), failed + (out.failure is not None)
+        bar(out.task, "done" if out.failure is None else "failed", out.seconds)
     return done, failed
-
-
-def _loader(model: Any) -> Callable[[], Any]:
-    """``model`` loaded on the first call (a name) and the same object on every later one."""
-    return functools.cache(lambda: models.load_model(model) if isinstance(model, str) else model)
 
 
 def sweep(study: str | Study, facts: Sequence[Fact], model: Any, store: Store | str | os.PathLike[str], *,
           settings: Mapping[str, Any] | None = None, known_only: bool = False, retry_failed: bool = False,
-          progress: bool = True, stream: TextIO | None = None) -> SweepReport:
+          progress: bool = True, stream: TextIO | None = None, executor: str = "local",
+          ray_address: str | None = None, workers: int | None = None, worker_cpus: float = 1.0) -> SweepReport:
     """Run ``study`` (``"locate"``, ``"trace"`` or a :class:`~knlens.sweeps.plan.Study`) on each of ``facts``
     with ``model`` (a name for :func:`knlens.load_model`, loaded only when a task runs, or a loaded model) and
     ``settings`` (the study's keyword arguments), into ``store`` (a :class:`~knlens.store.Store` or its folder).
@@ -125,33 +108,40 @@ def sweep(study: str | Study, facts: Sequence[Fact], model: Any, store: Store | 
     A failing task is recorded in the store with its error and the sweep goes on. ``known_only`` keeps the
     facts the model answers on every prompt (:func:`knlens.known_facts`; it loads the model). Progress with an
     ETA goes to ``stream`` (stderr) unless ``progress`` is False.
+
+    ``executor="ray"`` runs the tasks on ``workers`` Ray actors of ``worker_cpus`` CPUs each, at ``ray_address``
+    (checked before any work) or on a Ray started here (:class:`~knlens.sweeps.ray_executor.RayExecutor`;
+    ``model`` must then be a name); this process files every result in ``store`` as they end.
     """
     clock = time.perf_counter()
     spec = get_study(study)
     settings = spec.check(settings or {})
     store = store if isinstance(store, Store) else Store(store)
-    load = _loader(model)
     facts = dedupe(facts)
-    if known_only:
-        facts = known_facts(load(), facts)
-    tasks = [Task(spec.name, f, _model_name(model), settings) for f in facts]
-    latest = store.tasks().set_index("key")["status"].to_dict()
-    todo = [t for t in tasks if latest.get(t.key) is None or (latest[t.key] == "failed" and retry_failed)]
-    skipped = sum(latest.get(t.key) == "done" for t in tasks)
-    if progress and (skipped or len(todo) < len(tasks)):
-        print(f"sweep {spec.name}: {len(tasks)} tasks, {skipped} already stored, {len(todo)} to run",
-              file=stream or sys.stderr, flush=True)
-    done, failed = run_tasks(todo, store, spec, load, progress=progress, stream=stream)
+    with make_executor(executor, model, ray_address=ray_address, workers=workers, worker_cpus=worker_cpus) as ex:
+        if known_only:
+            known = {fact for fact, ok in ex.map(is_known, facts) if ok}
+            facts = [f for f in facts if f in known]
+        tasks = [Task(spec.name, f, _model_name(model), settings) for f in facts]
+        latest = store.tasks().set_index("key")["status"].to_dict()
+        todo = [t for t in tasks if latest.get(t.key) is None or (latest[t.key] == "failed" and retry_failed)]
+        skipped = sum(latest.get(t.key) == "done" for t in tasks)
+        if progress and (skipped or len(todo) < len(tasks)):
+            print(f"sweep {spec.name}: {len(tasks)} tasks, {skipped} already stored, {len(todo)} to run",
+                  file=stream or sys.stderr, flush=True)
+        done, failed = run_tasks(todo, store, spec, ex, progress=progress, stream=stream)
     return SweepReport(store.path, len(todo), done, failed, skipped, len(tasks) - skipped - len(todo),
                        tuple(t.key for t in tasks), time.perf_counter() - clock)
 
 
 def retry_failed(store: Store | str | os.PathLike[str], model: Any = None, *,
                  studies: Mapping[str, Study] | None = None, progress: bool = True,
-                 stream: TextIO | None = None) -> SweepReport:
+                 stream: TextIO | None = None, executor: str = "local", ray_address: str | None = None,
+                 workers: int | None = None, worker_cpus: float = 1.0) -> SweepReport:
     """Run again every task of ``store`` whose attempts all failed (of this knlens version), rebuilt from its
     row (study, fact, model name, settings); ``model`` overrides the loading of the recorded model name
-    (pass the loaded model), ``studies`` adds studies not among :data:`~knlens.sweeps.plan.STUDIES`."""
+    (pass the loaded model), ``studies`` adds studies not among :data:`~knlens.sweeps.plan.STUDIES`; the
+    executor and its options as for :func:`sweep`."""
     clock = time.perf_counter()
     store = store if isinstance(store, Store) else Store(store)
     rows = store.sql("select * from tasks where status = 'failed'")
@@ -162,7 +152,8 @@ def retry_failed(store: Store | str | os.PathLike[str], model: Any = None, *,
         spec = (studies or {}).get(study_name) or get_study(study_name)
         tasks = [Task.from_row(r) for r in group.to_dict("records")]
         keys += [t.key for t in tasks]
-        d, f = run_tasks(tasks, store, spec, _loader(model if model is not None else model_name),
-                         progress=progress, stream=stream)
+        with make_executor(executor, model if model is not None else model_name, ray_address=ray_address,
+                           workers=workers, worker_cpus=worker_cpus) as ex:
+            d, f = run_tasks(tasks, store, spec, ex, progress=progress, stream=stream)
         done, failed = done + d, failed + f
     return SweepReport(store.path, len(keys), done, failed, 0, 0, tuple(keys), time.perf_counter() - clock)

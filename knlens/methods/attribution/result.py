@@ -23,7 +23,7 @@ class Screen:
     ``method`` is the cheap first pass over every layer: ``"gradxact"`` (gradient × (activation − baseline)
     at the clean point: integrated gradients on one node at α = 1) or ``"gauss2"`` / ``"gauss3"`` /
     ``"gauss4"`` (integrated gradients on that many Gauss–Legendre nodes). The guarantee, for the prompts of
-    one call: every prompt's top score lies in an exactly integrated layer, no neuron of a left-out layer
+    one fact: every prompt's top score lies in an exactly integrated layer, no neuron of a left-out layer
     scores ``threshold`` × its prompt's top score or more in ``min_count`` or more prompts (so it is never a
     refined neuron when a neuron must be coarse in at least ``min_count`` prompts: Dai's floor is 3), and
     none is among the ``top_k`` by mean score over the prompts. ``safety`` inflates the screened scores
@@ -43,13 +43,13 @@ class ScreenCheck:
 
     ``kept`` are the layers the screen picked, ``verified`` the left-out layer nearest the cut, integrated
     exactly as well, ``skipped`` the layers never integrated exactly. ``beta`` is the screen's error measured
-    on every exactly integrated layer and prompt of the call: the largest (max|exact − screened| − |r|) /
+    on every exactly integrated layer and prompt of the fact: the largest (max|exact − screened| − |r|) /
     max|screened| of a layer, where r = Δ − Σ screened is the effect its screened scores leave unexplained
     (Δ = f(a) − f(baseline) of the layer, from two forwards of the model). A left-out layer's neurons are
     bounded by (1 + beta) × its largest |screened score| + |r|; ``bound`` is the largest such bound of this
     prompt, ``top`` its top exact score, ``coarse_layers`` the left-out layers where the bound reaches
     ``threshold`` × ``top``. ``skipped_mass`` = Σ |Δ| of the left-out layers / Σ |Δ| of all layers.
-    ``passed`` is the call's check (``why`` says what failed); when it fails every layer is integrated
+    ``passed`` is the fact's check (``why`` says what failed); when it fails every layer is integrated
     exactly (``fell_back``) and the result is the unscreened one.
     """
 

@@ -3,7 +3,8 @@ check against exact numbers bounds what the layers left out could hold (docs/met
 
 Dai et al.'s selection keeps a prompt's neurons scoring at least ``t`` × its top score over *all* layers,
 and refines those coarse in enough prompts, so a layer may be left out only if none of its neurons could
-change that. For the prompts of one call of :func:`~knlens.attribute` (one fact: they share their layers):
+change that. For the prompts of one fact (they share their layers; :func:`~knlens.attribute_facts` screens
+each of its facts on its own, in batches):
 
 1. **screen** every layer with a :class:`~knlens.methods.attribution.result.Screen`: ``"gradxact"``
    (integrated gradients on one node at α = 1, i.e. gradient × (activation − baseline) at the clean point)
@@ -24,6 +25,10 @@ change that. For the prompts of one call of :func:`~knlens.attribute` (one fact:
    ``min_count`` prompts or more) and that top ``k`` equal those of every layer;
 5. otherwise every layer is integrated exactly, with a :class:`~knlens.core.errors.ScreenFallbackWarning`
    and ``settings.engine_note`` saying why (:attr:`ScreenCheck.fell_back`).
+
+Several facts share their passes as an unscreened call's do (:mod:`.cells`): the screen of every fact is one
+call, the exact pass one call per set of picked layers (the facts that picked the same layers together), the
+fallback one call for every fact whose check failed.
 
 The check rests on one assumption, stated here rather than hidden: a left-out layer's error beyond its
 unexplained effect is no larger, relative to its screened scores, than the largest measured on the exact
@@ -56,8 +61,9 @@ __all__ = ["SCREENS", "get_screen", "first_pass", "pick_layers", "check_screen",
 log = logging.getLogger("knlens.methods.attribution.ig")
 
 SCREENS: tuple[str, ...] = ("gradxact", "gauss2", "gauss3", "gauss4")
-Run = Callable[..., list[Attribution]]
-"""``run(layers, **overrides)``: the unscreened :func:`~knlens.attribute` of the call's prompts on ``layers``."""
+Run = Callable[..., list[list[Attribution]]]
+"""``run(items, layers, **overrides)``: the unscreened attributions of the call's facts ``items`` (their
+indices) on ``layers``, one list per fact (:func:`~knlens.attribute_facts` of those facts on those layers)."""
 
 
 def get_screen(screen: Screen | str) -> Screen:
@@ -74,10 +80,11 @@ def get_screen(screen: Screen | str) -> Screen:
     return s
 
 
-def first_pass(screen: Screen, layers: list[int], run: Run) -> list[Attribution]:
-    """The screen's attributions of every layer: one node at α = 1 (``gradxact``) or N Gauss–Legendre nodes."""
+def first_pass(screen: Screen, layers: list[int], run: Run, items: list[int]) -> list[list[Attribution]]:
+    """The screen's attributions of every layer of facts ``items``: one node at α = 1 (``gradxact``) or N
+    Gauss–Legendre nodes."""
     grid, steps = ("right", 1) if screen.method == "gradxact" else ("gauss-legendre", int(screen.method[5:]))
-    return run(layers, steps=steps, grid=grid, tolerance=None)
+    return run(items, layers, steps=steps, grid=grid, tolerance=None)
 
 
 def _peaks(scores: Float[Tensor, "layer d"]) -> Float[Tensor, "layer"]:
@@ -141,7 +148,8 @@ def _beta(first: Sequence[Attribution], exact: Sequence[Attribution], rows: list
 def check_screen(first: Sequence[Attribution], exact: Sequence[Attribution], layers: Sequence[int],
                  kept: Sequence[int], verified: Sequence[int], screen: Screen) -> list[ScreenCheck]:
     """The guarantee of a screened integration checked against the exact scores (steps 2 and 4 of the module
-    docstring): one :class:`ScreenCheck` per prompt; ``passed`` is the same for all (the check is the call's)."""
+    docstring) for one fact: one :class:`ScreenCheck` per prompt; ``passed`` is the same for all (the check is
+    the fact's)."""
     done = set(exact[0].layers)
     skipped = [l for l in layers if l not in done]
     beta = _beta(first, exact, [layers.index(l) for l in exact[0].layers])
@@ -171,24 +179,37 @@ def check_screen(first: Sequence[Attribution], exact: Sequence[Attribution], lay
     return out
 
 
-def screened(prompts: Sequence[str], screen: Screen, layers: list[int], run: Run) -> list[Attribution]:
-    """Attributions of ``prompts`` by screened integration (steps 1–5 of the module docstring); ``run`` is the
-    unscreened :func:`~knlens.attribute` of the call on any subset of ``layers``."""
-    first = first_pass(screen, layers, run)
-    kept, verified = pick_layers(first, layers, screen)
-    exact = run(sorted([*kept, *verified])) if verified else run(layers)
-    checks = check_screen(first, exact, layers, kept, verified, screen)
-    note = ""
-    if not checks[0].passed:
-        note = f"screen {screen.method} -> all layers: {checks[0].why}"
-        warnings.warn(f"integrated gradients of {len(prompts)} prompt(s): {note}", ScreenFallbackWarning,
-                      stacklevel=4)
-        log.warning("%s", note)
-        exact = run(layers)
-        checks = [dataclasses.replace(c, fell_back=True) for c in checks]
-    return [dataclasses.replace(a, screen=c, settings=dataclasses.replace(
-        a.settings, screen=screen, engine_note="; ".join(x for x in (a.settings.engine_note, note) if x)))
-        for a, c in zip(exact, checks)]
+def _by_layers(run: Run, subsets: list[list[int]], items: list[int]) -> dict[int, list[Attribution]]:
+    """``run`` of facts ``items``, each on its layers ``subsets[i]``: the facts with the same layers in one call."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in items:
+        groups.setdefault(tuple(subsets[i]), []).append(i)
+    out: dict[int, list[Attribution]] = {}
+    for subset, idx in groups.items():
+        out.update(zip(idx, run(idx, list(subset))))
+    return out
+
+
+def screened(n_facts: int, screen: Screen, layers: list[int], run: Run) -> list[list[Attribution]]:
+    """Attributions of ``n_facts`` facts by screened integration (steps 1–5 of the module docstring), one list
+    per fact; ``run`` is the unscreened call on any of the facts and any subset of ``layers``."""
+    facts = list(range(n_facts))
+    first = first_pass(screen, layers, run, facts)
+    picks = [pick_layers(f, layers, screen) for f in first]
+    exact = _by_layers(run, [sorted([*k, *v]) if v else list(layers) for k, v in picks], facts)
+    checks = {i: check_screen(first[i], exact[i], layers, *picks[i], screen) for i in facts}
+    failed = [i for i in facts if not checks[i][0].passed]
+    notes = {i: f"screen {screen.method} -> all layers: {checks[i][0].why}" for i in failed}
+    if failed:
+        which = "" if n_facts == 1 else f"{len(failed)} of {n_facts} facts; "
+        text = "; ".join(f"{notes[i]}" + ("" if n_facts == 1 else f" (fact {i})") for i in failed)
+        warnings.warn(f"integrated gradients: {which}{text}", ScreenFallbackWarning, stacklevel=5)
+        log.warning("%s%s", which, text)
+        exact.update(zip(failed, run(failed, list(layers))))
+        checks.update({i: [dataclasses.replace(c, fell_back=True) for c in checks[i]] for i in failed})
+    return [[dataclasses.replace(a, screen=c, settings=dataclasses.replace(
+        a.settings, screen=screen, engine_note="; ".join(x for x in (a.settings.engine_note, notes.get(i, "")) if x)))
+        for a, c in zip(exact[i], checks[i])] for i in facts]
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -203,7 +224,7 @@ def _span(layers: Sequence[int]) -> str:
 
 
 def describe_screen(attributions: Sequence[Attribution]) -> str:
-    """One line on what a screened call (one :func:`~knlens.attribute`) left out and how it was checked.
+    """One line on what a screened fact (its attributions) left out and how it was checked.
 
     >>> from knlens import attribute, load_model
     >>> attrs = attribute(load_model("tiny-llama"), ["the capital of france is"], " paris", steps=2, screen="gauss2")

@@ -1,8 +1,9 @@
 """Choosing the causal-tracing engine that agrees with plain forwards of the model.
 
 The ``fast`` engine reads earlier tokens' keys/values from a cache and re-runs blocks through a
-staircase; the ``batched`` engine runs many restorations as rows of one batch. Before either is used,
-cells whose answer is known are computed its way and compared with plain whole-prompt forwards
+staircase; the ``batched`` engine runs many restorations as rows of one batch. Before either's numbers
+are used, cells whose answer is known are computed its way (``fast`` runs them as rows of the same runs as
+its cells) and compared with plain whole-prompt forwards
 (``model(tokens)``, no cache, one restoration per run): restoring nothing must give P_corrupted and
 restoring everything P_clean. An engine that disagrees (a library version whose cache is not honoured,
 a model the block loop does not fit) is replaced by the next one down, ``fast`` → ``batched`` →

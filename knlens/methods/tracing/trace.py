@@ -20,13 +20,16 @@ rounding):
 * ``"fast"`` (default) — cells are rows of a :mod:`~knlens.run.staircase`: a cell restoring layers ``[a, b)`` at
   token ``t`` equals the corrupted run below block ``a`` and, by causal attention, at every token before
   ``t``; so it starts at block ``a`` with the corrupted run's input there and runs tokens ``t..`` only,
-  reading the corrupted keys/values of earlier tokens (a masked LM runs ``"batched"``);
+  reading the corrupted keys/values of earlier tokens. The cells of every kind at a token and all noise
+  samples share one staircase run, cells restoring the same states run once, and only the read-out position
+  is unembedded (:mod:`~knlens.methods.tracing.fast`; a masked LM runs ``"batched"``);
 * ``"batched"`` — every cell is one batch row of whole-model forwards carrying its own restoration;
 * ``"reference"`` — one plain forward per cell (Meng et al.'s schedule), the reference the others are
   checked against.
 
-Before ``"fast"`` or ``"batched"`` is used, its cells that restore nothing and everything are checked
-against plain forwards of the model (P_corrupted, P_clean); an engine that disagrees is replaced by the
+An engine's cells that restore nothing and everything are checked against plain forwards of the model
+(P_corrupted, P_clean) before its numbers are used (``"fast"`` runs them as rows of the same staircase runs
+as its cells); an engine that disagrees is replaced by the
 next one down with a warning (:mod:`knlens.methods.tracing.check`). ``Trace.settings.engine`` is the engine
 that ran and ``settings.engine_note`` why another was replaced ("" when none was).
 
@@ -60,12 +63,13 @@ from knlens.core.models import is_masked_lm
 from knlens.core.versions import __version__, environment
 from knlens.methods.tracing.check import choose_engine
 from knlens.methods.tracing.corruption import EMBED_HOOK, Corruption
-from knlens.methods.tracing.fast import check_batched, check_fast, fast_cells, token_stairs
+from knlens.methods.tracing.fast import check_batched, fast_trace
 from knlens.methods.tracing.result import Trace, TraceSettings
 from knlens.methods.tracing.setup import (DEFAULT_WINDOWS, KIND_POINTS, KINDS, as_corruption, cell_masks,
                                           clean_cache, prepare, require_known, resolve_prompt, run_rows)
 from knlens.run.compat import cache_keyword_fix
 from knlens.run.engine import ENGINES, Engine, Quantity, chunks, read_quantity
+from knlens.run.precision import log_tolerance
 
 __all__ = ["trace", "trace_facts", "restore"]
 
@@ -133,7 +137,8 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
             restored layer and runs only the tokens from the restored one on), ``"batched"`` (cells as rows
             of whole-model forwards) or ``"reference"`` (one plain forward per cell). An engine whose check against
             plain forwards fails is replaced by the next one down, with a warning (see the module).
-            ``batch_size`` bounds the rows (cells × noise samples) of one forward, and so the memory.
+            ``batch_size`` bounds the rows (cells × noise samples) of one forward, and so the memory (a
+            staircase run of ``fast`` holds as many row-positions as ``batch_size`` whole-prompt rows).
         skip_prefix: do not run cells before the first corrupted token of a left-to-right model: their
             states are the same in the clean and the corrupted run, so their effect is 0 by causality.
         known_only: raise :class:`~knlens.core.errors.NotKnownError` when the clean run's top token is not the
@@ -176,16 +181,22 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
     asked, note = engine, ""
     if engine == "fast" and is_masked_lm(model):
         asked, note = "batched", "fast -> batched: a masked LM (the staircase needs causal attention)"
-    effects = {}
+    effects, fast = {}, {}
+
+    tolerance = log_tolerance(model, setup.tokens, setup.position, setup.target, batch_size, quantity)
+    tol = None if tolerance is None else tolerance.quantity
+
+    def check_fast() -> str | None:  # the fast engine's check rows run with its cells
+        got, why = fast_trace(model, setup, kinds, cells, windows, clean, p_clean, p_corr, quantity, batch_size, tol)
+        fast.update(got)
+        return why
     with cache_keyword_fix(model):
-        runs = token_stairs(model, setup, [t for _, t in cells], quantity) if asked == "fast" and cells else None
-        checks = {"fast": lambda: check_fast(model, setup, runs, clean, p_clean, p_corr, quantity),
-                  "batched": lambda: check_batched(model, setup, clean, p_clean, p_corr, quantity)}
+        checks = {"fast": check_fast,
+                  "batched": lambda: check_batched(model, setup, clean, p_clean, p_corr, quantity, tol)}
         used, why = choose_engine(asked, checks) if cells else (asked, "")
         for kind in kinds:
             if used == "fast":
-                assert runs is not None
-                p = fast_cells(model, setup, kind, cells, windows[kind], clean, quantity, batch_size, runs)
+                p = fast[kind]
             else:
                 p = torch.empty(len(cells))
                 size = 1 if used == "reference" else max(1, batch_size // corruption.samples)
