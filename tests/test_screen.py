@@ -233,3 +233,22 @@ def test_one_fact_of_several_falls_back_alone_and_loudly(deep, full, monkeypatch
                a.settings.engine_note for a in bad)
     for a, f in zip(bad, full):
         torch.testing.assert_close(a.scores, f.scores, rtol=1e-5, atol=1e-8)
+
+
+def test_the_passes_of_a_screened_call_share_their_clean_passes(deep, full, monkeypatch):
+    from knlens.core.tokens import row_groups
+    from knlens.methods.attribution import cells
+    seen = []
+    real = cells._plain_state
+
+    def counting(model, rows, names):
+        seen.append(len(names))
+        return real(model, rows, names)
+    monkeypatch.setattr(cells, "_plain_state", counting)
+    attrs = knlens.attribute(deep, PROMPTS, " paris", screen=Screen(threshold=0.9, min_count=2, top_k=0, safety=1.0),
+                             **EXACT)
+    assert attrs[0].screen.skipped and not attrs[0].screen.fell_back  # an exact pass on fewer layers ran
+    assert seen == [6] * len(row_groups(encode(deep, PROMPTS, " paris")))  # the screen's plain forwards only
+    assert cells._KEPT.get() is None  # nothing kept after the call
+    for a, f in zip(attrs, full):
+        torch.testing.assert_close(a.scores, f.scores[list(a.layers)], rtol=1e-4, atol=1e-8)

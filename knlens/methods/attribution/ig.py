@@ -64,7 +64,7 @@ from knlens.core.versions import __version__, environment
 from knlens.methods.attribution.adaptive import (DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, REFINE_GRID, check_budget,
                                                  refine)
 from knlens.methods.attribution.baselines import Baseline, check_baseline, describe_baseline
-from knlens.methods.attribution.cells import ig_queries
+from knlens.methods.attribution.cells import ig_queries, shared_clean_passes
 from knlens.methods.attribution.grids import Grid, quadrature
 from knlens.methods.attribution.result import Attribution, AttributionSettings, Screen
 from knlens.methods.attribution.screen import get_screen, screened
@@ -209,7 +209,8 @@ def _screened(model: Any, items: list[tuple[list[str], str]], screen: Screen, *,
         base = baseline[[layer_ids.index(l) for l in subset]] if isinstance(baseline, Tensor) else baseline
         return _attribute_items(model, [items[i] for i in idx], layers=subset, baseline=base, **{**kw, **over})
 
-    return screened(len(items), screen, layer_ids, run)
+    with shared_clean_passes():  # the screen's plain forwards, prefix caches and staircases serve every pass
+        return screened(len(items), screen, layer_ids, run)
 
 
 def _fixed_grid(model: Any, items: list[tuple[list[str], str]], *, hook_point: str = "hook_post",
