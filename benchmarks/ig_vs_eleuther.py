@@ -18,7 +18,13 @@ runs :func:`knlens.attribute` on the same full-model scan with ``hook_point="hoo
 ``"hook_post"`` (BERT) and ``grid="linspace"``. Printed: wall time of each, the ratio, and agreement
 (Pearson of the full [layer, neuron] score matrices, top-20 overlap). ``--quadrature`` adds knlens with
 Gauss–Legendre at the fewest steps whose error against a 256-step reference is no larger than the
-peer's m = 20 error ("equal accuracy").
+peer's m = 20 error ("equal accuracy"). ``--screen gauss2`` adds knlens with screened integration
+(:mod:`knlens.methods.attribution.screen`, guaranteeing the prompt's coarse neurons at 0.3 × its top score,
+EleutherAI's cut, and its top 20): its agreement is the top-20 overlap and whether the coarse neurons equal
+the peer's, its layers integrated exactly and whether its check fell back.
+
+Timing (``benchmarks/timing.py``): one untimed warm-up call of each side, then ``--repeat`` calls of the
+sides in turn; the ratios are taken between minima, with the ratio of medians beside them.
 """
 
 from __future__ import annotations
@@ -42,8 +48,12 @@ except ImportError:
           "(not into .venv: its dependency pins could break the project environment)")
     sys.exit(1)
 
-from knlens import attribute  # noqa: E402
+from knlens import attribute, coarse  # noqa: E402
 from knlens.core.models import mark_in_memory, wrap_hf_model  # noqa: E402
+from knlens.methods.attribution.result import Screen  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import compare  # noqa: E402
 
 WORDS = """the a of is in on at to and by from with for as capital city country language president river
 born died located official currency france paris germany berlin italy rome spain madrid japan tokyo china
@@ -99,18 +109,46 @@ def knlens_scores(model, prompt, target, **kw) -> torch.Tensor:
     return attribute(model, [prompt], target, steps=kw.pop("steps", 20), tolerance=None, **kw)[0].scores
 
 
+def spread(attr, n_layers: int) -> torch.Tensor:
+    """A screened attribution's scores on the full [layer, neuron] grid, the layers it left out at -inf."""
+    full = torch.full((n_layers, attr.scores.shape[1]), -torch.inf)
+    full[list(attr.layers)] = attr.scores
+    return full
+
+
 def run_case(name, kn, model, prompt, target, peer_target, hook_point, ids_ours, ids_theirs, args, rows):
     assert ids_ours == ids_theirs, f"token ids differ: knlens {ids_ours} vs peer {ids_theirs}"
     n_tok = len(ids_ours)
-    t_theirs, theirs = timed(lambda: kn.get_scores(prompt, peer_target, batch_size=10, steps=20, pbar=False)
-                             .detach(), args.repeat)
-    t_ours, ours = timed(lambda: knlens_scores(model, prompt, target, hook_point=hook_point, grid="linspace",
-                                               batch_size=args.batch_size), args.repeat)
+    sides = {"EleutherAI": lambda: kn.get_scores(prompt, peer_target, batch_size=10, steps=20, pbar=False).detach(),
+             "knlens": lambda: knlens_scores(model, prompt, target, hook_point=hook_point, grid="linspace",
+                                             batch_size=args.batch_size)}
+    if args.screen:
+        scr = Screen(method=args.screen, threshold=0.3, min_count=1, top_k=20)  # EleutherAI's cut, one prompt
+        sides["screened"] = lambda: attribute(model, [prompt], target, steps=20, tolerance=None, grid="linspace",
+                                              hook_point=hook_point, batch_size=args.batch_size, screen=scr)[0]
+    t = compare(sides, repeat=args.repeat)
+    t_theirs, theirs = t["EleutherAI"].min, t["EleutherAI"].value
+    t_ours, ours = t["knlens"].min, t["knlens"].value
+    med = lambda name: t["EleutherAI"].median / t[name].median  # noqa: E731
     pearson, overlap = agreement(ours, theirs)
-    rows.append((name, n_tok, "knlens fast, linspace m=20", t_ours, t_theirs / t_ours, pearson, overlap))
-    rows.append((name, n_tok, "EleutherAI get_scores m=20 b=10", t_theirs, 1.0, 1.0, 20))
+    rows.append((name, n_tok, "knlens fast, linspace m=20", t_ours, t_theirs / t_ours, med("knlens"), pearson, overlap))
+    rows.append((name, n_tok, "EleutherAI get_scores m=20 b=10", t_theirs, 1.0, 1.0, 1.0, 20))
     print(f"  {name} {n_tok} tokens: EleutherAI {t_theirs:.2f} s, knlens {t_ours:.2f} s, "
-          f"ratio {t_theirs / t_ours:.1f}x, Pearson {pearson:.6f}, top-20 overlap {overlap}/20", flush=True)
+          f"ratio {t_theirs / t_ours:.1f}x (median {med('knlens'):.1f}x), Pearson {pearson:.6f}, top-20 overlap "
+          f"{overlap}/20", flush=True)
+    if args.screen:
+        a = t["screened"].value
+        s = spread(a, theirs.shape[0])
+        same = set(coarse(s, 0.3, strict=True)) == set(coarse(theirs, 0.3, strict=True))
+        o = len(set(s.flatten().topk(20).indices.tolist()) & set(theirs.flatten().topk(20).indices.tolist()))
+        c = a.screen
+        rows.append((name, n_tok, f"knlens fast, screened {args.screen} (exact on {len(a.layers)} of "
+                     f"{theirs.shape[0]} layers{', fell back' if c.fell_back else ''}; coarse neurons "
+                     f"{'equal' if same else 'DIFFER'})", t["screened"].min, t_theirs / t["screened"].min,
+                     med("screened"), float("nan"), o))
+        print(f"    screened {args.screen}: {t['screened'].min:.2f} s, ratio {t_theirs / t['screened'].min:.1f}x, "
+              f"layers {list(a.layers)}, fell back {c.fell_back} {c.why}, coarse neurons equal {same}, "
+              f"top-20 overlap {o}/20", flush=True)
     if args.quadrature:
         ref = knlens_scores(model, prompt, target, hook_point=hook_point, grid="gauss-legendre", steps=256,
                             batch_size=args.batch_size)
@@ -123,7 +161,7 @@ def run_case(name, kn, model, prompt, target, peer_target, hook_point, ids_ours,
             if err(gl) <= peer_err:
                 p, o = agreement(gl, theirs)
                 rows.append((name, n_tok, f"knlens fast, gauss-legendre m={m} (equal accuracy)", t_gl,
-                             t_theirs / t_gl, p, o))
+                             t_theirs / t_gl, float("nan"), p, o))
                 print(f"    equal accuracy: gauss-legendre m={m} error {err(gl):.2e} <= peer's {peer_err:.2e}; "
                       f"{t_gl:.2f} s, ratio {t_theirs / t_gl:.1f}x", flush=True)
                 break
@@ -173,13 +211,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", type=int, nargs="+", default=[10, 30])
-    ap.add_argument("--repeat", type=int, default=1, help="best of this many runs")
+    ap.add_argument("--repeat", type=int, default=3, help="timed calls per side, interleaved, after a warm-up")
     ap.add_argument("--batch-size", type=int, default=256, help="knlens cells per chunk (its default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bert", action="store_true", help="also the BERT-base-shaped masked LM")
     ap.add_argument("--bert-layers", type=int, default=12)
     ap.add_argument("--no-gpt2", action="store_true")
     ap.add_argument("--quadrature", action="store_true", help="also Gauss-Legendre at equal accuracy")
+    ap.add_argument("--screen", choices=["gradxact", "gauss2", "gauss3", "gauss4"],
+                    help="also knlens with screened integration")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}")
@@ -188,10 +228,11 @@ def main() -> None:
         gpt2_cases(args, rows)
     if args.bert:
         bert_cases(args, rows)
-    print("\n| model | tokens | method | wall s | speed-up vs EleutherAI | Pearson | top-20 overlap |")
+    print("\n| model | tokens | method | wall s (min) | speed-up vs EleutherAI (min; median) | Pearson | top-20 overlap |")
     print("|---|---|---|---|---|---|---|")
-    for name, n, method, t, ratio, p, o in rows:
-        print(f"| {name} | {n} | {method} | {t:.2f} | {ratio:.1f}x | {p:.6f} | {o}/20 |")
+    for name, n, method, t, ratio, ratio_med, p, o in rows:
+        med = "" if ratio_med != ratio_med else f"; {ratio_med:.1f}x"
+        print(f"| {name} | {n} | {method} | {t:.2f} | {ratio:.1f}x{med} | {'—' if p != p else f'{p:.6f}'} | {o}/20 |")
 
 
 if __name__ == "__main__":

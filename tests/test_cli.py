@@ -43,6 +43,14 @@ def test_locate_writes_the_files_and_prints_the_tables(tmp_path, capsys):
     assert captured.err == ""
 
 
+def test_locate_screen_prints_what_it_left_out_and_saves_it(tmp_path, capsys):
+    assert main([*TINY, "--screen", "gauss2", "--no-specificity", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "screen: gauss2: integrated exactly layers" in out and "measured screen error beta" in out
+    saved = LocateResult.load(tmp_path)
+    assert saved.settings.screen.method == "gauss2" and saved.attributions[0].screen.method == "gauss2"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "no-such-model-anywhere"], "cannot load model"),
     (["--target", " zebra"], "not in the model's vocabulary"),

@@ -17,6 +17,7 @@ import knlens
 from knlens import Fact, NeuronSet
 from knlens.core.errors import ResultFormatError
 from knlens.methods.activations import token_activations
+from knlens.methods.attribution.result import Screen
 from knlens.methods.attention import attention_patch, synapse_scaling
 from knlens.methods.editing.editors import EditRequest, kn_update_editor, random_editor
 from knlens.methods.editing.evaluate import evaluate_edits
@@ -47,6 +48,8 @@ def _trace(model: Any, **kw: Any) -> Any:
 BUILDERS = {
     "attribution": lambda m: knlens.attribute(m, FACT, steps=2)[0],
     "attribution-gpt2": lambda m: knlens.attribute(m, FACT, steps=3, tolerance=None)[1],
+    "attribution-screened": lambda m: knlens.attribute(m, FACT, steps=2, screen=Screen(threshold=0.9, top_k=0,
+                                                                                       safety=1.0))[0],
     "trace": lambda m: _trace(m, kinds=("mlp", "attn")),
     "group_effects": lambda m: group_effects([_trace(m, kinds=("mlp",)), _trace(m, kinds=("mlp",), seed=3)]),
     "interventions": lambda m: measure(m, [FACT, GERMANY], [KN, NeuronSet()], n_random=2),

@@ -21,6 +21,7 @@ from knlens.data.builtin import builtin_facts
 from knlens.methods.attribution.adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, describe
 from knlens.methods.attribution.grids import GRIDS
 from knlens.methods.attribution.ig import ENGINES
+from knlens.methods.attribution.screen import SCREENS, describe_screen
 from knlens.methods.selection import PRESETS
 from knlens.studies.knowledge_neurons import locate
 from knlens.viz.report import write_html
@@ -68,6 +69,7 @@ def format_result(result: Any) -> str:
         f"model {s.model} ({s.n_layers} layers x {s.d_mlp} neurons, {s.dtype}); hook blocks.L.mlp.{s.hook_point}; "
         f"IG engine {s.engine_label}; preset {s.preset}",
         f"integration: {describe(result.attributions)}",
+        *([f"screen: {describe_screen(result.attributions)}"] if s.screen is not None else []),
         *([f"engine note: {s.engine_note}"] if s.engine_note else []),
         "",
         "Prompts, P(target) and integrated-gradients completeness error (sum over layers of |sum IG - delta|):",
@@ -167,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
     result = locate(model, fact, steps=args.steps, grid=args.grid, preset=args.preset, hook_point=args.hook_point,
                     n_random=args.n_random, n_bins=args.n_bins, held_out=args.held_out,
                     specificity=args.specificity, seed=args.seed, engine=args.engine, progress=not args.quiet,
-                    tolerance=args.tolerance, max_steps=args.max_steps)
+                    tolerance=args.tolerance, max_steps=args.max_steps,
+                    screen=None if args.screen == "off" else args.screen)
     print(format_result(result), flush=True)
     if out is not None:
         write_outputs(out, result, _extras(result))
@@ -213,6 +216,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="what a neuron is: blocks.L.mlp.<hook point> (default: %(default)s)")
     p.add_argument("--engine", default="fast", choices=list(ENGINES),
                    help="integrated-gradients engine (default: %(default)s)")
+    p.add_argument("--screen", default="off", choices=["off", *SCREENS],
+                   help="integrate exactly only the layers a cheap first pass picks, checked against the exact "
+                        "scores, falling back to every layer when the check fails (default: %(default)s)")
     p.add_argument("--n-random", type=int, default=50, help="random control sets (default: %(default)s)")
     p.add_argument("--n-bins", type=int, default=10,
                    help="quantile bins of |activation| for the magnitude-matched random control (default: %(default)s)")

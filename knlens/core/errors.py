@@ -40,6 +40,11 @@ class EngineFallbackWarning(UserWarning):
     agrees; the result's settings record the engine that actually ran."""
 
 
+class ScreenFallbackWarning(UserWarning):
+    """A screened integration whose check failed: the layers the screen left out may hold neurons that
+    matter, so every layer was integrated exactly; the result's settings record why."""
+
+
 class EngineCheckError(KnlensError, RuntimeError):
     """Even the slowest engine disagrees with a plain forward of the model: no number can be trusted."""
 

@@ -41,9 +41,10 @@ from tqdm.auto import tqdm
 
 from knlens.core.versions import __version__
 from knlens.methods.activations import TokenActivations, token_activations
-from knlens.methods.attribution.result import Attribution
+from knlens.methods.attribution.result import Attribution, Screen
 from knlens.methods.attribution.ig import attribute
 from knlens.methods.attribution.adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE
+from knlens.methods.attribution.screen import get_screen
 from knlens.methods.controls import CONTROLS
 from knlens.run.engine import target_probs
 from knlens.core.errors import ControlError, FactError
@@ -53,7 +54,7 @@ from knlens.methods.interventions import measure, per_prompt
 from knlens.studies.knowledge_neurons_result import LocateResult, LocateSettings
 from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode
-from knlens.methods.selection import SelectionPreset, best_by_mean, coarse, get_preset, refinement
+from knlens.methods.selection import SelectionPreset, best_by_mean, coarse, get_preset, min_prompts, refinement
 from knlens.methods.specificity import specificity as run_specificity
 
 __all__ = ["LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations"]
@@ -104,13 +105,16 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
            specificity: bool | Sequence[Fact] = True, seed: int = 0, engine: str = "fast", progress: bool = True,
            top_k: int = 10, fallback_k: int = 3, attributions: Sequence[Attribution] | None = None,
            batch_size: int = 512, tolerance: float | None = DEFAULT_TOLERANCE,
-           max_steps: int = DEFAULT_MAX_STEPS) -> LocateResult:
+           max_steps: int = DEFAULT_MAX_STEPS, screen: Screen | str | None = None) -> LocateResult:
     """Knowledge neurons of ``fact`` on ``model``: attribute → refine → suppress/enhance vs random controls →
     held-out prompts → other relations' facts → activations.
 
     ``steps``/``grid``/``engine``/``hook_point``/``tolerance``/``max_steps`` go to :func:`knlens.attribute`
     (adaptive integration; P(target), zero baseline,
-    multi-token targets teacher-forced); ``preset`` to :func:`knlens.methods.selection.refinement`;
+    multi-token targets teacher-forced), and so does ``screen`` (a method name gets the guarantee this
+    selection needs: the preset's coarse cut, the fewest prompts a refined neuron is coarse in whatever ``p``
+    becomes, on every held-out fold too, and the table's ``top_k``; see
+    :mod:`knlens.methods.attribution.screen`); ``preset`` to :func:`knlens.methods.selection.refinement`;
     ``n_random``/``controls``/``n_bins``/``seed`` to :func:`knlens.measure`. ``held_out``: leave-one-prompt-out
     evaluation (``None``: on when the fact has ≥ 4 prompts). ``specificity``: ``True`` tests the neurons on the
     built-in facts of other relations, a list of facts on those, ``False`` skips it. ``top_k`` best neurons
@@ -139,6 +143,11 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
     if held_out and n_prompts < 2:
         raise ControlError(f"held-out evaluation needs at least 2 prompts; the fact has {n_prompts}")
     engine_requested = engine
+    if isinstance(screen, str):  # the guarantee this selection needs: its cut, its floor, the table's top
+        least = min_prompts(n_prompts - 1 if held_out else n_prompts, 0.0 if cfg.adaptive else cfg.p,
+                            min_count=cfg.min_count, strict=cfg.strict_count)
+        screen = get_screen(Screen(method=screen, threshold=cfg.threshold, min_count=max(1, least),
+                                   top_k=max(Screen.top_k, top_k, fallback_k)))
     if attributions is not None:
         attributions = tuple(attributions)
         if [a.prompt for a in attributions] != list(fact.prompts) or any(a.target != fact.target
@@ -147,6 +156,7 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
                              "order, with the fact's target")
         a0 = attributions[0].settings
         steps, grid, engine_requested, hook_point = a0.steps, a0.grid, a0.engine, a0.hook_point
+        screen = a0.screen
     notes: list[str] = []
     if not held_out:
         notes.append(f"held-out evaluation off ({n_prompts} prompts; on by default from {MIN_PROMPTS_DEFAULT_ON}): "
@@ -170,7 +180,8 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         bar.set_postfix_str("integrated gradients")
         if attributions is None:
             attrs = attribute(model, fact, steps=steps, grid=grid, hook_point=hook_point, engine=engine,
-                              batch_size=batch_size, progress=progress, tolerance=tolerance, max_steps=max_steps)
+                              batch_size=batch_size, progress=progress, tolerance=tolerance, max_steps=max_steps,
+                              screen=screen)
         else:
             attrs = list(attributions)
         done(None if attributions is not None else "attribute_s", "refine")
@@ -209,7 +220,7 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
         multi_token=a0.multi_token, preset=preset_name, n_random=n_random, seed=seed, top_k=top_k,
         fallback_k=fallback_k, knlens_version=__version__, engine_requested=engine_requested,
         engine_note=getattr(a0, "engine_note", ""), controls="+".join(controls), n_bins=n_bins,
-        held_out=heldout is not None, specificity=spec is not None)
+        held_out=heldout is not None, specificity=spec is not None, screen=a0.screen)
     selection = {"preset": preset_name, "p": ref.p, "rounds": ref.rounds, "n_prompts": ref.n_prompts[0],
                  "min_prompts": ref.min_prompts[0]}
     return LocateResult(fact=fact, attributions=tuple(attrs), neurons=refined, tested=tested, table=table,

@@ -19,7 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from knlens.methods.activations import TokenActivations
-from knlens.methods.attribution.result import Attribution
+from knlens.methods.attribution.result import Attribution, Screen
 from knlens.core.facts import Fact
 from knlens.methods.heldout import HeldOut
 from knlens.methods.interventions import InterventionResult
@@ -67,6 +67,7 @@ class LocateSettings:
     n_bins: int = 10
     held_out: bool = False
     specificity: bool = False
+    screen: Screen | None = None  # screened integration (each attribution's ``screen`` says what it left out)
 
     @property
     def engine_label(self) -> str:

@@ -24,9 +24,12 @@ row; otherwise the group is recomputed by ``reference`` with an
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import logging
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -45,9 +48,55 @@ from knlens.run.hooks import capture, hooked, replace_rows
 from knlens.run.precision import Tolerance, log_tolerance
 from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 
-__all__ = ["ig_queries", "ig_rows"]
+__all__ = ["ig_queries", "ig_rows", "shared_clean_passes"]
 
 log = logging.getLogger("knlens.methods.attribution.ig")
+
+_KEPT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("knlens_clean_passes", default=None)
+
+
+@contextlib.contextmanager
+def shared_clean_passes() -> Iterator[None]:
+    """Inside the block, :func:`ig_rows` keeps the clean passes of every group of rows it runs (the plain
+    forward, the prefix cache, the clean pass on it, the staircase) and reuses them when it runs the same rows
+    again, at the same hook points or fewer: the screen and the exact pass of a screened integration share
+    them (:mod:`.screen`). The model must not change inside the block.
+
+    >>> from knlens import load_model, encode
+    >>> from knlens.methods.attribution.grids import quadrature
+    >>> model = load_model("tiny-llama")
+    >>> q = encode(model, ["the capital of france is"], " paris")
+    >>> names = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    >>> with shared_clean_passes():
+    ...     first = ig_queries(model, q, names, *quadrature("right", 2), "zero", "prob", "fast", 64)
+    ...     again = ig_queries(model, q, names[1:], *quadrature("right", 8), "zero", "prob", "fast", 64)
+    >>> again[0]["activations"].equal(first[0]["activations"][1:])
+    True
+    """
+    token = _KEPT.set({})
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
+def _kept(kind: str, model: Any, rows: Queries, names: list[str], compute: Callable[[list[str]], tuple],
+          acts_at: int | None = None) -> tuple:
+    """``compute(names)``, or what it gave for these rows before inside :func:`shared_clean_passes`;
+    ``acts_at`` is the place of its activations ``[row, layer, d]`` (a result for more hook points serves)."""
+    kept = _KEPT.get()
+    if kept is None:
+        return compute(names)
+    key = (kind, id(model), tuple(rows.tokens.shape), rows.tokens.cpu().numpy().tobytes(), tuple(rows.position.tolist()))
+    if key in kept and set(names) <= set(kept[key][0]):
+        have, value = kept[key]
+        if acts_at is None:
+            return value
+        at = torch.tensor([have.index(n) for n in names], device=value[acts_at].device)
+        return (*value[:acts_at], value[acts_at].index_select(1, at), *value[acts_at + 1:])
+    value = compute(names)
+    kept[key] = (list(names), value)
+    return value
 
 
 def _plain_state(model: Any, rows: Queries, names: list[str]
@@ -59,6 +108,12 @@ def _plain_state(model: Any, rows: Queries, names: list[str]
     with torch.no_grad(), recording(model) as calls:
         logits = target_logits(model, rows, savers)
     return logits, torch.stack([acts[n][0] for n in names], dim=1), calls
+
+
+def _prefix(model: Any, rows: Queries) -> tuple[Any]:
+    """The key/value cache of the rows' tokens before the target position."""
+    with torch.no_grad():
+        return (forward_with_cache(model, rows.tokens[:, :-1])[1],)
 
 
 def _cached_state(model: Any, rows: Queries, names: list[str], kv: Any
@@ -163,7 +218,8 @@ def ig_rows(model: Any, rows: Queries, names: list[str], alphas: Tensor, weights
     recomputed by the ``reference`` engine with a warning, and the returned ``engine`` / ``note`` say so.
     """
     with cache_keyword_fix(model):
-        plain_logits, plain_acts, plain_calls = _plain_state(model, rows, names)
+        plain_logits, plain_acts, plain_calls = _kept("plain", model, rows, names,
+                                                      lambda ns: _plain_state(model, rows, ns), acts_at=1)
         clean = read_quantity(plain_logits, rows.target, quantity).float().cpu()
         cells = len(rows) * len(names) * (len(alphas) + 2)
         tol = log_tolerance(model, rows.tokens[:1], int(rows.position[0]), int(rows.target[0]),
@@ -192,9 +248,9 @@ def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weigh
     kv, stairs, ran = None, None, engine
     acts = plain_acts
     if causal and engine != "reference":
-        with torch.no_grad():
-            _, kv = forward_with_cache(model, rows.tokens[:, :-1])
-        logits, acts, cache, calls = _cached_state(model, rows, names, kv)
+        (kv,) = _kept("prefix", model, rows, [], lambda ns: _prefix(model, rows))
+        logits, acts, cache, calls = _kept("cached", model, rows, names, lambda ns: _cached_state(model, rows, ns, kv),
+                                           acts_at=1)
         why = (_per_row(logits, plain_logits, "the cached clean logits",
                         absolute_tolerance=None if tol is None else tol.logits)
                or _per_row(acts, plain_acts, "the cached clean activations",
@@ -202,11 +258,13 @@ def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weigh
         if why is not None:
             return [], f"{why} (the key/value cache is not honoured)"
         if engine == "fast":
-            stairs = build_stairs(model, calls, cache=cache, prefix=cache_layers(kv), read_at=-1,
-                                  reference=plain_logits, log_tolerance=None if tol is None else tol.logits)
+            (stairs,) = _kept(f"stairs {tol}", model, rows, [], lambda ns: (build_stairs(
+                model, calls, cache=cache, prefix=cache_layers(kv), read_at=-1, reference=plain_logits,
+                log_tolerance=None if tol is None else tol.logits),))
     elif engine == "fast":
-        stairs = build_stairs(model, plain_calls, cache=None, prefix=None, read_at=int(rows.position[0]),
-                              reference=plain_logits, log_tolerance=None if tol is None else tol.logits)
+        (stairs,) = _kept(f"stairs {tol}", model, rows, [], lambda ns: (build_stairs(
+            model, plain_calls, cache=None, prefix=None, read_at=int(rows.position[0]), reference=plain_logits,
+            log_tolerance=None if tol is None else tol.logits),))
     note = ""
     if engine == "fast" and stairs is None:
         ran, note = "batched", "fast -> batched: the staircase does not reproduce this model's logits"

@@ -64,9 +64,10 @@ from knlens.core.versions import __version__, environment
 from knlens.methods.attribution.adaptive import (DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE, REFINE_GRID, check_budget,
                                                  refine)
 from knlens.methods.attribution.baselines import Baseline, check_baseline, describe_baseline
-from knlens.methods.attribution.cells import ig_queries
+from knlens.methods.attribution.cells import ig_queries, shared_clean_passes
 from knlens.methods.attribution.grids import Grid, quadrature
-from knlens.methods.attribution.result import Attribution, AttributionSettings
+from knlens.methods.attribution.result import Attribution, AttributionSettings, Screen
+from knlens.methods.attribution.screen import get_screen, screened
 from knlens.run.engine import ENGINES, Engine, Quantity
 from knlens.run.hooks import hook_name
 from knlens.run.placement import model_dtype, precision_and_place, resolve_dtype
@@ -104,8 +105,8 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
               multi_token: MultiToken = "teacher_forcing", token_reduce: Literal["mean", "sum"] = "mean",
               engine: Engine = "fast", batch_size: int = 256, progress: bool = False,
               device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-              tolerance: float | None = DEFAULT_TOLERANCE, max_steps: int = DEFAULT_MAX_STEPS
-              ) -> list[Attribution]:
+              tolerance: float | None = DEFAULT_TOLERANCE, max_steps: int = DEFAULT_MAX_STEPS,
+              screen: Screen | str | None = None) -> list[Attribution]:
     """Integrated-gradients attributions of every prompt of ``fact`` (one :class:`Attribution` each).
 
     ``fact`` is a :class:`~knlens.Fact`, or prompts with ``target``. A multi-token target is teacher-forced
@@ -124,6 +125,11 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     128), with a :class:`~knlens.core.errors.CompletenessWarning` if it stays above (see
     :mod:`knlens.methods.attribution.adaptive`); ``settings.grid``/``steps`` are then those of the pass kept and
     ``settings.refinement`` lists every pass. ``tolerance=None`` integrates on ``grid``/``steps`` only.
+    ``screen`` (``"gradxact"``, ``"gauss2"``, … or a :class:`~knlens.methods.attribution.result.Screen`)
+    integrates exactly only the layers a cheap first pass picks, checks against the exact scores that the
+    others cannot hold a neuron above ``threshold`` × the top score or in the top ``top_k``, and falls back
+    to every layer with a :class:`~knlens.core.errors.ScreenFallbackWarning` when it cannot show that (see
+    :mod:`knlens.methods.attribution.screen`); each result's ``screen`` records what was left out.
 
     >>> from knlens import load_model, Fact
     >>> model = load_model("tiny-gpt2")
@@ -134,14 +140,18 @@ def attribute(model: Any, fact: Fact | str | Sequence[str], target: str | None =
     return _attribute_items(model, [_prompts_and_target(fact, target)], hook_point=hook_point, layers=layers,
                             steps=steps, grid=grid, quantity=quantity, baseline=baseline, multi_token=multi_token,
                             token_reduce=token_reduce, engine=engine, batch_size=batch_size, progress=progress,
-                            device=device, dtype=dtype, tolerance=tolerance, max_steps=max_steps)[0]
+                            device=device, dtype=dtype, tolerance=tolerance, max_steps=max_steps,
+                            screen=screen)[0]
 
 
 def attribute_facts(model: Any, facts: Sequence[Fact], **kwargs: Any) -> list[list[Attribution]]:
     """:func:`attribute` of several facts in one pass (same keyword arguments): the rows of all facts that
     have one length share their clean passes and staircase runs, and so do the prompts that adaptive
     integration refines. One list of attributions per fact, equal to :func:`attribute` of that fact up to float
-    rounding (settings included: the engine recorded for a fact is the one that ran its rows).
+    rounding (settings included: the engine recorded for a fact is the one that ran its rows). With
+    ``screen``, every fact is screened in one pass, picks its own layers and has its guarantee checked on its
+    own; the facts that picked the same layers are integrated together, and those whose check fails together
+    on every layer (:func:`~knlens.methods.attribution.screen.screened`).
 
     >>> from knlens import load_model, Fact
     >>> model = load_model("tiny-llama")
@@ -157,14 +167,18 @@ def attribute_facts(model: Any, facts: Sequence[Fact], **kwargs: Any) -> list[li
 
 def _attribute_items(model: Any, items: list[tuple[list[str], str]], *, steps: int = 20, grid: Grid = "right",
                      engine: Engine = "fast", batch_size: int = 256, tolerance: float | None = DEFAULT_TOLERANCE,
-                     max_steps: int = DEFAULT_MAX_STEPS, **kw: Any) -> list[list[Attribution]]:
+                     max_steps: int = DEFAULT_MAX_STEPS, screen: Screen | str | None = None, **kw: Any
+                     ) -> list[list[Attribution]]:
     """Attributions of ``items`` (prompts, target), adaptive when ``tolerance`` is set: the prompts of every
-    item above it are refined together."""
+    item above it are refined together; screened (:func:`_screened`) when ``screen`` is set."""
     if engine not in ENGINES:
         raise SettingsError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SettingsError(f"batch_size must be a positive integer, got {batch_size!r}")
     check_budget(tolerance, max_steps)
+    if screen is not None:
+        return _screened(model, items, get_screen(screen), steps=steps, grid=grid, engine=engine,
+                         batch_size=batch_size, tolerance=tolerance, max_steps=max_steps, **kw)
     kw = {**kw, "engine": engine, "batch_size": batch_size}
     first = _fixed_grid(model, items, steps=steps, grid=grid, **kw)
     if tolerance is None:
@@ -182,6 +196,21 @@ def _attribute_items(model: Any, items: list[tuple[list[str], str]], *, steps: i
     flat = refine([a for attrs in first for a in attrs], rerun, tolerance, max_steps)
     ends = list(itertools.accumulate(len(p) for p, _ in items))
     return [flat[e - len(p):e] for e, (p, _) in zip(ends, items)]
+
+
+def _screened(model: Any, items: list[tuple[list[str], str]], screen: Screen, *,
+              layers: Sequence[int] | None = None, baseline: Baseline = "zero", **kw: Any) -> list[list[Attribution]]:
+    """:func:`_attribute_items` of ``items`` with ``screen``: the unscreened call on any of the items and any
+    subset of the layers is the ``run`` of :func:`~knlens.methods.attribution.screen.screened`."""
+    layer_ids = _resolve_layers(model, layers)
+    check_baseline(baseline, len(layer_ids), model.cfg.d_mlp)
+
+    def run(idx: list[int], subset: list[int], **over: Any) -> list[list[Attribution]]:
+        base = baseline[[layer_ids.index(l) for l in subset]] if isinstance(baseline, Tensor) else baseline
+        return _attribute_items(model, [items[i] for i in idx], layers=subset, baseline=base, **{**kw, **over})
+
+    with shared_clean_passes():  # the screen's plain forwards, prefix caches and staircases serve every pass
+        return screened(len(items), screen, layer_ids, run)
 
 
 def _fixed_grid(model: Any, items: list[tuple[list[str], str]], *, hook_point: str = "hook_post",

@@ -13,7 +13,58 @@ from torch import Tensor
 from knlens.core.neurons import NeuronSet
 from knlens.results.contract import Result
 
-__all__ = ["Attribution", "AttributionSettings"]
+__all__ = ["Attribution", "AttributionSettings", "Screen", "ScreenCheck"]
+
+
+@dataclass(frozen=True)
+class Screen:
+    """How a screened integration picks its layers, and what it guarantees (docs/methods.md, screening).
+
+    ``method`` is the cheap first pass over every layer: ``"gradxact"`` (gradient × (activation − baseline)
+    at the clean point: integrated gradients on one node at α = 1) or ``"gauss2"`` / ``"gauss3"`` /
+    ``"gauss4"`` (integrated gradients on that many Gauss–Legendre nodes). The guarantee, for the prompts of
+    one fact: every prompt's top score lies in an exactly integrated layer, no neuron of a left-out layer
+    scores ``threshold`` × its prompt's top score or more in ``min_count`` or more prompts (so it is never a
+    refined neuron when a neuron must be coarse in at least ``min_count`` prompts: Dai's floor is 3), and
+    none is among the ``top_k`` by mean score over the prompts. ``safety`` inflates the screened scores
+    when layers are picked (the check itself uses the error it measures).
+    """
+
+    method: str = "gauss2"
+    threshold: float = 0.2
+    min_count: int = 3
+    top_k: int = 20
+    safety: float = 1.25
+
+
+@dataclass(frozen=True)
+class ScreenCheck:
+    """What the screen did for one prompt, and the check of its guarantee against exact integration.
+
+    ``kept`` are the layers the screen picked, ``verified`` the left-out layer nearest the cut, integrated
+    exactly as well, ``skipped`` the layers never integrated exactly. ``beta`` is the screen's error measured
+    on every exactly integrated layer and prompt of the fact: the largest (max|exact − screened| − |r|) /
+    max|screened| of a layer, where r = Δ − Σ screened is the effect its screened scores leave unexplained
+    (Δ = f(a) − f(baseline) of the layer, from two forwards of the model). A left-out layer's neurons are
+    bounded by (1 + beta) × its largest |screened score| + |r|; ``bound`` is the largest such bound of this
+    prompt, ``top`` its top exact score, ``coarse_layers`` the left-out layers where the bound reaches
+    ``threshold`` × ``top``. ``skipped_mass`` = Σ |Δ| of the left-out layers / Σ |Δ| of all layers.
+    ``passed`` is the fact's check (``why`` says what failed); when it fails every layer is integrated
+    exactly (``fell_back``) and the result is the unscreened one.
+    """
+
+    method: str
+    kept: tuple[int, ...]
+    verified: tuple[int, ...]
+    skipped: tuple[int, ...]
+    beta: float
+    bound: float
+    top: float
+    coarse_layers: tuple[int, ...]
+    skipped_mass: float
+    passed: bool
+    fell_back: bool
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +90,7 @@ class AttributionSettings:
     tolerance: float | None = None
     max_steps: int | None = None
     refinement: str = ""
+    screen: Screen | None = None  # screened integration (knlens.methods.attribution.screen); None: every layer
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,6 +113,7 @@ class Attribution(Result):
     clean_value: float  # f(a) of the unpatched model (P(target) for quantity="prob")
     settings: AttributionSettings
     layers: tuple[int, ...] = field(default=())  # the model layers the rows of ``scores`` stand for
+    screen: ScreenCheck | None = None  # what a screened integration left out and how that was checked
 
     @property
     def n_layers(self) -> int:
