@@ -147,3 +147,12 @@ class EditStateError(KnlensError, RuntimeError):
 class NoOpEditError(KnlensError, ValueError):
     """An edit that does not change the model's weights (no neurons, zero step sizes, new values equal to the
     old ones): it would make every evaluation a row of unchanged numbers."""
+
+
+class UnknownLanguageError(KnlensError, ValueError):
+    """A language a multilingual data set has no data for (the message lists the languages it has)."""
+
+
+class MissingTranslationError(KnlensError, LookupError):
+    """A fact asked for in a language that does not have it (no tuple, or no usable template of its relation
+    there); the message names the fact and the languages that lack it."""
