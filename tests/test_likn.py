@@ -111,3 +111,13 @@ def test_likn_effects_in_every_language(model, facts, found):
     assert set(table["facts_without_set"]) == {len(facts) - len(with_set)}
     with pytest.raises(MissingTranslationError):
         likn_effects(model, facts, found, which="specific", source="fr")
+
+
+def test_result_saves_and_loads_exactly(found, tmp_path):
+    from knlens.results.contract import same
+
+    back = type(found).load(found.save(tmp_path / "likn"))
+    assert same(back, found) and back.settings == found.settings
+    assert back.key.startswith("language-neurons/")
+    fig = found.plot()
+    assert len(fig.axes[0].get_yticklabels()) == len(found.languages) + 1

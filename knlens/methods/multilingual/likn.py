@@ -1,5 +1,6 @@
-"""Language-independent knowledge neurons (LIKN; Chen et al., AAAI 2024; docs/methods.md, language-independent
-neurons).
+"""Language-independent knowledge neurons (LIKN; Chen et al., AAAI 2024).
+
+See docs/methods.md, language-independent neurons.
 
 Per fact and language, the language's neurons are those coarse (score ≥ ``threshold`` × the prompt's top score,
 0.3 as in AMIG's and MEMLA's code) in more than ``p`` (0.5) of the language's prompts: with one prompt per
