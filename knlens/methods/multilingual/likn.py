@@ -36,10 +36,10 @@ from knlens.methods.attribution.amig import attribute_amig_facts
 from knlens.methods.attribution.ig import attribute_facts
 from knlens.methods.attribution.result import Attribution
 from knlens.methods.interventions import InterventionResult, measure
-from knlens.methods.multilingual.likn_result import LanguageNeurons, LanguageNeuronSettings
+from knlens.methods.multilingual.likn_result import LanguageAttributions, LanguageNeurons, LanguageNeuronSettings
 from knlens.methods.selection import coarse, refine
 
-__all__ = ["language_set", "language_neurons", "split_languages", "likn_effects", "effects_by_language"]
+__all__ = ["attribute_languages", "language_set", "language_neurons", "split_languages", "likn_effects", "effects_by_language"]
 
 
 def language_set(attributions: Sequence[Attribution | Tensor], threshold: float = 0.3, p: float = 0.5) -> NeuronSet:
@@ -75,19 +75,17 @@ def split_languages(sets: dict[str, NeuronSet], across: Sequence[str] | None = N
     return independent, {l: s - independent for l, s in sets.items()}
 
 
-def language_neurons(model: Any, facts: Sequence[MultilingualFact], *,
-                     attribution: Literal["amig", "ig"] = "amig", scaling: str = "authors", threshold: float = 0.3,
-                     p: float = 0.5, across: Sequence[str] | None = None, steps: int = 20, grid: str = "right",
-                     **kwargs: Any) -> LanguageNeurons:
-    """Each fact's neurons in each of its languages, and their split into LIKN and language-specific neurons.
+def attribute_languages(model: Any, facts: Sequence[MultilingualFact], *,
+                        attribution: Literal["amig", "ig"] = "amig", scaling: str = "authors", steps: int = 20,
+                        grid: str = "right", **kwargs: Any) -> LanguageAttributions:
+    """The attributions of every prompt of every fact in each of its languages, in one pass of the engines.
 
-    ``attribution="amig"`` (default; ``scaling`` ``"authors"`` or ``"textbook"``) or ``"ig"`` (zero baseline);
-    every (fact, language) prompt runs in one pass of the engines; other keyword arguments go to the
-    attribution (``layers``, ``hook_point``, ``engine``, ``batch_size``, ...; IG's adaptive integration is off
-    so that both attributions use the same grid). All facts must have the same languages.
+    ``attribution="amig"`` (default; ``scaling`` ``"authors"`` or ``"textbook"``) or ``"ig"`` (zero baseline,
+    adaptive integration off so that both use the same grid); other keyword arguments go to the attribution
+    (``layers``, ``hook_point``, ``engine``, ``batch_size``, ...). All facts must have the same languages.
     """
     if not facts:
-        raise SettingsError("language_neurons needs at least one fact")
+        raise SettingsError("at least one fact is needed")
     langs = facts[0].languages
     odd = [m.key for m in facts if m.languages != langs]
     if odd:
@@ -102,22 +100,34 @@ def language_neurons(model: Any, facts: Sequence[MultilingualFact], *,
         method = "integrated_gradients"
     else:
         raise SettingsError(f"unknown attribution {attribution!r}; use 'amig' or 'ig'")
-    across_t = tuple(langs if across is None else across)
+    by_fact = {m.key: {l: attrs[i * len(langs) + k] for k, l in enumerate(langs)} for i, m in enumerate(facts)}
+    return LanguageAttributions(tuple(facts), langs, by_fact, method, steps, grid,
+                                kwargs.get("hook_point", "hook_post"), str(getattr(model.cfg, "model_name", "?")))
+
+
+def language_neurons(model: Any, facts: Sequence[MultilingualFact], *, threshold: float = 0.3, p: float = 0.5,
+                     across: Sequence[str] | None = None, attributions: LanguageAttributions | None = None,
+                     **kwargs: Any) -> LanguageNeurons:
+    """Each fact's neurons in each of its languages (:func:`language_set`), and their split into LIKN (the
+    intersection over ``across``, all languages by default) and language-specific neurons. The attributions
+    are :func:`attribute_languages`' (``kwargs`` go there), or ``attributions`` computed before."""
+    attrs = attributions if attributions is not None else attribute_languages(model, facts, **kwargs)
+    across_t = tuple(attrs.languages if across is None else across)
     rows, sizes = [], []
-    for i, m in enumerate(facts):
-        sets = {l: language_set(attrs[i * len(langs) + k], threshold, p) for k, l in enumerate(langs)}
+    for m in facts:
+        sets = {l: language_set(attrs.of(m.key, l), threshold, p) for l in attrs.languages}
         independent, specific = split_languages(sets, across_t)
         for lang, s in sets.items():
             rows += [{"fact": m.key, "language": lang, "layer": n.layer, "neuron": n.index,
                       "independent": n in independent} for n in s]
             sizes.append({"fact": m.key, "language": lang, "n_neurons": len(s), "n_independent": len(independent),
                           "n_specific": len(specific[lang])})
-    settings = LanguageNeuronSettings(
-        attribution=method, steps=steps, grid=grid, threshold=threshold, p=p, across=across_t,
-        hook_point=kwargs.get("hook_point", "hook_post"), model=str(getattr(model.cfg, "model_name", "?")))
+    settings = LanguageNeuronSettings(attribution=attrs.method, steps=attrs.steps, grid=attrs.grid,
+                                      threshold=threshold, p=p, across=across_t, hook_point=attrs.hook_point,
+                                      model=attrs.model)
     frame = pd.DataFrame(rows, columns=["fact", "language", "layer", "neuron", "independent"])
     return LanguageNeurons(frame.astype({"layer": "int64", "neuron": "int64", "independent": "bool"}),
-                           pd.DataFrame(sizes), tuple(langs), settings)
+                           pd.DataFrame(sizes), tuple(attrs.languages), settings)
 
 
 def likn_effects(model: Any, facts: Sequence[MultilingualFact], neurons: LanguageNeurons, *,

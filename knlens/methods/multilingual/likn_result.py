@@ -11,9 +11,31 @@ import pandas as pd
 
 from knlens.core.errors import MissingTranslationError
 from knlens.core.neurons import NeuronSet
+from knlens.methods.attribution.result import Attribution
 from knlens.results.contract import TableResult
 
-__all__ = ["LanguageNeuronSettings", "LanguageNeurons"]
+__all__ = ["LanguageAttributions", "LanguageNeuronSettings", "LanguageNeurons"]
+
+
+@dataclass(frozen=True, eq=False)
+class LanguageAttributions:
+    """The attributions of each fact's prompts in each language (``by_fact[key][language]``, one per prompt) and
+    how they were computed: what LIKN and MATRICE select from."""
+
+    facts: tuple[Any, ...]  # the MultilingualFacts attributed
+    languages: tuple[str, ...]
+    by_fact: dict[str, dict[str, list[Attribution]]]
+    method: str
+    steps: int
+    grid: str
+    hook_point: str = "hook_post"
+    model: str = ""
+
+    def of(self, key: str, language: str) -> list[Attribution]:
+        """The attributions of fact ``key``'s prompts in ``language``."""
+        if key not in self.by_fact or language not in self.by_fact[key]:
+            raise MissingTranslationError(f"no attributions of fact {key!r} in {language!r}")
+        return self.by_fact[key][language]
 
 
 @dataclass(frozen=True)
