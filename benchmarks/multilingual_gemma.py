@@ -2,8 +2,12 @@
 language), AMIG's fast engine against its reference and its completeness analogue, and the language-independent
 neurons (LIKN) of a few facts with their suppress / enhance effect per language against random sets.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/multilingual_gemma.py --relation P36 --languages en,fr,de,es,it \
-        --max-facts 40 --facts 2 --steps 8 --n-random 10
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/multilingual_gemma.py --relation P36 \
+        --languages en,fr,es,it,pt,de --subjects countries --facts 2 --steps 8 --n-random 10
+
+``--subjects countries`` keeps the 32 P36 facts whose subject is a country (their URIs are below); a random
+sample of mParaRel's P36 (``--subjects all --max-facts 40``) is mostly capitals of small regions that the
+270M model knows in no language but English.
 
 Prints Markdown tables. Not the multilingual study: a smoke-sized measurement of its parts.
 """
@@ -25,6 +29,10 @@ from knlens.methods.multilingual.likn import effects_by_language, language_neuro
 from knlens.viz.query_localization_page import markdown_table
 
 
+COUNTRIES = ("Q183 Q35 Q408 Q28 Q159 Q252 Q45 Q17 Q794 Q27 Q212 Q928 Q41 Q55 Q38 Q145 Q16 Q142 Q29 Q884 Q39 Q40 "
+             "Q79 Q869 Q20 Q43 Q36 Q148 Q33 Q31 Q34 Q298").split()
+
+
 def md(frame) -> str:
     return markdown_table(frame, floatfmt="{:.4g}")
 
@@ -32,8 +40,9 @@ def md(frame) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--relation", default="P36")
-    ap.add_argument("--languages", default="en,fr,de,es,it")
-    ap.add_argument("--max-facts", type=int, default=40, help="facts read per relation before the known filter")
+    ap.add_argument("--languages", default="en,fr,es,it,pt,de")
+    ap.add_argument("--subjects", default="countries", help="'countries' (P36), 'all', or comma-separated URIs")
+    ap.add_argument("--max-facts", type=int, default=None, help="facts read before the known filter (random)")
     ap.add_argument("--facts", type=int, default=2, help="known facts whose LIKN sets are found")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--n-random", type=int, default=10)
@@ -45,7 +54,9 @@ def main() -> None:
     model = load_model("gemma3-270m")
     print(f"Gemma-3-270M loaded in {time.perf_counter() - t0:.0f} s; threads {args.threads}\n")
 
-    facts = load_multilingual(args.relation, langs, max_facts=args.max_facts)
+    subjects = (None if args.subjects == "all" else list(COUNTRIES) if args.subjects == "countries"
+                else args.subjects.split(","))
+    facts = load_multilingual(args.relation, langs, subjects=subjects, max_facts=args.max_facts)
     t = time.perf_counter()
     known = known_in_all(model, facts)
     print(f"## Facts of {args.relation} known in every language ({time.perf_counter() - t:.0f} s)\n")

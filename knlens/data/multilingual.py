@@ -93,7 +93,8 @@ class MultilingualFacts:
     def __iter__(self) -> Iterator[MultilingualFact]:
         return iter(self.facts)
 
-    def __getitem__(self, i: int) -> MultilingualFact:
+    def __getitem__(self, i: int | slice) -> MultilingualFact | tuple[MultilingualFact, ...]:
+        """The ``i``-th fact, or a tuple of them for a slice."""
         return self.facts[i]
 
     def in_language(self, language: str) -> list[Fact]:
