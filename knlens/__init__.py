@@ -14,6 +14,7 @@ from knlens.core.versions import __version__
 from knlens.methods.attribution.grids import GRIDS, quadrature
 from knlens.methods.attribution.result import Attribution, AttributionSettings
 from knlens.methods.attribution.ig import attribute, integrated_gradients
+from knlens.methods.attribution.amig import attribute_amig, attribute_amig_facts
 from knlens.run.engine import activations_at, target_probs
 from knlens.core.errors import (HookShapeError, KnlensError, MissingWeightsError, NeuronIndexError, NonFiniteError,
                                 PromptError, TargetError, UnknownModelError)
@@ -55,7 +56,8 @@ __all__ = [
     "Attribution", "AttributionSettings", "EMBEDDED_MODELS", "Fact", "GRIDS", "HookShapeError",
     "InterventionResult", "KnlensError", "MissingWeightsError", "Neuron", "NeuronIndexError", "NeuronSet",
     "NonFiniteError", "PRESETS", "PromptError", "Queries", "TINY_MODELS", "TargetError", "UnknownModelError",
-    "activations_at", "add", "attribute", "coarse", "compose", "drop_generic", "encode", "generic_neurons",
+    "activations_at", "add", "attribute", "attribute_amig", "attribute_amig_facts", "coarse", "compose",
+    "drop_generic", "encode", "generic_neurons",
     "hook_name", "hooked", "integrated_gradients", "intervene", "load_model", "mean_ablate", "measure",
     "neuron_hooks", "patch_from", "quadrature", "random_control", "refine", "refine_facts", "refined_neurons",
     "replace_rows", "scale", "set_value", "single_token", "target_probs", "target_tokens", "tiny_model", "random_model",

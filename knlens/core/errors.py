@@ -157,3 +157,12 @@ class NoOpEditError(KnlensError, ValueError):
 class NoSymmetryError(KnlensError, ValueError):
     """Bijective symmetry asked of a relation that has no reverse reading: not declared symmetric or bijective
     (``knlens.data.pararel.SYMMETRIC_RELATIONS``), or without templates that ask the subject from the object."""
+
+
+class UnknownLanguageError(KnlensError, ValueError):
+    """A language a multilingual data set has no data for (the message lists the languages it has)."""
+
+
+class MissingTranslationError(KnlensError, LookupError):
+    """A fact asked for in a language that does not have it (no tuple, or no usable template of its relation
+    there); the message names the fact and the languages that lack it."""

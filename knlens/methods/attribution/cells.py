@@ -209,7 +209,8 @@ def ig_queries(model: Any, q: Queries, names: list[str], alphas: Tensor, weights
 def ig_rows(model: Any, rows: Queries, names: list[str], alphas: Tensor, weights: Tensor, baseline: Baseline,
             quantity: Quantity, engine: Engine, batch_size: int) -> list[dict[str, Any]]:
     """Integrated gradients of query rows of one length and target position, for all hook points ``names``:
-    per row ``scores``, ``activations``, ``delta``, ``completeness_error`` (``[layer, d]`` / ``[layer]``),
+    per row ``scores``, ``integral`` (the path's gradient integral Σ_k w_k ∂f/∂x, so that scores = (a − b) ·
+    integral), ``activations``, ``delta``, ``completeness_error`` (``[layer, d]`` / ``[layer]``),
     ``clean`` (f at the clean point), ``engine`` (the one that ran) and ``note`` (why it fell back, or "").
 
     A plain whole-prompt forward of the rows gives the clean logits and activations. The ``fast`` and
@@ -307,12 +308,13 @@ def _ig_cells(model: Any, rows: Queries, names: list[str], alphas: Tensor, weigh
     span = span.cpu()
     out = []
     for p in range(n_rows):
-        scores = span[p] * torch.einsum("k,lkd->ld", weights.float(), grads[p])
+        integral = torch.einsum("k,lkd->ld", weights.float(), grads[p])  # Σ_k w_k ∂f/∂x along the path
+        scores = span[p] * integral
         delta = clean[p] - f[p, :, z]
         if not torch.isfinite(scores).all():
             raise NonFiniteError("integrated gradients produced non-finite scores (check the model's dtype and "
                                  "the target quantity; 'logprob' of a near-zero probability can overflow)")
-        out.append({"scores": scores, "activations": acts[p].cpu(), "delta": delta,
+        out.append({"scores": scores, "integral": integral, "activations": acts[p].cpu(), "delta": delta,
                     "completeness_error": (scores.sum(-1) - delta).abs(), "clean": float(clean[p]), "engine": ran,
                     "note": note})
     return out, None
