@@ -176,13 +176,12 @@ def test_synonymous_invariance_follows_an_entity_edit_on_the_embedded_model(real
              Fact(["Hypatia works in the field of"], " mathematics", subject="Hypatia", relation="P101")]
     assert knlens.answers(real_model, facts[0]).all() and knlens.answers(real_model, facts[1]).all()
     cov = key_covariance(real_model, 4, n_texts=300, cache_dir=tmp_path)
-    editors = entity_relation_editors(layer=4, covariance=cov)
-    values = {(f.subject, name): criterion_values(real_model, synonym_request(f, other.target), editor)
-              for f, other in zip(facts, facts[::-1]) for name, editor in editors.items()}
-    for key, v in values.items():
-        print(f"\n{key}: reliability {v['reliability']:.2f}, synonym {v['synonym_before']:.2f} -> {v['synonym']:.2f}, "
-              f"synonym_pn {v['synonym_pn_before']:.2f} -> {v['synonym_pn']:.2f}")
-    entity = [v for (_, name), v in values.items() if name == "entity"]
+    editor = entity_relation_editors(layer=4, covariance=cov)["entity"]  # the relation key: docs/methods.md
+    entity = [criterion_values(real_model, synonym_request(f, other.target), editor)
+              for f, other in zip(facts, facts[::-1])]
+    for f, v in zip(facts, entity):
+        print(f"\n{f.subject}: reliability {v['reliability']:.2f}, synonym {v['synonym_before']:.2f} -> "
+              f"{v['synonym']:.2f}, synonym_pn {v['synonym_pn_before']:.2f} -> {v['synonym_pn']:.2f}")
     assert all(v["reliability"] == 1.0 for v in entity)
     assert all(v["synonym_pn_before"] == 0.0 for v in entity)  # before: the old field's occupation wins
     assert sum(v["synonym_pn"] for v in entity) > sum(v["synonym_pn_before"] for v in entity)
