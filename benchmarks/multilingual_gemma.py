@@ -84,7 +84,7 @@ def main() -> None:
         t_ref = time.perf_counter() - t
         err = float((fast.scores - ref.scores).abs().max() / ref.scores.abs().max())
         rows.append({"scaling": scaling, "engine ran": fast.settings.engine, "fast s": t_fast, "reference s": t_ref,
-                     "max |fast - ref| / max |ref|": err,
+                     "max abs(fast − ref) / max abs(ref)": err,
                      "relative completeness error": fast.relative_completeness_error})
     for m in (args.steps, 4 * args.steps):
         a = attribute_amig(model, first, steps=m, grid="right", scaling="textbook")[0]

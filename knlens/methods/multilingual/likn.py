@@ -155,7 +155,8 @@ def likn_effects(model: Any, facts: Sequence[MultilingualFact], neurons: Languag
 def effects_by_language(result: InterventionResult, neurons: LanguageNeurons) -> pd.DataFrame:
     """Per language and action: the knowledge set's mean relative change of P(target), each control's, and the
     tests of :meth:`~knlens.methods.interventions.InterventionResult.tests` over that language's facts; with
-    ``n_facts`` measured and ``facts_without_set`` (facts whose set was empty, not measured)."""
+    ``n_facts`` measured and ``facts_without_set`` (facts of ``neurons`` not measured: their set was empty, or
+    they were not given to :func:`likn_effects`)."""
     frame = result.frame.assign(language=result.frame["fact"].str.rsplit("/", n=1).str[-1])
     measured = set(frame["fact"].str.rsplit("/", n=1).str[0])
     out = []
