@@ -16,8 +16,8 @@ language on that language.
 
 >>> import torch
 >>> cells = torch.tensor([[[2.0, 1.0, 0.0]], [[2.0, 0.0, 1.0]]])     # 2 cells, 1 layer, 3 neurons
->>> matrice_scores(cells, k=1.0).tolist()                           # v = cells / 2; mean − std
-[[1.0, 0.0, 0.0]]
+>>> [round(x, 4) for x in matrice_scores(cells, k=1.0)[0].tolist()]   # v = cells / 2; mean − std
+[1.0, 0.0, 0.0]
 """
 
 from __future__ import annotations
