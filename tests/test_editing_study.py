@@ -173,14 +173,14 @@ def test_counterfactual_needs_another_object():
 def test_a_short_real_run(real_model):
     if not Path(default_data_dir()).exists():
         pytest.skip("ParaRel data not found beside the repository")
-    settings = EditingSettings(relations=("P36", "P1376"), candidates=15, max_facts=2, steps=2, rank_one_steps=3,
-                               n_text=3, covariance_texts=50, neighbours=1, max_prompts=2)
+    settings = EditingSettings(relations=("P36",), candidates=15, max_facts=1, max_located=2, steps=2,
+                               rank_one_steps=3, n_text=3, covariance_texts=50, neighbours=1, max_prompts=2)
     result = editing_study(real_model, settings)
     counts = result.tables["counts"]
-    assert int(counts.studied.sum()) == int(result.numbers["facts"]) == 2
+    assert int(counts.studied.sum()) == int(result.numbers["facts"]) == 1 and int(counts.located.sum()) == 2
     assert (counts.known <= counts.read).all() and (counts["with neighbours"] <= counts.known).all()
     m = result.evaluation.metrics()
-    assert set(m.editor) == set(EDITORS) and (m.n_facts == 2).all()
+    assert set(m.editor) == set(EDITORS) and (m.n_facts == 1).all()
     print("\n" + result.evaluation.table().to_string(index=False))
     assert "## Headline" in render_markdown(result)
 

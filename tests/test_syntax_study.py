@@ -127,8 +127,9 @@ def test_settings_refuse_unknown_tasks_and_tiny_sets():
 def test_a_short_real_run(real_model):
     if not Path(default_data_dir()).exists():
         pytest.skip("BLiMP data not found beside the repository")
-    settings = SyntaxSettings(tasks=("subject-verb",), locate=3, heldout=2, edits=1, n_random=2, steps=2, n_text=0,
-                              pararel_facts=1, pararel_candidates=20, pararel_max_prompts=3, subset=2)
+    settings = SyntaxSettings(tasks=("subject-verb",), locate=2, heldout=2, edits=1, n_random=1, steps=2, n_text=0,
+                              pararel_relations=("P36",), pararel_facts=1, pararel_candidates=20,
+                              pararel_min_prompts=2, pararel_max_prompts=3, subset=2)
     r = syntax_study(real_model, settings)
     counts = r.tables["counts"].iloc[0]
     assert counts["kept"] + counts["dropped (tokens)"] == counts["read"] == 1000

@@ -62,6 +62,7 @@ class EditingSettings:
     fallback_k: int = 3  # neurons (top mean attribution) when Dai's refinement keeps none
     generic_share: float = 0.1  # generic: in the KN sets of more than this share of a relation's located facts
     locate_share: float = 0.25  # share of the budget left after the filters spent locating facts (phase 1)
+    max_located: int | None = None  # at most this many facts located in phase 1 (None: as many as locate_share allows)
     rank_one_layer: int | None = None  # None: knlens' default (a quarter of the way up)
     rank_one_steps: int = 20
     control_neurons: int = 10  # random neurons of the control of the rank-one edit
@@ -82,8 +83,9 @@ class EditingSettings:
                                 f"and {self.generic_share}")
         if not self.budget_minutes > 0:
             raise SettingsError(f"budget_minutes must be positive, got {self.budget_minutes}")
-        if self.max_facts is not None and self.max_facts < 1:
-            raise SettingsError(f"max_facts must be at least 1 or None, got {self.max_facts}")
+        for name in ("max_facts", "max_located"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1 or None, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -124,10 +124,10 @@ class _Located:
 def _locate(model: Any, cases: Sequence[EditCase], s: EditingSettings, deadline: float,
             say: Callable[[str], None]) -> list[_Located]:
     """Phase 1: the cases' attributions and KN sets (Dai's refined set, else the top ``fallback_k`` by mean
-    normalised attribution), in order, until ``deadline`` (a ``time.time()``)."""
+    normalised attribution), in order, until ``deadline`` (a ``time.time()``) or ``max_located``."""
     out = []
     for case in cases:
-        if out and time.time() > deadline:
+        if out and (time.time() > deadline or (s.max_located is not None and len(out) >= s.max_located)):
             break
         t = time.time()
         attrs = attribute(model, case.request.fact, steps=s.steps, grid="gauss-legendre", tolerance=None)
