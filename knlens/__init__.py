@@ -13,7 +13,7 @@ from knlens.core.versions import __version__
 
 from knlens.methods.attribution.grids import GRIDS, quadrature
 from knlens.methods.attribution.result import Attribution, AttributionSettings
-from knlens.methods.attribution.ig import attribute, integrated_gradients
+from knlens.methods.attribution.ig import attribute, attribute_facts, integrated_gradients
 from knlens.methods.attribution.amig import attribute_amig, attribute_amig_facts
 from knlens.run.engine import activations_at, target_probs
 from knlens.core.errors import (HookShapeError, KnlensError, MissingWeightsError, NeuronIndexError, NonFiniteError,
@@ -37,7 +37,7 @@ from knlens.data.blimp import load_blimp
 from knlens.data.pararel import load_mpararel, load_pararel
 from knlens.studies.knowledge_neurons_result import LocateResult, LocateSettings
 from knlens.methods.activations import TokenActivations, token_activations
-from knlens.studies.knowledge_neurons import locate
+from knlens.studies.knowledge_neurons import locate, locate_facts
 from knlens.methods.tracing.corruption import Corruption
 from knlens.methods.tracing.result import Trace
 from knlens.methods.tracing.trace import trace, trace_facts
@@ -56,13 +56,13 @@ __all__ = [
     "Attribution", "AttributionSettings", "EMBEDDED_MODELS", "Fact", "GRIDS", "HookShapeError",
     "InterventionResult", "KnlensError", "MissingWeightsError", "Neuron", "NeuronIndexError", "NeuronSet",
     "NonFiniteError", "PRESETS", "PromptError", "Queries", "TINY_MODELS", "TargetError", "UnknownModelError",
-    "activations_at", "add", "attribute", "attribute_amig", "attribute_amig_facts", "coarse", "compose",
-    "drop_generic", "encode", "generic_neurons",
+    "activations_at", "add", "attribute", "attribute_amig", "attribute_amig_facts", "attribute_facts", "coarse",
+    "compose", "drop_generic", "encode", "generic_neurons",
     "hook_name", "hooked", "integrated_gradients", "intervene", "load_model", "mean_ablate", "measure",
     "neuron_hooks", "patch_from", "quadrature", "random_control", "refine", "refine_facts", "refined_neurons",
     "replace_rows", "scale", "set_value", "single_token", "target_probs", "target_tokens", "tiny_model", "random_model",
     "zero_ablate", "answers", "known_facts", "builtin_facts", "get_fact", "load_blimp", "load_mpararel",
-    "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations",
+    "load_pararel", "LocateResult", "LocateSettings", "TokenActivations", "locate", "locate_facts", "token_activations",
     "Corruption", "Trace", "trace", "trace_facts", "render_html", "token_view", "write_html",
     "Result", "load_result", "same",
     "Edit", "EditEvaluation", "EditRequest", "evaluate_edits", "fingerprint", "kn_erase", "kn_update",

@@ -134,3 +134,21 @@ def test_a_cache_wrong_for_one_row_is_caught(tiny_llama, monkeypatch):
         got = attribute(tiny_llama, SAME[:2], " paris", steps=4, tolerance=None)
     _close(got, want)
     assert got[0].settings.engine == "reference"
+
+
+def test_locate_facts_equals_locate_per_fact(tiny_llama):
+    facts = [knlens.Fact([SAME[0], OTHER, "the capital city of france is"], " paris", relation="capital", name="fr"),
+             knlens.Fact([SAME[1], "paris is the capital of", "the capital city of spain is"], " madrid",
+                         relation="capital", name="es")]
+    kw = dict(steps=2, n_random=3, progress=False)
+    joint = list(knlens.locate_facts(tiny_llama, facts, **kw))
+    for fact, got in zip(facts, joint):
+        want = knlens.locate(tiny_llama, fact, **kw)
+        assert got.key == want.key and got.settings == want.settings
+        assert got.neurons == want.neurons and got.tested == want.tested
+        assert list(got.timings) == list(want.timings)
+        _close(list(got.attributions), list(want.attributions))
+        torch.testing.assert_close(torch.tensor(got.interventions.frame.p_after.to_numpy()),
+                                   torch.tensor(want.interventions.frame.p_after.to_numpy()), rtol=1e-4, atol=1e-8)
+    with pytest.raises(FactError):
+        next(knlens.locate_facts(tiny_llama, facts, attributions=[]))

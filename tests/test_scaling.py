@@ -91,6 +91,14 @@ def test_measure_and_specificity_record_the_engine_and_agree(tiny_llama):
               knlens.Fact(["the capital city of france is", "the official language of japan is"], " japanese",
                           relation="language", name="ja")]
     sf, sr = (specificity(tiny_llama, fact, SETS[3], others=others, engine=e) for e in ("fast", "reference"))
-    assert sf.settings.engine == "fast" and sr.settings.engine == "reference"
+    assert sf.settings.engine == sr.settings.engine == "reference"  # one set, two actions: below MIN_UNITS
     torch.testing.assert_close(torch.tensor(sf.frame.delta.to_numpy()), torch.tensor(sr.frame.delta.to_numpy()),
                                rtol=1e-4, atol=1e-8)
+
+
+def test_few_sets_run_on_plain_forwards(tiny_llama):
+    q = knlens.encode(tiny_llama, PROMPTS, " paris")
+    few = SETS[:scaling.MIN_UNITS // 2 - 1]
+    got = scaled_probs(tiny_llama, q, few, [0.0, 2.0], engine="fast")
+    assert got.engine == "reference" and got.note == ""
+    torch.testing.assert_close(got.after, scaled_probs(tiny_llama, q, few, [0.0, 2.0], engine="reference").after)

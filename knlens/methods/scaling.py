@@ -12,6 +12,9 @@ An action with factor ``f`` moves each selected neuron to ``b + f·(a − b)`` a
   it the rows are clean, so the staircase (:mod:`knlens.run.staircase`) takes that block's clean input, and
   only the target position is unembedded.
 
+The faster engines pay off with many (factor, set) pairs (a fact's neurons beside 2 × 50 random controls);
+with fewer than :data:`MIN_UNITS` every engine runs plain forwards, and the result says ``"reference"``.
+
 The faster engines check themselves against plain whole-prompt forwards of the group's rows: the clean pass
 on the prefix cache (every row), the staircase's block loop (its build check), and for every factor the first
 set on the group's first row and the last set on its last row. A group that fails is recomputed by
@@ -21,11 +24,11 @@ set on the group's first row and the last set on its last row. A group that fail
 >>> from knlens import load_model, encode, NeuronSet
 >>> model = load_model("tiny-llama")
 >>> q = encode(model, ["the capital of france is", "the capital of spain is"], " paris")
->>> sets = [NeuronSet([(1, 3)]), NeuronSet([(0, 5), (1, 7)])]
+>>> sets = [NeuronSet([(1, 3)]), NeuronSet([(0, 5), (1, 7)]), NeuronSet([(1, 9)]), NeuronSet([(0, 2)])]
 >>> fast = scaled_probs(model, q, sets, [0.0, 2.0])
 >>> ref = scaled_probs(model, q, sets, [0.0, 2.0], engine="reference")
 >>> fast.after.shape, fast.engine, bool(torch.allclose(fast.after, ref.after, rtol=1e-4))
-(torch.Size([2, 2, 2]), 'fast', True)
+(torch.Size([2, 4, 2]), 'fast', True)
 """
 
 from __future__ import annotations
@@ -51,9 +54,14 @@ from knlens.run.engine import (ENGINES, Engine, chunks, forward_from_cache, forw
 from knlens.run.hooks import Hook, HookFn, hook_name, hooked, position_mask
 from knlens.run.staircase import Stairs, build_stairs, cache_layers, disagreement, recording
 
-__all__ = ["ScaledProbs", "path_scale", "set_masks", "scaled_probs"]
+__all__ = ["MIN_UNITS", "ScaledProbs", "path_scale", "set_masks", "scaled_probs"]
 
 log = logging.getLogger(__name__)
+
+MIN_UNITS = 8
+"""Fewer (factor, set) pairs than this run on plain forwards whatever the engine: the faster engines' fixed cost
+per group of rows (prefix, clean pass, checks) and their small batches then cost more than they save (two
+actions on one set, the specificity control, ran 2–4× slower on them; benchmarks/RESULTS.md)."""
 
 
 def path_scale(factor: float | Float[Tensor, "batch"], rows: Bool[Tensor, "batch d"], position: Tensor | int,
@@ -105,18 +113,28 @@ def _hooks(masks: Tensor, factors: Tensor, position: Tensor | int, hook_point: s
             for l in masks.any(-1).any(0).nonzero()[:, 0].tolist()]
 
 
+def _clean(model: Any, q: Queries, batch_size: int) -> Float[Tensor, "row"]:
+    """P(target) of every row of ``q`` by plain forwards, rows of similar length together (little padding)."""
+    order = torch.argsort(q.attention_mask.sum(1).cpu(), stable=True)
+    out = torch.empty(len(q))
+    out[order] = target_probs(model, q.select(order), batch_size=batch_size).cpu()
+    return out
+
+
 def _reference(model: Any, q: Queries, masks: Tensor, factors: Tensor, hook_point: str, baseline: Tensor | None,
                batch_size: int) -> Float[Tensor, "factor set row"]:
-    """Every (factor, set, row) as one row of a plain whole-prompt forward, in chunks of ``batch_size``."""
+    """Every (factor, set, row) as one row of a plain whole-prompt forward, in chunks of ``batch_size`` rows of
+    similar length."""
     n_sets, n_rows = masks.shape[0], len(q)
     pairs = torch.cartesian_prod(torch.arange(n_sets), torch.arange(n_rows))  # (set, row)
-    out = torch.empty(len(factors), len(pairs))
+    pairs = pairs[torch.argsort(q.attention_mask.sum(1).cpu()[pairs[:, 1]], stable=True)]
+    out = torch.empty(len(factors), n_sets, n_rows)
     for k, factor in enumerate(factors.tolist()):
         for s in chunks(len(pairs), batch_size):
             sub = q.select(pairs[s, 1])
             hooks = _hooks(masks[pairs[s, 0]], torch.full((len(sub),), factor), sub.position, hook_point, baseline)
-            out[k, s] = target_probs(model, sub, hooks, batch_size=None).cpu()
-    return out.view(len(factors), n_sets, n_rows)
+            out[k, pairs[s, 0], pairs[s, 1]] = target_probs(model, sub, hooks, batch_size=None).cpu()
+    return out
 
 
 def _staircase(model: Any, rows: Queries) -> tuple[Tensor, Any, Stairs | None, str | None]:
@@ -220,9 +238,9 @@ def scaled_probs(model: Any, q: Queries, sets: Sequence[NeuronSet], factors: Seq
         raise SettingsError(f"unknown engine {engine!r}; use one of {', '.join(map(repr, ENGINES))}")
     masks = set_masks(sets, model.cfg.n_layers, model.cfg.d_mlp)
     f = torch.tensor([float(x) for x in factors])
-    if engine == "reference":
-        return ScaledProbs(target_probs(model, q, batch_size=batch_size).cpu(),
-                           _reference(model, q, masks, f, hook_point, baseline, batch_size), "reference", "")
+    if engine == "reference" or len(f) * len(sets) < MIN_UNITS:
+        return ScaledProbs(_clean(model, q, batch_size), _reference(model, q, masks, f, hook_point, baseline, batch_size),
+                           "reference", "")
     clean = torch.empty(len(q))
     after = torch.empty(len(f), len(sets), len(q))
     ran, notes = [], []

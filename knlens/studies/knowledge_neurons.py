@@ -31,8 +31,10 @@ If no neuron survives refinement, the result says so (``result.refined_empty``) 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -42,22 +44,22 @@ from tqdm.auto import tqdm
 from knlens.core.versions import __version__
 from knlens.methods.activations import TokenActivations, token_activations
 from knlens.methods.attribution.result import Attribution, Screen
-from knlens.methods.attribution.ig import attribute
+from knlens.methods.attribution.ig import attribute, attribute_facts
 from knlens.methods.attribution.adaptive import DEFAULT_MAX_STEPS, DEFAULT_TOLERANCE
 from knlens.methods.attribution.screen import get_screen
 from knlens.methods.controls import CONTROLS
 from knlens.run.engine import target_probs
-from knlens.core.errors import ControlError, FactError
+from knlens.core.errors import ControlError, FactError, SettingsError
 from knlens.core.facts import Fact
 from knlens.methods.heldout import MIN_PROMPTS_DEFAULT_ON, held_out as run_held_out
 from knlens.methods.interventions import measure, per_prompt
 from knlens.studies.knowledge_neurons_result import LocateResult, LocateSettings
 from knlens.core.neurons import NeuronSet
-from knlens.core.tokens import encode
+from knlens.core.tokens import encode, target_tokens
 from knlens.methods.selection import SelectionPreset, best_by_mean, coarse, get_preset, min_prompts, refinement
 from knlens.methods.specificity import specificity as run_specificity
 
-__all__ = ["LocateResult", "LocateSettings", "TokenActivations", "locate", "token_activations"]
+__all__ = ["LocateResult", "LocateSettings", "TokenActivations", "locate", "locate_facts", "token_activations"]
 
 
 def _neuron_table(attrs: Sequence[Attribution], refined: NeuronSet, tested: NeuronSet, cfg: SelectionPreset,
@@ -227,3 +229,39 @@ def locate(model: Any, fact: Fact, *, steps: int = 20, grid: str = "right",
                         completeness=completeness, interventions=effects, activations=tuple(acts),
                         settings=settings, selection=selection, heldout=heldout, specificity=spec,
                         notes=tuple(notes), timings=timings)
+
+
+def locate_facts(model: Any, facts: Sequence[Fact], **kwargs: Any) -> Iterator[LocateResult]:
+    """:func:`locate` of each of ``facts`` (the same keyword arguments but ``attributions``), with the integrated
+    gradients of all of them computed first, together (:func:`~knlens.methods.attribution.ig.attribute_facts`: rows
+    of different facts with one length share their passes). Yields one result per fact, in order, equal to
+    ``locate(model, fact, **kwargs)`` up to float rounding; its ``timings["attribute_s"]`` is the fact's share of
+    the joint attribution (by query rows).
+
+    >>> from knlens import load_model, Fact
+    >>> model = load_model("tiny-llama")
+    >>> facts = [Fact(["the capital of france is", "the capital city of france is"], " paris", name="fr"),
+    ...          Fact(["the capital of spain is", "the capital city of spain is"], " madrid", name="es")]
+    >>> [r.fact.name for r in locate_facts(model, facts, steps=4, n_random=3, progress=False, specificity=False)]
+    ['fr', 'es']
+    """
+    if "attributions" in kwargs:
+        raise FactError("locate_facts computes the attributions itself; pass them to locate, one fact at a time")
+    if kwargs.get("screen") is not None:
+        raise SettingsError("locate_facts does not screen; call locate(model, fact, screen=...) per fact")
+    bad = [type(f).__name__ for f in facts if not isinstance(f, Fact)]
+    if bad:
+        raise FactError(f"locate_facts takes knlens.Fact values, got {', '.join(dict.fromkeys(bad))}")
+    names = ("steps", "grid", "hook_point", "engine", "batch_size", "progress", "tolerance", "max_steps")
+    defaults = {k: v.default for k, v in inspect.signature(locate).parameters.items() if k in names}
+    ig = {**defaults, **{k: kwargs[k] for k in names if k in kwargs}}
+    clock = time.perf_counter()
+    attributions = attribute_facts(model, list(facts), **ig)
+    seconds = time.perf_counter() - clock
+    rows = [len(f.prompts) * len(target_tokens(model, f.target)) for f in facts]
+    for fact, attrs, n in zip(facts, attributions, rows):
+        result = locate(model, fact, **kwargs, attributions=attrs)
+        settings = dataclasses.replace(result.settings, steps=ig["steps"], grid=ig["grid"],
+                                       engine_requested=ig["engine"])
+        yield dataclasses.replace(result, settings=settings,
+                                  timings={"attribute_s": seconds * n / sum(rows), **result.timings})
