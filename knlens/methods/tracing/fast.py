@@ -170,11 +170,13 @@ def fast_trace(model: Any, setup: TraceSetup, kinds: Sequence[str], cells: Seque
 
     Each token's staircase also runs a unit restoring nothing, which must give the plain forward's
     P_corrupted; the first corrupted token's, a unit with block 0's clean output restored at every position,
-    which must give P_clean. A run, and an unembedding, holds at most ``batch_size × prompt length``
-    row-positions (the activations of ``batch_size`` whole-prompt rows).
+    which must give P_clean. Memory is bounded as a whole-model forward of ``batch_size`` rows bounds it by its
+    logits: an unembedding takes at most ``batch_size × prompt length`` rows, and a staircase run as many
+    row-positions of MLP activations as that is floats of logits.
     """
     first, n_layers, k = min(setup.positions), model.cfg.n_layers, setup.corruption.samples
-    budget = batch_size * setup.tokens.shape[1]
+    rows = batch_size * setup.tokens.shape[1]
+    budget = rows * max(1, model.cfg.d_vocab // (getattr(model.cfg, "d_mlp", None) or 4 * model.cfg.d_model))
     tokens = sorted({t for _, t in cells} | {first})
     cannot = "its staircase cannot be built or run on this model (or a traced token lies after the read-out position)"
     runs = token_stairs(model, setup, tokens)
@@ -196,7 +198,7 @@ def fast_trace(model: Any, setup: TraceSetup, kinds: Sequence[str], cells: Seque
         h = torch.cat(finals)
         target = torch.full((h.shape[0],), setup.target, device=h.device)
         p = torch.cat([read_quantity(runs[first].tail(h[s, None])[:, 0], target[s], quantity).cpu()
-                       for s in chunks(h.shape[0], budget)]).view(-1, k).mean(1).tolist()
+                       for s in chunks(h.shape[0], rows)]).view(-1, k).mean(1).tolist()
     except Exception as err:  # noqa: BLE001 - an architecture the block loop does not fit
         return {}, f"{cannot}: {type(err).__name__}: {err}"
     values = iter(p)

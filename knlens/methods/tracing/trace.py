@@ -138,7 +138,7 @@ def trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
             of whole-model forwards) or ``"reference"`` (one plain forward per cell). An engine whose check against
             plain forwards fails is replaced by the next one down, with a warning (see the module).
             ``batch_size`` bounds the rows (cells × noise samples) of one forward, and so the memory (a
-            staircase run of ``fast`` holds as many row-positions as ``batch_size`` whole-prompt rows).
+            staircase run of ``fast`` holds as much as the logits of ``batch_size`` whole-prompt rows).
         skip_prefix: do not run cells before the first corrupted token of a left-to-right model: their
             states are the same in the clean and the corrupted run, so their effect is 0 by causality.
         known_only: raise :class:`~knlens.core.errors.NotKnownError` when the clean run's top token is not the
