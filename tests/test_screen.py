@@ -241,9 +241,9 @@ def test_the_passes_of_a_screened_call_share_their_clean_passes(deep, full, monk
     seen = []
     real = cells._plain_state
 
-    def counting(model, rows, names):
+    def counting(model, rows, names, record):
         seen.append(len(names))
-        return real(model, rows, names)
+        return real(model, rows, names, record)
     monkeypatch.setattr(cells, "_plain_state", counting)
     attrs = knlens.attribute(deep, PROMPTS, " paris", screen=Screen(threshold=0.9, min_count=2, top_k=0, safety=1.0),
                              **EXACT)
