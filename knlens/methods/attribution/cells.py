@@ -60,7 +60,8 @@ def shared_clean_passes() -> Iterator[None]:
     """Inside the block, :func:`ig_rows` keeps the clean passes of every group of rows it runs (the plain
     forward, the prefix cache, the clean pass on it, the staircase) and reuses them when it runs the same rows
     again, at the same hook points or fewer: the screen and the exact pass of a screened integration share
-    them (:mod:`.screen`). The model must not change inside the block.
+    them (:mod:`.screen`). What it keeps (per row its logits, activations, prefix key/value cache and one-token
+    clean pass) lives until the block ends. The model must not change inside the block.
 
     >>> from knlens import load_model, encode
     >>> from knlens.methods.attribution.grids import quadrature
