@@ -42,6 +42,7 @@ from knlens import Fact, attribute, known_facts, load_model, load_pararel, refin
 from knlens.core.errors import ScreenFallbackWarning
 from knlens.core.versions import environment
 from knlens.methods.attribution.result import Screen
+from knlens.methods.attribution.screen import needed_layers
 from knlens.methods.selection import best_by_mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -70,20 +71,6 @@ def cell_costs(model) -> list[float]:
     unembed = model.cfg.d_vocab * model.cfg.d_model
     L = model.cfg.n_layers
     return [(L - l) * block + unembed for l in range(L)]
-
-
-def needed_layers(attrs, screen: Screen) -> list[int]:
-    """The layers a perfect screen must keep for ``screen``'s guarantee, from every layer's exact scores."""
-    peaks = torch.stack([a.scores.abs().amax(-1) for a in attrs])  # [prompt, layer]
-    tops = torch.tensor([float(a.scores.max()) for a in attrs])
-    coarse = (peaks >= screen.threshold * tops[:, None]).sum(0) >= screen.min_count
-    holds_top = torch.zeros_like(coarse)
-    for a in attrs:
-        holds_top[int(a.scores.max(-1).values.argmax())] = True
-    mean = torch.stack([a.scores for a in attrs]).mean(0)
-    kth = float(mean.flatten().topk(screen.top_k).values[-1])
-    in_top = peaks.mean(0) >= kth  # a bound on the mean of each neuron, as the check uses
-    return (coarse | holds_top | in_top).nonzero()[:, 0].tolist()
 
 
 def overlap(a, b) -> int:
@@ -121,8 +108,10 @@ def run_fact(model, fact: Fact, screens: list[Screen], repeat: int, warmup: bool
             "times": t[label(s)].times, "refined_identical": set(ref) == set(refined),
             "refined": sorted(map(tuple, ref)), "top20_mean_overlap": overlap(tp, top),
             "top20_prompt_overlap": statistics.mean(overlap(a.top(20), e.top(20)) for a, e in zip(attrs, exact)),
-            "layers": done, "fell_back": c.fell_back, "why": c.why, "beta": c.beta,
+            "layers": done, "fell_back": c.fell_back, "rounds": c.rounds, "why": c.why, "beta": c.beta,
             "skipped_mass": max(a.screen.skipped_mass for a in attrs),
+            "bound_over_cut": max((a.screen.bound / (s.threshold * a.screen.top) for a in attrs if a.screen.top > 0),
+                                  default=float("nan")),
             "cost_share": sum(costs[l] for l in done) / sum(costs), "screen": dataclasses.asdict(s),
             "needed_cost_share": sum(costs[l] for l in needed_layers(exact, s)) / sum(costs)}
     return rec
@@ -161,10 +150,18 @@ def summarize(path: Path) -> None:
               f"{sum(s['refined_identical'] for s in sides)} of {n} facts; top-20 by mean identical on "
               f"{sum(s['top20_mean_overlap'] == 20 for s in sides)} of {n} (mean overlap "
               f"{statistics.mean(s['top20_mean_overlap'] for s in sides):.1f}/20); fell back on "
-              f"{sum(s['fell_back'] for s in sides)}; layers integrated exactly: mean "
+              f"{sum(s['fell_back'] for s in sides)}, picked again on {sum(s.get('rounds', 1) > 1 for s in sides)}; "
+              f"layers integrated exactly: mean "
               f"{statistics.mean(len(s['layers']) for s in sides):.1f} of {recs[0]['n_layers']}, cell-cost share "
               f"{statistics.mean(s['cost_share'] for s in sides):.0%} (a perfect screen with this guarantee: "
               f"{statistics.mean(s['needed_cost_share'] for s in sides):.0%})")
+        kept = [s for s in sides if not s["fell_back"] and "bound_over_cut" in s]
+        if kept:
+            print(f"  beta (the screen's measured error): median {statistics.median(s['beta'] for s in sides):.3g}, "
+                  f"max {max(s['beta'] for s in sides):.3g}; where the check passed, the largest bound of a left-out "
+                  f"neuron was {max(s['bound_over_cut'] for s in kept):.2f} of the coarse cut (median "
+                  f"{statistics.median(s['bound_over_cut'] for s in kept):.2f}) and the left-out layers carried at "
+                  f"most {max(s['skipped_mass'] for s in kept):.1%} of a prompt's sum of |layer effects|")
     print(f"perfect screen for the same guarantee: mean {statistics.mean(len(r['needed_layers']) for r in recs):.1f} "
           f"layers, cell-cost share {statistics.mean(r['needed_cost_share'] for r in recs):.0%} "
           f"(min {min(r['needed_cost_share'] for r in recs):.0%}, max {max(r['needed_cost_share'] for r in recs):.0%})")

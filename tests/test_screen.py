@@ -4,6 +4,7 @@ check that fails falls back to every layer, loudly."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 
@@ -46,14 +47,18 @@ def test_pick_layers_bounds_each_layer_by_its_peak_and_its_unexplained_effect(fu
     s = torch.tensor([[1.0, -0.1], [0.02, 0.0], [0.0, -0.06], [0.01, 0.01]])
     delta = s.sum(-1) + torch.tensor([0.0, 0.0, 0.0, 0.28])  # layer 3's screened scores miss 0.28 of its effect
     one = [_like(full[0], s, delta)]
-    # a layer stays when peak × safety + |unexplained| reaches 0.2 × the top screened score (a negative peak too)
-    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=1.0)) == ([0, 3], [2])
-    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=4.0)) == ([0, 2, 3], [1])
+    # a layer stays when a neuron's score + (safety - 1) × the layer's peak + |unexplained| reaches 0.2 × the top
+    # screened score; a negative score bounds its neuron below the cut, the peak of a negative one counts
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=1.0)) == ([0, 3], [1])
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=4.0)) == ([0, 3], [2])
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0, safety=5.0)) == ([0, 2, 3], [1])
+    # a second pick keeps the layers asked for and uses the error given
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=1, top_k=0), error=0.0, keep=[2]) == ([0, 2, 3], [1])
     # with min_count 2, a layer that may be coarse in one prompt only is left out
     other = _like(full[0], torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
     assert pick_layers([*one, other], [0, 1, 2, 3], Screen(min_count=2, top_k=0, safety=1.0)) == ([0], [3])
-    # top_k by mean: the 3rd-best mean is 0.01 here, so every layer may hold one of the top 3
-    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=5, top_k=3, safety=1.0)) == ([0, 1, 2, 3], [])
+    # top_k by mean: the 3rd-best mean is 0.01 here; layer 2's neurons are bounded by 0, the others may reach it
+    assert pick_layers(one, [0, 1, 2, 3], Screen(min_count=5, top_k=3, safety=1.0)) == ([0, 1, 3], [2])
     # no positive score: nothing to cut at, every layer stays
     assert pick_layers([_like(full[0], -s.abs())], [0, 1, 2, 3], Screen()) == ([0, 1, 2, 3], [])
 
@@ -241,9 +246,9 @@ def test_the_passes_of_a_screened_call_share_their_clean_passes(deep, full, monk
     seen = []
     real = cells._plain_state
 
-    def counting(model, rows, names):
+    def counting(model, rows, names, record):
         seen.append(len(names))
-        return real(model, rows, names)
+        return real(model, rows, names, record)
     monkeypatch.setattr(cells, "_plain_state", counting)
     attrs = knlens.attribute(deep, PROMPTS, " paris", screen=Screen(threshold=0.9, min_count=2, top_k=0, safety=1.0),
                              **EXACT)
@@ -252,3 +257,24 @@ def test_the_passes_of_a_screened_call_share_their_clean_passes(deep, full, monk
     assert cells._KEPT.get() is None  # nothing kept after the call
     for a, f in zip(attrs, full):
         torch.testing.assert_close(a.scores, f.scores[list(a.layers)], rtol=1e-4, atol=1e-8)
+
+
+def test_a_failed_check_picks_again_with_the_error_it_measured(deep, full, monkeypatch):
+    """A screen at half the exact scores of layer 1 (its effect alike, so nothing looks unexplained), exact
+    elsewhere: picked with no error allowed, the exact pass measures beta = 1 on layer 1 and the check fails;
+    picked again with it, the second check passes without integrating every layer."""
+    half = torch.where(torch.arange(6) == 1, 0.5, 1.0)
+    screen = [dataclasses.replace(f, scores=f.scores * half[:, None], delta=f.delta * half) for f in full]
+    monkeypatch.setattr(screen_module, "first_pass", lambda *a: [screen])
+    scr = Screen(threshold=0.5, min_count=2, top_k=0, safety=1.0)
+    first = pick_layers(screen, list(range(6)), scr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScreenFallbackWarning)
+        attrs = knlens.attribute(deep, PROMPTS, " paris", screen=scr, **EXACT)
+    c = attrs[0].screen
+    assert c.rounds == 2 and c.passed and not c.fell_back and c.skipped and abs(c.beta - 1) < 1e-3
+    assert set(first[0]) < set(c.kept) and "picked again" in screen_module.describe_screen(attrs)
+    def coarse_in_two(attributions):
+        counts = collections.Counter(n for a in attributions for n in knlens.coarse(a, 0.5))
+        return {n for n, k in counts.items() if k >= 2}
+    assert coarse_in_two(full) and coarse_in_two(attrs) == coarse_in_two(full)

@@ -60,7 +60,8 @@ def shared_clean_passes() -> Iterator[None]:
     """Inside the block, :func:`ig_rows` keeps the clean passes of every group of rows it runs (the plain
     forward, the prefix cache, the clean pass on it, the staircase) and reuses them when it runs the same rows
     again, at the same hook points or fewer: the screen and the exact pass of a screened integration share
-    them (:mod:`.screen`). The model must not change inside the block.
+    them (:mod:`.screen`). What it keeps (per row its logits, activations, prefix key/value cache and one-token
+    clean pass) lives until the block ends. The model must not change inside the block.
 
     >>> from knlens import load_model, encode
     >>> from knlens.methods.attribution.grids import quadrature
@@ -99,13 +100,14 @@ def _kept(kind: str, model: Any, rows: Queries, names: list[str], compute: Calla
     return value
 
 
-def _plain_state(model: Any, rows: Queries, names: list[str]
+def _plain_state(model: Any, rows: Queries, names: list[str], record: bool
                  ) -> tuple[Float[Tensor, "row vocab"], Float[Tensor, "row layer d"], list]:
     """One plain whole-prompt forward (no cache) of the rows: the logits and activations at the target position
-    that every faster path is checked against, and the block calls it made (for a staircase without a prefix)."""
+    that every faster path is checked against, and, with ``record``, the block calls it made (for a staircase
+    without a prefix)."""
     acts: dict[str, list[Tensor]] = {n: [] for n in names}
     savers = [(n, capture(acts[n], rows.position)) for n in names]
-    with torch.no_grad(), recording(model) as calls:
+    with torch.no_grad(), recording(model) if record else contextlib.nullcontext([]) as calls:
         logits = target_logits(model, rows, savers)
     return logits, torch.stack([acts[n][0] for n in names], dim=1), calls
 
@@ -219,8 +221,9 @@ def ig_rows(model: Any, rows: Queries, names: list[str], alphas: Tensor, weights
     recomputed by the ``reference`` engine with a warning, and the returned ``engine`` / ``note`` say so.
     """
     with cache_keyword_fix(model):
+        record = is_masked_lm(model) or int(rows.position[0]) == 0  # no prefix cache: the staircase needs them
         plain_logits, plain_acts, plain_calls = _kept("plain", model, rows, names,
-                                                      lambda ns: _plain_state(model, rows, ns), acts_at=1)
+                                                      lambda ns: _plain_state(model, rows, ns, record), acts_at=1)
         clean = read_quantity(plain_logits, rows.target, quantity).float().cpu()
         cells = len(rows) * len(names) * (len(alphas) + 2)
         tol = log_tolerance(model, rows.tokens[:1], int(rows.position[0]), int(rows.target[0]),

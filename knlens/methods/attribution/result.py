@@ -26,8 +26,8 @@ class Screen:
     one fact: every prompt's top score lies in an exactly integrated layer, no neuron of a left-out layer
     scores ``threshold`` × its prompt's top score or more in ``min_count`` or more prompts (so it is never a
     refined neuron when a neuron must be coarse in at least ``min_count`` prompts: Dai's floor is 3), and
-    none is among the ``top_k`` by mean score over the prompts. ``safety`` inflates the screened scores
-    when layers are picked (the check itself uses the error it measures).
+    none is among the ``top_k`` by mean score over the prompts. Layers are picked assuming the screen's error
+    is at most ``safety`` − 1 times a layer's largest |screened score| (the check uses the error it measures).
     """
 
     method: str = "gauss2"
@@ -45,11 +45,12 @@ class ScreenCheck:
     exactly as well, ``skipped`` the layers never integrated exactly. ``beta`` is the screen's error measured
     on every exactly integrated layer and prompt of the fact: the largest (max|exact − screened| − |r|) /
     max|screened| of a layer, where r = Δ − Σ screened is the effect its screened scores leave unexplained
-    (Δ = f(a) − f(baseline) of the layer, from two forwards of the model). A left-out layer's neurons are
-    bounded by (1 + beta) × its largest |screened score| + |r|; ``bound`` is the largest such bound of this
-    prompt, ``top`` its top exact score, ``coarse_layers`` the left-out layers where the bound reaches
-    ``threshold`` × ``top``. ``skipped_mass`` = Σ |Δ| of the left-out layers / Σ |Δ| of all layers.
-    ``passed`` is the fact's check (``why`` says what failed); when it fails every layer is integrated
+    (Δ = f(a) − f(baseline) of the layer, from two forwards of the model). A neuron of a left-out layer is
+    bounded by its screened score + beta × the layer's largest |screened score| + |r|; ``bound`` is the largest
+    such bound of this prompt, ``top`` its top exact score, ``coarse_layers`` the left-out layers where a bound
+    reaches ``threshold`` × ``top``. ``skipped_mass`` = Σ |Δ| of the left-out layers / Σ |Δ| of all layers.
+    ``passed`` is the fact's check (``why`` says what failed); ``rounds`` is 2 when a first check failed and
+    the layers were picked again with the measured beta; when the last check fails every layer is integrated
     exactly (``fell_back``) and the result is the unscreened one.
     """
 
@@ -65,6 +66,7 @@ class ScreenCheck:
     passed: bool
     fell_back: bool
     why: str = ""
+    rounds: int = 1
 
 
 @dataclass(frozen=True)

@@ -10,25 +10,29 @@ each of its facts on its own, in batches):
    (integrated gradients on one node at α = 1, i.e. gradient × (activation − baseline) at the clean point)
    or ``"gaussN"`` (N Gauss–Legendre nodes), on the engine asked for, with its α = 0 cell, which gives
    each layer's exact effect Δ = f(a) − f(baseline);
-2. **bound** each neuron of layer ``l`` by ``B = c · s + |r|``: ``s`` the layer's largest |screened score|,
-   ``r = Δ − Σ screened`` the effect its screened scores leave unexplained (a quadrature that misses a sharp
-   change along the path leaves it there: SmolLM2's layer 0, whose top neuron outscores every other layer,
-   is screened at 3 % of it);
-3. **pick** with ``c = safety``: a layer stays when its bound reaches its prompt's top screened score, or
-   ``t`` × that top in ``min_count`` prompts, or the ``top_k``-th mean screened score; the left-out layer
-   nearest that cut is **verified** (integrated exactly as well);
+2. **bound** each neuron ``i`` of layer ``l`` by ``B_i = S_i + e · s + |r|``: ``S_i`` its screened score,
+   ``s`` the layer's largest |screened score|, ``e`` the screen's error relative to it, and
+   ``r = Δ − Σ screened`` the effect the layer's screened scores leave unexplained (a quadrature that misses
+   a sharp change along the path leaves it there: SmolLM2's layer 0, whose top neuron outscores every other
+   layer, is screened at 3 % of it);
+3. **pick** with ``e = safety − 1``: a layer stays when a neuron's bound reaches its prompt's top screened
+   score, or ``t`` × that top in ``min_count`` prompts, or the ``top_k``-th mean screened score by its mean;
+   the left-out layer nearest that cut is **verified** (integrated exactly as well);
 4. **integrate exactly** the picked and verified layers (same grid, adaptive refinement and engine as an
-   unscreened call), and **check** with ``c = 1 + beta``, ``beta`` the screen's error beyond ``|r|``
-   measured on every exactly integrated layer, against the exact top scores and the exact ``top_k``-th mean.
-   When it holds, each prompt's top score is in the exact layers, no left-out neuron is coarse in
-   ``min_count`` prompts or in the top ``top_k`` by mean, so the refined neurons (for any ``p`` that demands
-   ``min_count`` prompts or more) and that top ``k`` equal those of every layer;
-5. otherwise every layer is integrated exactly, with a :class:`~knlens.core.errors.ScreenFallbackWarning`
-   and ``settings.engine_note`` saying why (:attr:`ScreenCheck.fell_back`).
+   unscreened call), and **check** with ``e = beta``, the screen's error beyond ``|r|`` measured on every
+   exactly integrated layer, against the exact top scores and the exact ``top_k``-th mean. When it holds,
+   each prompt's top score is in the exact layers, no left-out neuron is coarse in ``min_count`` prompts or
+   in the top ``top_k`` by mean, so the refined neurons (for any ``p`` that demands ``min_count`` prompts or
+   more) and that top ``k`` equal those of every layer. When it fails, the layers are **picked again** once
+   with ``e = beta`` (keeping those integrated), integrated exactly and checked (``rounds = 2``);
+5. if that fails too, every layer is integrated exactly, with a
+   :class:`~knlens.core.errors.ScreenFallbackWarning` and ``settings.engine_note`` saying why
+   (:attr:`ScreenCheck.fell_back`).
 
 Several facts share their passes as an unscreened call's do (:mod:`.cells`): the screen of every fact is one
-call, the exact pass one call per set of picked layers (the facts that picked the same layers together), the
-fallback one call for every fact whose check failed.
+call, each exact pass one call per set of picked layers (the facts that picked the same layers together), the
+fallback one call for every fact whose checks failed; all of them reuse the screen's clean passes
+(:func:`~knlens.methods.attribution.cells.shared_clean_passes`).
 
 The check rests on one assumption, stated here rather than hidden: a left-out layer's error beyond its
 unexplained effect is no larger, relative to its screened scores, than the largest measured on the exact
@@ -56,7 +60,8 @@ from torch import Tensor
 from knlens.core.errors import ScreenFallbackWarning, SettingsError
 from knlens.methods.attribution.result import Attribution, Screen, ScreenCheck
 
-__all__ = ["SCREENS", "get_screen", "first_pass", "pick_layers", "check_screen", "screened", "describe_screen"]
+__all__ = ["SCREENS", "get_screen", "first_pass", "pick_layers", "needed_layers", "check_screen", "screened",
+           "describe_screen"]
 
 log = logging.getLogger("knlens.methods.attribution.ig")
 
@@ -87,49 +92,66 @@ def first_pass(screen: Screen, layers: list[int], run: Run, items: list[int]) ->
     return run(items, layers, steps=steps, grid=grid, tolerance=None)
 
 
-def _peaks(scores: Float[Tensor, "layer d"]) -> Float[Tensor, "layer"]:
-    return scores.abs().amax(-1)
-
-
 def _kth_mean(scores: Sequence[Float[Tensor, "layer d"]], k: int) -> float:
     mean = torch.stack(list(scores)).mean(0).flatten()
     return float(mean.topk(min(k, mean.numel())).values[-1])
 
 
-def _bounds(first: Sequence[Attribution], c: float) -> Float[Tensor, "prompt layer"]:
-    """``c`` × each layer's largest |screened score| + |its unexplained effect Δ − Σ screened|, per prompt."""
-    s = torch.stack([_peaks(a.scores) for a in first])
+def _upper(first: Sequence[Attribution], error: float) -> Float[Tensor, "prompt layer d"]:
+    """Upper bounds of every neuron's exact score, per prompt: its screened score + ``error`` × its layer's
+    largest |screened score| + |its layer's unexplained effect Δ − Σ screened|."""
+    s = torch.stack([a.scores for a in first])
     r = torch.stack([(a.delta - a.scores.sum(-1)).abs() for a in first])
-    return c * s + r
+    return s + (error * s.abs().amax(-1) + r)[..., None]
 
 
-def _closeness(bound: Float[Tensor, "prompt layer"], top: Float[Tensor, "prompt"], kth_mean: float,
+def _closeness(upper: Float[Tensor, "prompt layer d"], top: Float[Tensor, "prompt"], kth_mean: float,
                screen: Screen) -> Float[Tensor, "layer"]:
-    """How near each layer comes to holding a neuron that matters (≥ 1: it may): its bound over the coarse
-    level in its ``min_count``-th prompt, over a prompt's top score, or its mean over the ``top_k``-th mean."""
-    n = bound.shape[0]
-    coarse = (bound / (screen.threshold * top[:, None])).sort(0, descending=True).values
-    near = coarse[screen.min_count - 1] if screen.min_count <= n else torch.zeros(bound.shape[1])
-    near = torch.maximum(near, (bound / top[:, None]).amax(0))
+    """How near each layer comes to holding a neuron that matters (≥ 1: it may), from its neurons' bounds:
+    over a prompt's top score, over the coarse level in the neuron's ``min_count``-th prompt, or their mean
+    over the ``top_k``-th mean."""
+    near = (upper.amax(-1) / top[:, None]).amax(0)
+    if screen.min_count <= upper.shape[0]:
+        coarse = (upper / (screen.threshold * top[:, None, None])).sort(0, descending=True).values
+        near = torch.maximum(near, coarse[screen.min_count - 1].amax(-1))
     if screen.top_k:
-        near = torch.maximum(near, bound.mean(0) / kth_mean if kth_mean > 0 else torch.full_like(near, torch.inf))
+        mean = upper.mean(0).amax(-1)
+        near = torch.maximum(near, mean / kth_mean if kth_mean > 0 else torch.full_like(near, torch.inf))
     return near
 
 
-def pick_layers(first: Sequence[Attribution], layers: Sequence[int], screen: Screen) -> tuple[list[int], list[int]]:
-    """The layers to integrate exactly: those whose screened bound (with ``safety``) may matter (``kept``), and
-    the left-out layer nearest that cut (``verified``; empty when none is left out)."""
+def pick_layers(first: Sequence[Attribution], layers: Sequence[int], screen: Screen, error: float | None = None,
+                keep: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+    """The layers to integrate exactly: ``keep`` and those whose neurons' screened bounds (``error`` the
+    screen's error: ``safety`` − 1 unless given) may matter (``kept``), and the left-out layer nearest that
+    cut (``verified``; empty when none is left out)."""
     top = torch.tensor([float(a.scores.max()) for a in first])
     if bool((top <= 0).any()):  # no positive evidence to cut at: every layer stays
         return list(layers), []
-    near = _closeness(_bounds(first, screen.safety), top, _kth_mean([a.scores for a in first], screen.top_k)
-                      if screen.top_k else 0.0, screen)
-    keep = near >= 1
-    kept = [l for l, k in zip(layers, keep.tolist()) if k]
-    if keep.all():
+    near = _closeness(_upper(first, screen.safety - 1 if error is None else error), top,
+                      _kth_mean([a.scores for a in first], screen.top_k) if screen.top_k else 0.0, screen)
+    chosen = (near >= 1) | torch.tensor([l in keep for l in layers])
+    kept = [l for l, k in zip(layers, chosen.tolist()) if k]
+    if chosen.all():
         return kept, []
-    rest = (~keep).nonzero()[:, 0]
+    rest = (~chosen).nonzero()[:, 0]
     return kept, [layers[int(rest[near[rest].argmax()])]]
+
+
+def needed_layers(exact: Sequence[Attribution], screen: Screen) -> list[int]:
+    """The layers a perfect screen would keep for ``screen``'s guarantee: those where, by the exact scores of
+    every layer, a neuron holds a prompt's top score, is coarse in ``min_count`` prompts or is in the top
+    ``top_k`` by mean (``exact[0].layers`` numbers them).
+
+    >>> from knlens import attribute, load_model
+    >>> attrs = attribute(load_model("tiny-llama"), ["the capital of france is"], " paris", steps=8)
+    >>> needed_layers(attrs, Screen(top_k=0)) == [int(attrs[0].scores.max(-1).values.argmax())]
+    True
+    """
+    scores = torch.stack([a.scores for a in exact])
+    near = _closeness(scores, scores.amax((1, 2)), _kth_mean(list(scores), screen.top_k) if screen.top_k else 0.0,
+                      screen)
+    return [l for l, n in zip(exact[0].layers, (near >= 1).tolist()) if n]
 
 
 def _beta(first: Sequence[Attribution], exact: Sequence[Attribution], rows: list[int]) -> float:
@@ -139,14 +161,14 @@ def _beta(first: Sequence[Attribution], exact: Sequence[Attribution], rows: list
     for f, e in zip(first, exact):
         s = f.scores[rows]
         err = ((e.scores - s).abs().amax(-1) - (f.delta[rows] - s.sum(-1)).abs()).clamp_min(0)
-        peak = _peaks(s)
+        peak = s.abs().amax(-1)
         rel = torch.where(err > 0, err / peak, torch.zeros_like(err))  # err > 0 = peak: inf
         beta = max(beta, float(rel.max()))
     return beta
 
 
 def check_screen(first: Sequence[Attribution], exact: Sequence[Attribution], layers: Sequence[int],
-                 kept: Sequence[int], verified: Sequence[int], screen: Screen) -> list[ScreenCheck]:
+                 kept: Sequence[int], verified: Sequence[int], screen: Screen, rounds: int = 1) -> list[ScreenCheck]:
     """The guarantee of a screened integration checked against the exact scores (steps 2 and 4 of the module
     docstring) for one fact: one :class:`ScreenCheck` per prompt; ``passed`` is the same for all (the check is
     the fact's)."""
@@ -155,13 +177,14 @@ def check_screen(first: Sequence[Attribution], exact: Sequence[Attribution], lay
     beta = _beta(first, exact, [layers.index(l) for l in exact[0].layers])
     top = torch.tensor([float(a.scores.max()) for a in exact])
     cols = [layers.index(l) for l in skipped]
-    bound = _bounds(first, 1 + beta)[:, cols]
+    upper = _upper(first, beta)[:, cols]
+    bound = upper.amax(-1) if skipped else torch.zeros(len(exact), 0)  # [prompt, left-out layer]
     why = ""
     if skipped and bool((top <= 0).any()):
         why = "a prompt has no positive exact score, so a left-out layer may hold its top"
     elif skipped:
         kth = _kth_mean([a.scores for a in exact], screen.top_k) if screen.top_k else 0.0
-        near = _closeness(bound, top, kth, screen)
+        near = _closeness(upper, top, kth, screen)
         if bool((near >= 1).any()):
             worst = int(near.argmax())
             why = (f"layer {skipped[worst]} may hold a neuron that matters (bound {float(bound[:, worst].max()):.3g} "
@@ -175,19 +198,26 @@ def check_screen(first: Sequence[Attribution], exact: Sequence[Attribution], lay
             bound=float(bound[p].max()) if skipped else 0.0, top=float(top[p]),
             coarse_layers=tuple(l for l, b in zip(skipped, bound[p].tolist()) if b >= level),
             skipped_mass=float(mass[p, cols].sum() / mass[p].sum().clamp_min(1e-30)), passed=not why,
-            fell_back=False, why=why))
+            fell_back=False, why=why, rounds=rounds))
     return out
 
 
-def _by_layers(run: Run, subsets: list[list[int]], items: list[int]) -> dict[int, list[Attribution]]:
-    """``run`` of facts ``items``, each on its layers ``subsets[i]``: the facts with the same layers in one call."""
+def _by_layers(run: Run, subsets: dict[int, list[int]]) -> dict[int, list[Attribution]]:
+    """``run`` of the facts ``subsets`` names, each on its layers: the facts with the same layers in one call."""
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i in items:
-        groups.setdefault(tuple(subsets[i]), []).append(i)
+    for i, subset in subsets.items():
+        groups.setdefault(tuple(subset), []).append(i)
     out: dict[int, list[Attribution]] = {}
     for subset, idx in groups.items():
         out.update(zip(idx, run(idx, list(subset))))
     return out
+
+
+def _exact_pass(run: Run, first: list[list[Attribution]], picks: dict[int, tuple[list[int], list[int]]],
+                layers: list[int], screen: Screen, rounds: int) -> dict[int, tuple[list[Attribution], list[ScreenCheck]]]:
+    """The facts ``picks`` names integrated exactly on their picked and verified layers, and checked."""
+    exact = _by_layers(run, {i: sorted([*k, *v]) if v else list(layers) for i, (k, v) in picks.items()})
+    return {i: (exact[i], check_screen(first[i], exact[i], layers, *picks[i], screen, rounds)) for i in picks}
 
 
 def screened(n_facts: int, screen: Screen, layers: list[int], run: Run) -> list[list[Attribution]]:
@@ -195,21 +225,22 @@ def screened(n_facts: int, screen: Screen, layers: list[int], run: Run) -> list[
     per fact; ``run`` is the unscreened call on any of the facts and any subset of ``layers``."""
     facts = list(range(n_facts))
     first = first_pass(screen, layers, run, facts)
-    picks = [pick_layers(f, layers, screen) for f in first]
-    exact = _by_layers(run, [sorted([*k, *v]) if v else list(layers) for k, v in picks], facts)
-    checks = {i: check_screen(first[i], exact[i], layers, *picks[i], screen) for i in facts}
-    failed = [i for i in facts if not checks[i][0].passed]
-    notes = {i: f"screen {screen.method} -> all layers: {checks[i][0].why}" for i in failed}
+    done = _exact_pass(run, first, {i: pick_layers(first[i], layers, screen) for i in facts}, layers, screen, 1)
+    again = {i: pick_layers(first[i], layers, screen, error=c[0].beta, keep=e[0].layers)
+             for i, (e, c) in done.items() if not c[0].passed and all(x.top > 0 for x in c)}
+    done.update(_exact_pass(run, first, {i: p for i, p in again.items() if p[1]}, layers, screen, 2))
+    failed = [i for i in facts if not done[i][1][0].passed]
+    notes = {i: f"screen {screen.method} -> all layers: {done[i][1][0].why}" for i in failed}
     if failed:
         which = "" if n_facts == 1 else f"{len(failed)} of {n_facts} facts; "
         text = "; ".join(f"{notes[i]}" + ("" if n_facts == 1 else f" (fact {i})") for i in failed)
         warnings.warn(f"integrated gradients: {which}{text}", ScreenFallbackWarning, stacklevel=5)
         log.warning("%s%s", which, text)
-        exact.update(zip(failed, run(failed, list(layers))))
-        checks.update({i: [dataclasses.replace(c, fell_back=True) for c in checks[i]] for i in failed})
+        done.update({i: (e, [dataclasses.replace(c, fell_back=True) for c in done[i][1]])
+                     for i, e in zip(failed, run(failed, list(layers)))})
     return [[dataclasses.replace(a, screen=c, settings=dataclasses.replace(
         a.settings, screen=screen, engine_note="; ".join(x for x in (a.settings.engine_note, notes.get(i, "")) if x)))
-        for a, c in zip(exact[i], checks[i])] for i in facts]
+        for a, c in zip(*done[i])] for i in facts]
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -238,6 +269,8 @@ def describe_screen(attributions: Sequence[Attribution]) -> str:
     text = (f"{c.method}: integrated exactly layers {_span(sorted([*c.kept, *c.verified]))} (picked {_span(c.kept)}, "
             f"verified {_span(c.verified)}), left out {_span(c.skipped)} (at most {mass:.1%} of a prompt's layer "
             f"effects); measured screen error beta {c.beta:.3g}")
+    if c.rounds > 1 and not c.fell_back:
+        text += "; picked again with the measured error after a first check failed"
     if c.fell_back:
         text += f"; the check failed ({c.why}): every layer integrated exactly"
     return text
