@@ -142,12 +142,14 @@ def render_markdown(r: EditingStudy) -> str:
         markdown_table(wide), "",
         "## Facts", "",
         f"Model `{s.model}`. Per relation, `knlens.data.load_pararel` reads a random subset (seed {s.seed}) of "
-        f"{s.candidates} facts (object-last templates); a fact is **known** when the model's greedy continuation is "
+        f"{s.candidates} facts ({s.synonym_candidates} for a relation with a synonymous reading, P101; object-last "
+        "templates); a fact is **known** when the model's greedy continuation is "
         f"the whole object on at least {s.min_prompts} paraphrases, and only those are kept (at most {s.max_prompts}: "
         "the first is the edit prompt, the others its paraphrases). The object must be **one token** (Dai's update "
         "adds one token's vector); the **new object** is the object of the next known fact of the relation that has "
-        f"a different one; **neighbours** are up to {s.neighbours} other known facts of the relation whose object is "
-        f"not the new one ({s.neighbour_prompts} prompts each). Facts are taken round robin over the relations until "
+        "a different one and another subject (the case's counterpart); **neighbours** are up to "
+        f"{s.neighbours} other known facts of the relation whose object is not the new one ({s.neighbour_prompts} "
+        "prompts each). Facts are taken round robin over the relations until "
         f"the budget of {s.budget_minutes:g} min (counted from the start) would be overrun.", "",
         markdown_table(t["counts"]), "",
         "## Editors", "",
