@@ -13,7 +13,7 @@ import platform
 
 import pandas as pd
 
-from knlens.studies.editing_study import EDITORS, EditingStudy
+from knlens.studies.editing_study import EDITORS, NOT_DEFINED, EditingStudy
 from knlens.viz.editing_criteria_page import criteria_headline, criteria_section
 from knlens.viz.query_localization_page import ALPHA, markdown_table
 
@@ -124,7 +124,11 @@ def render_markdown(r: EditingStudy) -> str:
     """The whole page (see the module)."""
     s, ev, t = r.settings, r.evaluation, r.tables
     m = ev.metrics()
-    wide = ev.table().set_index("editor").reindex([e for e in EDITORS if e in set(m.editor)]).reset_index()
+    wide = ev.table().set_index("editor").reindex([e for e in EDITORS if e in set(m.editor)])
+    for (editor, metric) in NOT_DEFINED:
+        if editor in wide.index and metric in wide.columns:
+            wide.loc[editor, metric] = "not defined"
+    wide = wide.reset_index()
     long = m.assign(interval=[f"[{a:.3g}, {b:.3g}]" for a, b in zip(m.ci_low, m.ci_high)])[
         ["editor", "metric", "convention", "before", "mean", "interval", "n_facts"]]
     sizes = ev.edits.groupby("editor", sort=False)[["n_changed", "delta_norm"]].mean().reset_index()
