@@ -1,6 +1,6 @@
 """The editing study (knlens/studies/editing_cases.py, editing_study.py; the page in knlens/viz/editing_page.py):
-facts counted at each filter, every editor on every fact, the extra-criteria hook, no-op edits as errors, the
-budget, the page; and a short real run on the embedded model."""
+facts counted at each filter, every editor on every fact, Niu et al.'s criteria and the relation question on every
+editor that defines them, no-op edits as errors, the budget, the page; and a short real run on the embedded model."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from knlens.methods.editing.edit import fingerprint, make_edit
 from knlens.methods.editing.editors import EditRequest
 from knlens.studies.editing_cases import (COUNT_COLUMNS, EditingSettings, counterfactual_cases, interleave,
                                           select_cases)
-from knlens.studies.editing_study import EDITORS, EditingStudy, editing_study, run_cases
+from knlens.studies.editing_probes import with_criteria
+from knlens.studies.editing_study import EDITORS, NOT_DEFINED, EditingStudy, editing_study, run_cases
+from knlens.viz.editing_criteria_page import KN_EDITORS, NO_KEY
 from knlens.viz.editing_page import render_markdown
 
 TINY = EditingSettings(model="tiny-llama", steps=2, n_text=3, covariance_texts=20, rank_one_steps=2,
@@ -78,26 +80,20 @@ def test_cases_alternate_between_relations():
     assert interleave([["a1", "a2"], ["b1", "b2", "b3"], []]) == ["a1", "b1", "a2", "b2", "b3"]
 
 
+REVERSE = {"P36": ["[Y] is the capital of"]}
+
+
 @pytest.fixture(scope="module")
 def study(tiny_llama, candidates):
     cases, counts = select_cases(tiny_llama, candidates[0], TINY)
+    cases, criteria = with_criteria(tiny_llama, cases, templates=REVERSE)
     settings = EditingSettings(**{**TINY.__dict__, "max_facts": 3})
-    rows = []
-
-    def criterion(model, case, edits):
-        """A stand-in extra criterion: is each edit applied while it is measured?"""
-        for name, edit in edits.items():
-            with edit.apply(model):
-                rows.append(edit.is_applied(model))
-        return pd.DataFrame({"fact": case.request.name, "editor": list(edits), "metric": "applied",
-                             "convention": "test", "before": 0.0, "after": 1.0})
-
     start = fingerprint(tiny_llama)
-    ev, facts, generic = run_cases(tiny_llama, cases, settings, criteria=[criterion])
+    ev, facts, generic = run_cases(tiny_llama, cases, settings)
     assert fingerprint(tiny_llama) == start
-    assert rows and all(rows)
     counts["studied"] = [3, 0]
-    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic},
+    criteria["studied"] = 3
+    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic, "criteria": criteria},
                         {"facts": 3.0, "cases": float(len(cases)), "located": float(generic.located.sum()),
                          "skipped": 0.0, "refined": 0.0,
                          "mean_neurons": float(facts.n_neurons.mean()), "shared_neurons": 0.0,
@@ -107,10 +103,17 @@ def study(tiny_llama, candidates):
 def test_every_editor_and_metric_is_one_row_with_an_interval(study):
     m = study.evaluation.metrics()
     assert set(m.editor) == set(EDITORS)
+    criteria = {"symmetry", "symmetry_pn", "symmetry_old"}  # P36: no synonymous reading; the tiny model has no " None"
     assert {"reliability", "reliability_es", "generality", "generality_ps", "locality", "locality_gold", "locality_ns",
-            "perplexity_change", "reliability_old", "applied"} == set(m.metric)
+            "perplexity_change", "reliability_old"} | criteria == set(m.metric)
+    c = study.tables["criteria"].set_index("relation").loc["P36"]
+    assert (c.symmetry, c.synonym, c["relation question"]) == (c.cases, 0, 0) and "' None'" in c["why not"]
+    sym = study.evaluation.frame.query("group == 'symmetry'")
+    assert sym.prompt.str.endswith("is the capital of").all() and set(sym.editor) == set(EDITORS)
     assert (m.n_facts == 3).all() and len(study.tables["facts"]) == 3
-    assert (m[m.metric == "applied"]["mean"] == 1.0).all()
+    for (editor, metric) in NOT_DEFINED:  # erase writes no new object: no symmetry value, only the old fact's fate
+        assert m[(m.editor == editor) & (m.metric == metric)].empty
+    assert not m[(m.editor == "kn-erase") & (m.metric == "symmetry_old")].empty
     edits = study.evaluation.edits.set_index(["fact", "editor"])
     for fact in study.tables["facts"].fact:
         for a, b in (("random-kn", "kn-update"), ("random-rank-one", "rank-one")):
@@ -127,7 +130,10 @@ def test_the_study_saves_loads_and_writes_its_page(study, tmp_path):
     for heading in ("## Headline", "## Facts", "## Editors", "## Metrics", "## The papers' numbers beside ours",
                     "## Per fact", "## Limitations"):
         assert heading in page
-    assert "**3 facts** edited (P36 3)" in page and "EXTRA_CRITERIA" in page
+    assert "**3 facts** edited (P36 3)" in page and "EXTRA_CRITERIA" not in page
+    assert "not defined: kn-erase writes no new object" in page and page.count(NO_KEY) == len(KN_EDITORS)
+    assert "no studied fact allows it" in page  # synonymous invariance: P36 has no synonymous reading
+    assert "| P36 | " + " | ".join(map(str, study.tables["criteria"].iloc[0, 1:5])) in page
 
 
 def test_an_edit_that_changes_no_weight_is_an_error(tiny_llama, candidates):
@@ -142,17 +148,17 @@ def test_an_edit_that_changes_no_weight_is_an_error(tiny_llama, candidates):
 
     start = fingerprint(tiny_llama)
     with pytest.raises(NoOpEditError, match="does not change any weight"):
-        run_cases(tiny_llama, cases, TINY, editors=noop, criteria=[])
+        run_cases(tiny_llama, cases, TINY, editors=noop)
     with pytest.raises(SettingsError, match="not an Edit"):
-        run_cases(tiny_llama, cases, TINY, editors=lambda *_: {"none": lambda m, r, made: None}, criteria=[])
+        run_cases(tiny_llama, cases, TINY, editors=lambda *_: {"none": lambda m, r, made: None})
     assert fingerprint(tiny_llama) == start
 
 
 def test_the_budget_and_the_cap_bound_the_facts(tiny_llama, candidates):
     cases, _ = select_cases(tiny_llama, candidates[0], TINY)
     with pytest.raises(InsufficientDataError, match="budget ran out"):
-        run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "budget_minutes": 1e-9}), criteria=[])
-    ev, facts, _ = run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "max_facts": 1}), criteria=[])
+        run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "budget_minutes": 1e-9}))
+    ev, facts, _ = run_cases(tiny_llama, cases, EditingSettings(**{**TINY.__dict__, "max_facts": 1}))
     assert len(facts) == 1 and set(ev.metrics().n_facts) == {1}
 
 
@@ -205,3 +211,23 @@ def test_generic_neurons_are_those_of_more_than_one_located_fact():
     only_generic = located("R", "e", [(0, 1)])
     sets, source = _sets(only_generic, generic["R"], 3)  # nothing left: the top 3 non-generic by mean attribution
     assert source == "top 3 mean" and len(sets["kn"]) == 3 and not sets["kn"] & generic["R"]
+
+
+def test_the_counterpart_has_another_subject():
+    """A symmetric relation holds several facts per subject: the new object comes from another subject's fact, whose
+    subject the reverse prompts expect before the edit."""
+    a = Fact(["france borders"], " spain", subject="france", relation="P47", name="a")
+    b = Fact(["france borders"], " italy", subject="france", relation="P47", name="b")
+    c = Fact(["germany borders"], " poland", subject="germany", relation="P47", name="c")
+    got = {x.request.name: (x.request.new_target, x.counterpart.name) for x in counterfactual_cases([a, b, c])}
+    assert got == {"a": (" poland", "c"), "b": (" poland", "c"), "c": (" spain", "a")}
+
+
+def test_criteria_say_why_a_relation_defines_none(tiny_llama):
+    facts = [Fact([f"the capital of {c} is"], f" {t}", subject=c, relation="P17", name=c)
+             for c, t in (("france", "paris"), ("italy", "rome"), ("spain", "madrid"))]
+    cases, table = with_criteria(tiny_llama, counterfactual_cases(facts, neighbours=1))
+    assert len(cases) == 3 and not any(x.request.probes for x in cases)
+    row = table.iloc[0]
+    assert (row.cases, row.symmetry, row.synonym, row["relation question"]) == (3, 0, 0, 0)
+    assert "symmetry: relation 'P17' has no symmetric or bijective reading" in row["why not"]

@@ -62,8 +62,11 @@ STUDIES: dict[str, StudySpec] = {
     "editing": StudySpec(
         EditingSettings, editing_study, editing_page.render_markdown,
         "Knowledge editing on ParaRel: KN update, KN erase, consistency-aware KN, rank-one and random-neuron controls "
-        "on facts the model knows, judged by reliability, generality, locality (both conventions) and perplexity.",
+        "on facts the model knows, judged by reliability, generality, locality (both conventions), perplexity, "
+        "Niu et al.'s bijective symmetry and synonymous invariance, and rank-one edits keyed at the subject or the "
+        "relation.",
         {"relations": "ParaRel relations", "candidates": "facts read per relation before the filters",
+         "synonym_candidates": "facts read for a relation with a synonymous reading (P101)",
          "budget_minutes": "stop starting new facts when the next would overrun this many minutes",
          "max_facts": "edit at most this many facts", "rank_one_layer": "the rank-one edit's layer"}),
     "syntax": StudySpec(

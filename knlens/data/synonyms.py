@@ -11,7 +11,7 @@ says, per relation, which templates ask the synonymous reading and which table m
 >>> synonym_of("P101", " knitting")
 Traceback (most recent call last):
 ...
-knlens.core.errors.TargetError: the object ' knitting' has no entry in P101's synonym table (FIELD_OCCUPATION); known: anthropology, architecture, art, astronomy, biology, ...
+knlens.core.errors.TargetError: the object ' knitting' has no entry in P101's synonym table (FIELD_OCCUPATION); known: anatomy, anthropology, architecture, art, astronomy, ...
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from knlens.data.builtin import UnknownRelationError
 __all__ = ["FIELD_OCCUPATION", "SynonymReading", "SYNONYM_READINGS", "synonym_of"]
 
 FIELD_OCCUPATION: dict[str, str] = {
-    "anthropology": "anthropologist", "architecture": "architect", "art": "artist", "astronomy": "astronomer",
+    "anatomy": "anatomist", "anthropology": "anthropologist", "architecture": "architect", "art": "artist", "astronomy": "astronomer",
     "biology": "biologist", "botany": "botanist", "chemistry": "chemist", "computer science": "computer scientist",
-    "economics": "economist", "engineering": "engineer", "genetics": "geneticist", "geography": "geographer",
+    "ecology": "ecologist", "economics": "economist", "engineering": "engineer", "genetics": "geneticist", "geography": "geographer", "geometry": "geometer",
     "geology": "geologist", "history": "historian", "journalism": "journalist", "law": "lawyer",
     "linguistics": "linguist", "literature": "writer", "logic": "logician", "mathematics": "mathematician",
     "medicine": "physician", "music": "musician", "neuroscience": "neuroscientist", "painting": "painter",
-    "philosophy": "philosopher", "photography": "photographer", "physics": "physicist", "physiology": "physiologist",
+    "pharmacy": "pharmacist", "philosophy": "philosopher", "photography": "photographer", "physics": "physicist", "physiology": "physiologist",
     "poetry": "poet", "politics": "politician", "psychology": "psychologist", "sculpture": "sculptor",
     "sociology": "sociologist", "statistics": "statistician", "theology": "theologian", "zoology": "zoologist",
 }

@@ -10,7 +10,8 @@ Per relation, :func:`select_cases` counts what survives each filter, in this ord
    the first is the edit prompt, the others its paraphrases (generality);
 3. **single token** — the object is one token (Dai's update adds one token's vector);
 4. **new object** — a counterfactual: the object of another known single-token fact of the relation (the next in
-   the shuffled order with a different object), as CounterFact draws them;
+   the shuffled order with a different object and another subject: its *counterpart*, whose subject the reverse
+   prompts of bijective symmetry expect before the edit), as CounterFact draws them;
 5. **neighbours** — at least one other known fact of the relation whose object is not the new one (their
    prompts test locality).
 
@@ -37,6 +38,7 @@ from knlens.core.errors import InsufficientDataError, SettingsError, TargetError
 from knlens.core.facts import Fact
 from knlens.core.tokens import target_tokens
 from knlens.data.pararel import load_pararel
+from knlens.data.synonyms import SYNONYM_READINGS
 from knlens.methods.editing.editors import EditRequest
 from knlens.methods.known import known_facts
 
@@ -52,8 +54,10 @@ class EditingSettings:
     ``benchmarks/EDITING.md``)."""
 
     model: str = "smollm2-135m"
-    relations: tuple[str, ...] = ("P36", "P1376", "P30", "P178", "P101", "P407", "P1412", "P279")
+    # symmetric or bijective relations (symmetry), P101 (synonymous invariance), then others
+    relations: tuple[str, ...] = ("P36", "P1376", "P101", "P47", "P530", "P30", "P407", "P279")
     candidates: int = 60  # ParaRel facts read per relation before the filters
+    synonym_candidates: int = 200  # read for a relation with a synonymous reading (the model knows 1 in ~20 of P101)
     min_prompts: int = 2  # a fact is known when answered on at least this many paraphrases
     max_prompts: int = 4  # answered paraphrases kept per fact (the edit prompt and its paraphrases)
     neighbours: int = 3  # other known facts of the relation whose prompts test locality
@@ -73,6 +77,9 @@ class EditingSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.candidates < 1 or self.synonym_candidates < 1:
+            raise SettingsError(f"candidates and synonym_candidates must be at least 1, got {self.candidates} and "
+                                f"{self.synonym_candidates}")
         if self.min_prompts < 2 or self.max_prompts < self.min_prompts:
             raise SettingsError(f"need 2 ≤ min_prompts ≤ max_prompts (an edit prompt and a paraphrase), got "
                                 f"{self.min_prompts} and {self.max_prompts}")
@@ -90,10 +97,12 @@ class EditingSettings:
 
 @dataclass(frozen=True)
 class EditCase:
-    """One fact to edit: the request (edit prompt, paraphrases, new object, neighbours) and its relation."""
+    """One fact to edit: the request (edit prompt, paraphrases, new object, neighbours, the criteria's probes), its
+    relation and its counterpart (the known fact whose object is the new one)."""
 
     request: EditRequest
     relation: str
+    counterpart: Fact | None = None
 
 
 def is_single_token(model: Any, target: str) -> bool:
@@ -104,19 +113,28 @@ def is_single_token(model: Any, target: str) -> bool:
         return False
 
 
+def _counterpart_of(fact: Fact, other: Fact) -> bool:
+    """Whether ``other`` can give ``fact`` its new object: another object, and another subject (when both name one)."""
+    same_subject = fact.subject is not None and other.subject is not None and \
+        fact.subject.strip() == other.subject.strip()
+    return other.target.strip() != fact.target.strip() and not same_subject
+
+
 def counterfactual_cases(facts: Sequence[Fact], *, neighbours: int = 3, neighbour_prompts: int = 2) -> list[EditCase]:
-    """One case per fact that has a counterfactual object (the next fact's in ``facts``, cyclically, whose object
-    differs) and a neighbour: the next ``neighbours`` other facts whose object is not the new one (there the new
-    object must not win), their first ``neighbour_prompts`` prompts."""
+    """One case per fact that has a counterfactual object (the object of its counterpart: the next fact in ``facts``,
+    cyclically, with another object and another subject) and a neighbour: the next ``neighbours`` other facts
+    whose object is not the new one (there the new object must not win), their first ``neighbour_prompts``
+    prompts."""
     cases = []
     n = len(facts)
     for i, fact in enumerate(facts):
         others = [facts[(i + j) % n] for j in range(1, n)]
-        new = next((g.target for g in others if g.target.strip() != fact.target.strip()), None)
+        counterpart = next((g for g in others if _counterpart_of(fact, g)), None)
+        new = counterpart.target if counterpart is not None else None
         near = [replace(g, prompts=g.prompts[:neighbour_prompts]) for g in others
                 if new is not None and g.target.strip() != new.strip()][:neighbours]
-        if new is not None and near:
-            cases.append(EditCase(EditRequest(fact, new, tuple(near)), fact.relation or ""))
+        if counterpart is not None and near:
+            cases.append(EditCase(EditRequest(fact, counterpart.target, tuple(near)), fact.relation or "", counterpart))
     return cases
 
 
@@ -130,9 +148,11 @@ def interleave(groups: Sequence[Sequence[EditCase]]) -> list[EditCase]:
 
 
 def load_candidates(settings: EditingSettings, data_dir: str | None = None) -> dict[str, list[Fact]]:
-    """Per relation, the ParaRel facts read (``candidates`` of them, drawn with ``seed``)."""
+    """Per relation, the ParaRel facts read (``candidates`` of them, ``synonym_candidates`` for a relation with a
+    synonymous reading, drawn with ``seed``)."""
     return {rel: load_pararel(rel, data_dir=data_dir, object_last=True, min_paraphrases=settings.min_prompts,
-                              max_facts=settings.candidates, seed=settings.seed) for rel in settings.relations}
+                              max_facts=settings.synonym_candidates if rel in SYNONYM_READINGS else settings.candidates,
+                              seed=settings.seed) for rel in settings.relations}
 
 
 def select_cases(model: Any, candidates: Mapping[str, Sequence[Fact]], settings: EditingSettings,
@@ -145,8 +165,7 @@ def select_cases(model: Any, candidates: Mapping[str, Sequence[Fact]], settings:
         known = [replace(f, prompts=f.prompts[:s.max_prompts]) for f in known]
         single = [f for f in known if is_single_token(model, f.target)]
         cases = counterfactual_cases(single, neighbours=s.neighbours, neighbour_prompts=s.neighbour_prompts)
-        with_new = sum(1 for i, f in enumerate(single) if any(g.target.strip() != f.target.strip()
-                                                              for g in single[:i] + single[i + 1:]))
+        with_new = sum(1 for i, f in enumerate(single) if any(_counterpart_of(f, g) for g in single[:i] + single[i + 1:]))
         counts = dict(zip(COUNT_COLUMNS, (len(read), len(known), len(single), with_new, len(cases))))
         rows.append({"relation": rel, "templates": max((len(f.prompts) for f in read), default=0), **counts})
         groups.append(cases)

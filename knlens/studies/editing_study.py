@@ -17,11 +17,15 @@ For the cases of :mod:`knlens.studies.editing_cases`, in their interleaved order
    * ``kn-consistency-aware`` — Dai's update on the top ``k`` non-generic neurons of mean − std of the
      paraphrases' normalised attributions (Chen et al.), ``k`` = the size of the ``kn-update`` set (equal size);
    * ``random-kn`` — random neurons in the layers of the ``kn-update`` set, moved with its norm;
-   * ``rank-one`` — the rank-one (ROME-style) edit of the edit prompt at one layer;
+   * ``rank-one`` — the rank-one (ROME-style) edit of the edit prompt at one layer, key at the subject's last token
+     (the *entity* edit);
+   * ``rank-one-relation`` — the same edit with the key at the relation's last token (Wei et al.'s *relation* edit);
    * ``random-rank-one`` — ``control_neurons`` random neurons of that layer moved with the rank-one edit's norm;
 3. **metrics** — reliability, generality, locality (EasyEdit agreement, gold accuracy, CounterFact NS),
-   perplexity change, and ``reliability_old`` (is the old object still the answer to the edit prompt), each a
-   mean over facts with a bootstrap interval; plus the rows of every function in :data:`EXTRA_CRITERIA`.
+   perplexity change, ``reliability_old`` (is the old object still the answer to the edit prompt), and the
+   criteria of :mod:`knlens.studies.editing_probes` (bijective symmetry, synonymous invariance, the relation
+   question) on the cases whose relation defines them; each a mean over facts with a bootstrap interval. A
+   criterion an editor does not define (:data:`NOT_DEFINED`) has no value, never a number.
 
 An edit that does not change the weights raises :class:`~knlens.core.errors.NoOpEditError` (it is never a row).
 """
@@ -51,33 +55,31 @@ from knlens.methods.editing.result import EditEvaluation
 from knlens.methods.selection import generic_neurons, refined_neurons
 from knlens.results.contract import Result
 from knlens.studies.editing_cases import EditCase, EditingSettings, load_candidates, select_cases
+from knlens.studies.editing_probes import with_criteria
 
-__all__ = ["Criterion", "EXTRA_CRITERIA", "EditingEvaluation", "EditingStudy", "EDITORS", "editing_study",
-           "run_cases"]
-
-Criterion = Callable[[Any, EditCase, Mapping[str, Edit]], pd.DataFrame]
-"""An extra criterion: given the model, a case and the edits made for it (by editor name; apply each with
-``with edit.apply(model): ...``), one row per (editor, metric) with columns ``fact, editor, metric, convention,
-before, after`` (``before``: the value on the unedited model)."""
-
-EXTRA_CRITERIA: list[Criterion] = []
-"""The hook for criteria beyond the field's (issue 11: bijective symmetry, synonymous invariance, entity versus
-relation editing): every function here runs on every case, and its rows join the metrics table."""
+__all__ = ["EditingEvaluation", "EditingStudy", "EDITORS", "NOT_DEFINED", "editing_study", "run_cases"]
 
 EDITORS = ("kn-update", "kn-update-generic-kept", "kn-erase", "kn-consistency-aware", "random-kn", "rank-one",
-           "random-rank-one")
+           "rank-one-relation", "random-rank-one")
+
+_ERASE = "kn-erase writes no new object (it zeroes the value slots): see the old fact's fate, *_old"
+NOT_DEFINED: dict[tuple[str, str], str] = {
+    ("kn-erase", m): _ERASE for m in ("symmetry", "symmetry_pn", "synonym", "synonym_pn")}
+"""(editor, metric) pairs the criterion does not define, and why: they get no value (the page says so)."""
 _ROW_COLUMNS = ["fact", "editor", "metric", "convention", "before", "after"]
 
 
 @dataclass(frozen=True, eq=False)
 class EditingEvaluation(EditEvaluation):
-    """An :class:`EditEvaluation` whose per-fact values also hold ``extra`` rows (the study's own metric and the
-    :data:`EXTRA_CRITERIA`), so that metrics, tables and comparisons include them."""
+    """An :class:`EditEvaluation` whose per-fact values also hold ``extra`` rows (the study's own metric), so that
+    metrics, tables and comparisons include them, and leave out the pairs of :data:`NOT_DEFINED`."""
 
     extra: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=_ROW_COLUMNS))
 
     def per_fact(self) -> pd.DataFrame:
-        return pd.concat([super().per_fact(), self.extra[_ROW_COLUMNS]], ignore_index=True)
+        p = pd.concat([super().per_fact(), self.extra[_ROW_COLUMNS]], ignore_index=True)
+        undefined = pd.Series([(e, m) in NOT_DEFINED for e, m in zip(p.editor, p.metric)], index=p.index, dtype=bool)
+        return p[~undefined].reset_index(drop=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,6 +181,7 @@ def _editors(sets: Mapping[str, NeuronSet], layer: int, cov: Any, s: EditingSett
             "kn-consistency-aware": kn_update_editor(lambda r: aware),
             "random-kn": random_editor("kn-update", seed=seed),
             "rank-one": rank_one_editor(layer=layer, steps=s.rank_one_steps, covariance=cov),
+            "rank-one-relation": rank_one_editor(layer=layer, steps=s.rank_one_steps, covariance=cov, key_at="relation"),
             "random-rank-one": random_editor("rank-one", n_neurons=s.control_neurons, seed=seed)}
 
 
@@ -202,16 +205,14 @@ def _fact_row(x: _Located, sets: Mapping[str, NeuronSet], source: str, made: Map
 
 
 def run_cases(model: Any, cases: Sequence[EditCase], settings: EditingSettings, *,
-              criteria: Sequence[Criterion] | None = None, editors: Callable[..., dict[str, Editor]] | None = None,
-              started: float | None = None, say: Callable[[str], None] = lambda _: None
-              ) -> tuple[EditingEvaluation, pd.DataFrame, pd.DataFrame]:
+              editors: Callable[..., dict[str, Editor]] | None = None, started: float | None = None,
+              say: Callable[[str], None] = lambda _: None) -> tuple[EditingEvaluation, pd.DataFrame, pd.DataFrame]:
     """Locate ``cases`` (phase 1, ``locate_share`` of the budget left), find each relation's generic neurons among
     them, then edit and judge the located cases in order until the budget (counted from ``started``) or
     ``max_facts`` is reached. Returns the evaluation, one row per fact edited (or skipped) and the generic
-    neurons per relation. ``editors(sets, layer, cov, settings, seed)`` replaces the study's editor set (tests);
-    ``criteria`` defaults to :data:`EXTRA_CRITERIA`."""
+    neurons per relation. ``editors(sets, layer, cov, settings, seed)`` replaces the study's editor set (tests).
+    The cases' probes (:func:`~knlens.studies.editing_probes.with_criteria`) are read with every editor."""
     s, t0 = settings, time.time() if started is None else started
-    criteria = EXTRA_CRITERIA if criteria is None else criteria
     layer = default_layer(model) if s.rank_one_layer is None else s.rank_one_layer
     cov = key_covariance(model, layer, n_texts=s.covariance_texts, seed=s.seed)
     texts = text_sample(s.n_text, part=1, seed=s.seed) if s.n_text > 0 else None
@@ -235,7 +236,7 @@ def run_cases(model: Any, cases: Sequence[EditCase], settings: EditingSettings, 
         ev = evaluate_edits(model, [request], {n: _kept(made, n, e) for n, e in chosen.items()}, text=texts,
                             n_text=0, seed=s.seed)
         parts.append(ev)
-        extra += [_old_object_rows(ev)] + [c(model, x.case, made) for c in criteria]
+        extra.append(_old_object_rows(ev))
         seconds.append(time.time() - t)
         facts.append({**_fact_row(x, sets, source, made), "seconds": x.seconds + seconds[-1]})
         say(f"{len(parts)} facts edited ({request.name}, {x.seconds + seconds[-1]:.0f} s)")
@@ -264,13 +265,14 @@ def _shared_neurons(facts: pd.DataFrame) -> float:
 
 
 def editing_study(model: Any, settings: EditingSettings = EditingSettings(), *, data_dir: str | None = None,
-                  criteria: Sequence[Criterion] | None = None, say: Callable[[str], None] = lambda _: None
-                  ) -> EditingStudy:
-    """Run the study on ``model`` (see the module): select cases from ParaRel, then edit while the budget lasts."""
+                  say: Callable[[str], None] = lambda _: None) -> EditingStudy:
+    """Run the study on ``model`` (see the module): select cases from ParaRel, add the criteria's probes, then
+    edit while the budget lasts."""
     t0 = time.time()
     cases, counts = select_cases(model, load_candidates(settings, data_dir), settings, say)
+    cases, criteria = with_criteria(model, cases, data_dir=data_dir, max_templates=settings.max_prompts)
     filtered = time.time() - t0
-    ev, facts, generic = run_cases(model, cases, settings, criteria=criteria, started=t0, say=say)
+    ev, facts, generic = run_cases(model, cases, settings, started=t0, say=say)
     done = facts[facts.skipped == ""]
     studied = done.groupby("relation").size()
     counts["located"] = counts.relation.map(generic.set_index("relation").located).fillna(0).astype(int)
@@ -280,5 +282,6 @@ def editing_study(model: Any, settings: EditingSettings = EditingSettings(), *, 
                "refined": float((done.source == "refined").sum()), "mean_neurons": float(done.n_neurons.mean()),
                "shared_neurons": _shared_neurons(facts), "mean_seconds_per_fact": float(done.seconds.mean())}
     timings = {"filter": filtered, "total": time.time() - t0}
-    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic}, numbers, timings,
-                        environment())
+    criteria["studied"] = criteria.relation.map(studied).fillna(0).astype(int)
+    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic, "criteria": criteria},
+                        numbers, timings, environment())

@@ -13,7 +13,8 @@ import platform
 
 import pandas as pd
 
-from knlens.studies.editing_study import EDITORS, EditingStudy
+from knlens.studies.editing_study import EDITORS, NOT_DEFINED, EditingStudy
+from knlens.viz.editing_criteria_page import criteria_headline, criteria_section
 from knlens.viz.query_localization_page import ALPHA, markdown_table
 
 __all__ = ["render_markdown", "PAPERS", "METRIC_TEXT"]
@@ -29,6 +30,7 @@ METRIC_TEXT = {
     "locality_ns": "CounterFact neighbourhood score: share of neighbour prompts with P(true) > P(new)",
     "perplexity_change": "perplexity after / before − 1 on the text sample",
 }
+"""The field's metrics; the criteria's are in :data:`knlens.viz.editing_criteria_page.CRITERIA_TEXT`."""
 
 PAPERS = pd.DataFrame([
     {"source": "Meng et al. 2022 (ROME), CounterFact", "model": "GPT-2 XL", "editor": "ROME",
@@ -37,8 +39,12 @@ PAPERS = pd.DataFrame([
      "reliability": "83.2 (edit success)", "generality": "38.7 (portability)", "locality": "65.4", "tag": "[code]"},
     {"source": "Niu et al. 2024 (ICLR), project page", "model": "BERT, GPT-2, LLaMA-2", "editor": "KN edit, ROME",
      "reliability": "KN edits shift the output distribution but rarely change the categorical prediction",
-     "generality": "neither editor is robust to bijective symmetry or synonymous invariance", "locality": "—",
-     "tag": "[paper]"},
+     "generality": "symmetry and synonymy low: neither editor is robust to bijective symmetry or synonymous "
+                   "invariance (no numbers quoted here)", "locality": "—", "tag": "[paper]"},
+    {"source": "Wei et al. 2024 (CIKM), entity vs relation", "model": "GPT-2 XL, GPT-J", "editor": "ROME, MEMIT, KN, FT",
+     "reliability": "relation edits: success = NLL(relation) < NLL(None)",
+     "generality": "relational knowledge is encoded largely in attention, not only MLP neurons", "locality": "—",
+     "tag": "[code] / [unverified]"},
     {"source": "Dai et al. 2022 (ACL)", "model": "BERT-base", "editor": "KN update / erase",
      "reliability": "update success below one half; erasing raises the erased relation's perplexity",
      "generality": "—", "locality": "small effect on other relations", "tag": "[unverified]"},
@@ -57,8 +63,17 @@ LIMITATIONS = [
     "- The rank-one edit uses the bare edit prompt as its only context (ROME averages over ~20 sampled prefixes) and "
     "knlens' default layer (a quarter of the way up), not a layer chosen by causal tracing for this model.",
     "- One edit at a time, undone before the next: no sequential or batched editing.",
-    "- Bijective symmetry, synonymous invariance and entity-versus-relation editing are not measured here; "
-    "`knlens.studies.editing_study.EXTRA_CRITERIA` is the hook that adds them to the table.",
+    "- Bijective symmetry rests on the bijective capital relations (P36, P1376): the model answers none of the "
+    "read facts of the symmetric P47 and P530 (many objects are true there, ParaRel keeps one), so their rows are "
+    "counted but empty. The reverse prompts' reference object is the counterpart's subject; other answers may be "
+    "true as well.",
+    "- Synonymous invariance rests on P101 alone (the only relation with a synonymous reading), which the model "
+    "seldom knows; its cells stand on few facts (n in each cell).",
+    "- The relation question's wording and the relation words are knlens' own, and on SmolLM2-135M it does not tell "
+    "true pairs from false ones (\" None\" wins on every country–city pair tried, docs/methods.md): `relation` "
+    "after an edit shows the edit's spill-over onto the question, not knowledge of the relation.",
+    "- The relation-key rank-one edit reads its key at the prompt's last token when the subject comes first "
+    "(object-last templates), i.e. the position the KN neurons are read at.",
 ]
 
 
@@ -109,7 +124,11 @@ def render_markdown(r: EditingStudy) -> str:
     """The whole page (see the module)."""
     s, ev, t = r.settings, r.evaluation, r.tables
     m = ev.metrics()
-    wide = ev.table().set_index("editor").reindex([e for e in EDITORS if e in set(m.editor)]).reset_index()
+    wide = ev.table().set_index("editor").reindex([e for e in EDITORS if e in set(m.editor)])
+    for (editor, metric) in NOT_DEFINED:
+        if editor in wide.index and metric in wide.columns:
+            wide.loc[editor, metric] = "not defined"
+    wide = wide.reset_index()
     long = m.assign(interval=[f"[{a:.3g}, {b:.3g}]" for a, b in zip(m.ci_low, m.ci_high)])[
         ["editor", "metric", "convention", "before", "mean", "interval", "n_facts"]]
     sizes = ev.edits.groupby("editor", sort=False)[["n_changed", "delta_norm"]].mean().reset_index()
@@ -122,17 +141,19 @@ def render_markdown(r: EditingStudy) -> str:
         f"{platform.system()}, {os.cpu_count()} CPU cores); wall time {r.timings['total'] / 60:.1f} min (filters "
         f"{r.timings['filter'] / 60:.1f}); budget {s.budget_minutes:g} min.", "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in r.versions.items()) + ".", "",
-        "## Headline", "", *_headline(r), "",
+        "## Headline", "", *_headline(r), *criteria_headline(r), "",
         "Mean over facts [95 % bootstrap interval over facts] after the edit (before the edit: next table):", "",
         markdown_table(wide), "",
         "## Facts", "",
         f"Model `{s.model}`. Per relation, `knlens.data.load_pararel` reads a random subset (seed {s.seed}) of "
-        f"{s.candidates} facts (object-last templates); a fact is **known** when the model's greedy continuation is "
+        f"{s.candidates} facts ({s.synonym_candidates} for a relation with a synonymous reading, P101; object-last "
+        "templates); a fact is **known** when the model's greedy continuation is "
         f"the whole object on at least {s.min_prompts} paraphrases, and only those are kept (at most {s.max_prompts}: "
         "the first is the edit prompt, the others its paraphrases). The object must be **one token** (Dai's update "
         "adds one token's vector); the **new object** is the object of the next known fact of the relation that has "
-        f"a different one; **neighbours** are up to {s.neighbours} other known facts of the relation whose object is "
-        f"not the new one ({s.neighbour_prompts} prompts each). Facts are taken round robin over the relations until "
+        "a different one and another subject (the case's counterpart); **neighbours** are up to "
+        f"{s.neighbours} other known facts of the relation whose object is not the new one ({s.neighbour_prompts} "
+        "prompts each). Facts are taken round robin over the relations until "
         f"the budget of {s.budget_minutes:g} min (counted from the start) would be overrun.", "",
         markdown_table(t["counts"]), "",
         "## Editors", "",
@@ -152,7 +173,9 @@ def render_markdown(r: EditingStudy) -> str:
         "same Frobenius norm.",
         f"- `rank-one`: the rank-one edit of the edit prompt at layer "
         f"{s.rank_one_layer if s.rank_one_layer is not None else 'n_layers // 4'} ({s.rank_one_steps} optimisation "
-        f"steps, key statistics from {s.covariance_texts} sentences of part 0 of the text sample).",
+        f"steps, key statistics from {s.covariance_texts} sentences of part 0 of the text sample), key at the subject's "
+        "last token (the entity edit).",
+        "- `rank-one-relation`: the same edit with the key at the relation's last token (Wei et al.'s relation edit).",
         f"- `random-rank-one`: {s.control_neurons} random neurons of that layer moved with the rank-one edit's norm.", "",
         "Generic neurons per relation (count of located facts whose set holds each):", "",
         markdown_table(t["generic"]), "", "Mean size of the edits:", "", markdown_table(sizes), "",
@@ -163,6 +186,7 @@ def render_markdown(r: EditingStudy) -> str:
         "the model knows (their pre-edit argmax is the gold object), so EasyEdit's `locality` (agreement with the "
         "pre-edit predictions) and `locality_gold` coincide here; they differ on neighbours the model gets wrong.", "",
         markdown_table(long), "",
+        *criteria_section(r),
         "## The papers' numbers beside ours", "",
         "Different models, data and conventions: for orientation, not as targets.", "",
         markdown_table(PAPERS), "",

@@ -54,6 +54,7 @@ RELATION_WORDS: dict[str, str] = {
     "P530": " diplomatic", "P190": " twin", "P106": " occupation", "occupation": " occupation",
     "P37": " language", "official-language": " language", "P38": " currency", "currency": " currency",
     "P30": " continent", "continent": " continent", "P17": " country", "country": " country",
+    "P407": " language", "P1412": " language", "P178": " developer", "P279": " subclass",
 }
 """A one-word answer naming each relation, for the relation question (knlens' own wording)."""
 

@@ -27,6 +27,7 @@ symmetry_pn               share of those prompts where P(edited subject) > P(the
 symmetry_old              EasyEdit accuracy of the edited subject on the reverse prompts of the old object
 synonym                   EasyEdit accuracy of the new object's synonym on the synonymous prompts
 synonym_pn                share of those prompts where P(new synonym) > P(old synonym)
+synonym_old               EasyEdit accuracy of the old object's synonym on the synonymous prompts (1 before, if known)
 relation                  share of relation questions on (subject, new object) with NLL(relation) < NLL(None)
 relation_old              the same on (subject, old object)
 relation_margin           log P(relation) − log P(None) on (subject, new object) (per token; the same check, graded)
@@ -64,6 +65,7 @@ METRICS: dict[str, tuple[str, str, str, str]] = {
     "symmetry_old": ("symmetry_old", "acc_true_after", "acc_true_before", "EasyEdit"),
     "synonym": ("synonym", "acc_new_after", "acc_new_before", "EasyEdit"),
     "synonym_pn": ("synonym", "es_after", "es_before", "P_new > P_true"),
+    "synonym_old": ("synonym", "acc_true_after", "acc_true_before", "EasyEdit (old synonym)"),
     "relation": ("relation", "es_after", "es_before", "NLL(relation) < NLL(None)"),
     "relation_old": ("relation_old", "ns_after", "ns_before", "NLL(relation) < NLL(None)"),
     "relation_margin": ("relation", "margin_after", "margin_before", "log P(relation) - log P(None)"),
