@@ -20,8 +20,8 @@ the rank, is the constraint.
 >>> fact = Fact(["the capital of france is"], " paris")
 >>> edit = memla_edit(model, fact, " berlin", {"independent": NeuronSet([(1, 3)]), "specific": NeuronSet([(0, 5)])},
 ...                   steps=5)
->>> edit.editor, edit.params["steps_run"], sorted(s.name.split(".")[1] for s in edit.slices)
-('memla', 5, ['0', '1'])
+>>> edit.editor, edit.params["steps_run"], sorted(edit.params["update"]), edit.n_changed    # 2 rows of 32
+('memla', 5, ['0', '1'], 64)
 """
 
 from __future__ import annotations
