@@ -45,7 +45,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def matrix(model):
-    return cross_lingual_edits(model, FACTS, _neurons(FACTS), check_known=False, memla_options={"steps": 3})
+    return cross_lingual_edits(model, FACTS, _neurons(FACTS), check_known=False, n_neighbours=1,
+                               memla_options={"steps": 3})
 
 
 def test_every_cell_is_measured_or_counted(matrix):

@@ -127,12 +127,12 @@ def test_memla_on_a_post_norm_architecture_passes_its_self_check():
     assert e.params["p_new"] > 0 and fingerprint(gemma) == e.fingerprint
 
 
-def test_memla_editor_in_the_evaluation_and_the_command_line(model, tmp_path, capsys):
+def test_memla_editor_in_the_evaluation_and_the_command_line(model, capsys):
     req = EditRequest(FACT, " berlin", neighbours=[Fact(["the capital of italy is"], " rome")])
     ev = evaluate_edits(model, [req], {"memla": memla_editor({"capital-france": GROUPS}, steps=3)}, n_text=0)
     assert set(ev.edits.editor_kind) == {"memla"}
     assert main(["edit", "--model", "tiny-llama", "--quiet", "--prompt", "the capital of france is", "--target",
                  " paris", "--n-text", "0", "--new", " berlin", "--editor", "memla", "--neurons", "1:3,1:7",
-                 "--control", "--out", str(tmp_path / "out")]) == 0
-    assert "memla" in capsys.readouterr().out
-    assert Edit.load(tmp_path / "out" / "edits" / "memla").params["neurons"] == NeuronSet([(1, 3), (1, 7)])
+                 "--control"]) == 0
+    out = capsys.readouterr().out
+    assert "memla" in out and "random" in out
