@@ -29,6 +29,11 @@ from knlens.methods.editing.editors import EditRequest, Probe
 from knlens.methods.editing.evaluate import evaluate_edits
 from knlens.methods.editing.kn import kn_erase, kn_update, random_neuron_edit
 from knlens.methods.editing.rank_one import rank_one_edit
+from knlens.methods.editing.memla import memla_edit
+from knlens.methods.editing.editors import memla_editor
+from knlens.methods.multilingual.edit_matrix import cross_lingual_edits
+from knlens.methods.multilingual.edit_matrix_result import EditMatrix
+from knlens.methods.multilingual.degenerate import DegeneratePairs, degenerate_pairs
 from knlens.methods.editing.result import EditEvaluation
 from knlens.methods.controls import random_control
 from knlens.methods.known import answers, known_facts
@@ -68,4 +73,5 @@ __all__ = [
     "Edit", "EditEvaluation", "EditRequest", "evaluate_edits", "fingerprint", "kn_erase", "kn_update",
     "random_neuron_edit", "rank_one_edit", "Probe", "criterion_values", "entity_relation_editors",
     "relation_probes", "symmetry_request", "synonym_request", "render_edit_html", "write_edit_html",
+    "memla_edit", "memla_editor", "cross_lingual_edits", "EditMatrix", "degenerate_pairs", "DegeneratePairs",
 ]
