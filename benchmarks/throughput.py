@@ -13,12 +13,12 @@ Run::
   before issue 10) and after (``answers_many``: one row per prompt, many facts per batch).
 * ``locate`` — the first ``--facts`` known facts located with :func:`knlens.locate`'s default settings (IG
   m = 20 right Riemann, adaptive up to 128 Gauss–Legendre nodes; dai refinement; 50 uniform + 50 matched random
-  controls; leave-one-out held-out prompts; specificity on the 72 built-in facts of other relations), three
-  sides interleaved (benchmarks/timing.py: min and median of ``--repeat`` runs, after one small warm-up call
+  controls; leave-one-out held-out prompts; specificity on the 72 built-in facts of other relations), up to three
+  sides (``--sides``) interleaved (benchmarks/timing.py: min and median of ``--repeat`` runs, after one small warm-up call
   each): ``before`` — one query row at a time and every suppress / enhance row a plain forward (the code
   before issue 10, by patching this code's row grouping to single rows and its interventions to the
   reference engine); ``after`` — each fact's rows of one length grouped, interventions on the fast engine;
-  ``after, facts together`` — :func:`knlens.locate_facts` (the facts' rows attributed together). Printed:
+  ``together`` — :func:`knlens.locate_facts` (the facts' rows attributed together). Printed:
   facts per minute, the time per stage (attribution, in-sample interventions, held-out, specificity,
   activations, the rest) and the largest differences between the sides' numbers.
 * ``sweep`` — the same facts through ``sweep("locate", ...)`` into a fresh store, against ``locate`` called in
@@ -146,16 +146,18 @@ def part_locate(model: Any, facts: list[knlens.Fact], args: argparse.Namespace) 
 
     sides = {"before": before,
              "after": lambda: [knlens.locate(model, f, progress=False) for f in facts],
-             "after, facts together": lambda: list(knlens.locate_facts(model, facts, progress=False))}
+             "together": lambda: list(knlens.locate_facts(model, facts, progress=False))}
+    sides = {k: v for k, v in sides.items() if k in args.sides}
     t = compare(sides, repeat=args.repeat, warmup=False)
     print("\n| side | facts/min, min (median) | s per fact, min | runs, s |")
     print("|---|---|---|---|")
     for side, timing in t.items():
         print(f"| {side} | {per_min(n, timing)} | {timing.min / n:.0f} | "
               f"{', '.join(f'{x:.0f}' for x in timing.times)} |")
-    print(f"speed-up after / before: {t['before'].min / t['after'].min:.2f}x (median "
-          f"{t['before'].median / t['after'].median:.2f}x); facts together / before: "
-          f"{t['before'].min / t['after, facts together'].min:.2f}x")
+    if {"before", "after", "together"} <= set(t):
+        print(f"speed-up after / before: {t['before'].min / t['after'].min:.2f}x (median "
+              f"{t['before'].median / t['after'].median:.2f}x); facts together / before: "
+              f"{t['before'].min / t['together'].min:.2f}x")
     results = {side: timing.value for side, timing in t.items()}
     stage_table(results, {side: timing.times[-1] for side, timing in t.items()})
     clock = time.perf_counter()
@@ -165,10 +167,10 @@ def part_locate(model: Any, facts: list[knlens.Fact], args: argparse.Namespace) 
         stack([encode(model, list(o.prompts), o.target) for o in [f, *others]])
     print(f"tokenization (the fact, and the {len(others)} other facts of specificity, twice): "
           f"{(time.perf_counter() - clock) / n:.2f} s per fact")
-    differences(results, "before")
+    differences(results, next(iter(results)))
     engines = {(r.settings.engine, r.interventions.settings.engine, r.specificity.settings.engine)
-               for r in results["after"]}
-    print(f"engines that ran (IG, interventions, specificity) after: {sorted(engines)}")
+               for r in results[list(results)[-1]]}
+    print(f"engines that ran (IG, interventions, specificity), {list(results)[-1]!r}: {sorted(engines)}")
 
 
 def part_sweep(model: Any, facts: list[knlens.Fact], args: argparse.Namespace) -> None:
@@ -201,6 +203,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", default="filter,locate,sweep")
+    ap.add_argument("--sides", default="before,after,together", type=lambda v: v.split(","),
+                    help="locate sides to time, comma-separated: before, after, together")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", CompletenessWarning)
