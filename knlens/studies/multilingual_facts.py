@@ -1,0 +1,106 @@
+"""The facts of the multilingual study: mParaRel facts a model knows in every chosen language, counted at each
+filter (docs/methods.md, the multilingual study).
+
+Per relation, :func:`select_facts` counts what survives each filter, in this order:
+
+1. **aligned** — facts present in every language (same subject and object URI; object-last templates);
+2. **read** — a random subset of ``candidates`` of them (``seed``), each language's prompts cut to its first
+   ``max_prompts`` templates (the known filter reads every prompt it keeps, and Gemma is slow on a CPU);
+3. **known in <language>** — answered (greedy; a multi-token object teacher-forced, every token the argmax) on at
+   least ``min_prompts`` of those prompts, per language on its own;
+4. **known in all** — known in every language: the facts studied, in each language only its answered prompts;
+5. **attributed** — the study's own count: facts attributed before its budget ran out.
+
+The facts are interleaved across relations (round robin), so a study cut short still covers every relation.
+
+>>> MultilingualSettings(languages=("en",))
+Traceback (most recent call last):
+...
+knlens.core.errors.SettingsError: the multilingual study needs at least 2 languages (3 to hold one out), got ('en',)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pandas as pd
+
+from knlens.core.errors import SettingsError
+from knlens.data.multilingual import MultilingualFact, MultilingualFacts, load_multilingual
+from knlens.methods.multilingual.known import known_in_all
+from knlens.studies.editing_cases import interleave
+
+__all__ = ["MultilingualSettings", "select_facts", "shorten", "FILTER_COLUMNS"]
+
+FILTER_COLUMNS = ("relation", "filter", "facts")
+
+
+@dataclass(frozen=True)
+class MultilingualSettings:
+    """The study's data, sizes and time budget (defaults: the run of ``benchmarks/MULTILINGUAL.md``)."""
+
+    model: str = "gemma3-270m"
+    relations: tuple[str, ...] = ("P37", "P36", "P1412")
+    languages: tuple[str, ...] = ("en", "fr", "es", "it", "pt")
+    candidates: int = 40  # aligned facts read per relation before the known filter
+    max_prompts: int = 3  # prompts per language read by the known filter (and attributed when answered)
+    min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
+    max_facts: int = 12  # facts attributed at most
+    budget_minutes: float = 30.0  # stop starting new work when the next piece would overrun this
+    locate_share: float = 0.55  # share of the budget left after the filter that attribution may use
+    attribution: str = "amig"  # "amig" or "ig"
+    scaling: str = "authors"  # AMIG's scaling: "authors" (their code) or "textbook"
+    steps: int = 6  # integration steps
+    grid: str = "gauss-legendre"  # quadrature rule of the integration
+    threshold: float = 0.3  # coarse neurons: score >= threshold x the prompt's max (AMIG, MEMLA)
+    p: float = 0.5  # a language's neuron: coarse in more than p of its prompts
+    n_random: int = 10  # random sets per control
+    n_resamples: int = 10  # resamples of the queries for the stability of MATRICE and intersection
+    k: float = 1.0  # MATRICE's penalty: mean - k std
+    held_out: tuple[str, ...] = ()  # languages held out in turn for MATRICE vs intersection (empty: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(set(self.languages)) < 2:
+            raise SettingsError(f"the multilingual study needs at least 2 languages (3 to hold one out), "
+                                f"got {self.languages}")
+        unknown = sorted(set(self.held_out) - set(self.languages))
+        if unknown:
+            raise SettingsError(f"held_out language(s) {unknown} are not among the languages {self.languages}")
+        if min(self.candidates, self.max_prompts, self.min_prompts, self.max_facts, self.n_random) < 1:
+            raise SettingsError("candidates, max_prompts, min_prompts, max_facts and n_random must be at least 1")
+        if self.n_resamples < 2 or not 0.0 < self.locate_share <= 1.0 or self.budget_minutes <= 0:
+            raise SettingsError("n_resamples must be at least 2, locate_share in (0, 1], budget_minutes positive")
+
+
+def shorten(m: MultilingualFact, n: int) -> MultilingualFact:
+    """``m`` with at most ``n`` prompts in each language (the first ones)."""
+    return MultilingualFact(m.relation, m.subject_uri, m.object_uri,
+                            {l: replace(f, prompts=f.prompts[:n]) for l, f in m.facts.items()})
+
+
+def _filters(rel: str, read: MultilingualFacts, known: MultilingualFacts) -> list[dict[str, Any]]:
+    c = known.counts.set_index("language")
+    rows = [{"relation": rel, "filter": "aligned in all languages", "facts": int(c["aligned"].iloc[0])},
+            {"relation": rel, "filter": "read", "facts": len(read)}]
+    rows += [{"relation": rel, "filter": f"known in {l}", "facts": int(c.loc[l, "known"])} for l in read.languages]
+    return rows + [{"relation": rel, "filter": "known in all", "facts": len(known)}]
+
+
+def select_facts(model: Any, settings: MultilingualSettings, data_dir: str | None = None,
+                 say: Callable[[str], None] = lambda _: None
+                 ) -> tuple[list[MultilingualFact], pd.DataFrame, pd.DataFrame]:
+    """The facts known in every language (interleaved across relations), the filter counts (one row per relation
+    and filter: :data:`FILTER_COLUMNS`) and the per-language counts of the loader and the known filter."""
+    s, groups, filters, counts = settings, [], [], []
+    for rel in s.relations:
+        read = load_multilingual(rel, s.languages, data_dir, max_facts=s.candidates, seed=s.seed)
+        read = MultilingualFacts(tuple(shorten(m, s.max_prompts) for m in read), read.languages, read.counts)
+        known = known_in_all(model, read, min_prompts=s.min_prompts)
+        say(f"{rel}: {len(known)} of {len(read)} facts known in all of {', '.join(s.languages)}")
+        groups.append(list(known))
+        filters += _filters(rel, read, known)
+        counts.append(known.counts)
+    return interleave(groups), pd.DataFrame(filters, columns=list(FILTER_COLUMNS)), pd.concat(counts, ignore_index=True)
