@@ -26,7 +26,7 @@ from knlens.data.pararel import reverse_templates
 from knlens.data.synonyms import SYNONYM_READINGS
 from knlens.methods.editing.criteria import relation_probes, symmetry_probes, synonym_probes
 from knlens.methods.editing.editors import (EditRequest, Editor, Probe, kn_erase_editor, kn_update_editor,
-                                            random_editor, rank_one_editor)
+                                            memla_editor, random_editor, rank_one_editor)
 from knlens.methods.editing.evaluate import evaluate_edits
 from knlens.methods.editing.result import EditEvaluation
 from knlens.methods.selection import best_by_mean, refined_neurons
@@ -34,7 +34,7 @@ from knlens.viz.edit_page import write_edit_html
 
 __all__ = ["add_parser", "run"]
 
-EDITORS = ("rank-one", "rank-one-relation", "kn-update", "kn-erase")
+EDITORS = ("rank-one", "rank-one-relation", "kn-update", "kn-erase", "memla")
 
 
 def _neurons(text: str) -> NeuronSet:
@@ -110,7 +110,7 @@ def _editors(args: argparse.Namespace, model: Any, request: EditRequest, neurons
     """The chosen editors (KN editors on ``neurons``, or on the fact's refined neurons), then the control."""
     chosen = list(dict.fromkeys(args.editor or ["rank-one"]))
     editors: dict[str, Editor] = {}
-    if neurons is None and any(e.startswith("kn-") for e in chosen):
+    if neurons is None and any(e.startswith("kn-") or e == "memla" for e in chosen):
         say(args, f"locating the fact's neurons (integrated gradients, {args.ig_steps} steps) ...")
         attrs = attribute(model, request.fact, steps=args.ig_steps)
         neurons = refined_neurons(attrs, preset="dai") or best_by_mean(attrs, 3)
@@ -119,6 +119,8 @@ def _editors(args: argparse.Namespace, model: Any, request: EditRequest, neurons
         if name.startswith("rank-one"):
             key_at = "relation" if name == "rank-one-relation" else "subject"
             editors[name] = rank_one_editor(layer=args.layer, steps=args.steps, key_at=key_at)
+        elif name == "memla":
+            editors[name] = memla_editor(lambda r: neurons)
         elif name == "kn-update":
             editors[name] = kn_update_editor(lambda r: neurons, lambda1=args.lambda1, lambda2=args.lambda2)
         else:
@@ -189,12 +191,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--new", metavar="T", help="the object to write, e.g. ' Berlin'")
     p.add_argument("--editor", action="append", choices=EDITORS,
                    help="rank-one (default; key at the subject's last token), rank-one-relation (key at the "
-                        "relation's last token), kn-update or kn-erase; repeatable")
+                        "relation's last token), kn-update, kn-erase or memla (MEMLA's masked update of the "
+                        "neurons' value vectors); repeatable")
     p.add_argument("--control", action="store_true",
                    help="add random neurons moved with the first editor's norm (the control to beat)")
     p.add_argument("--control-neurons", type=int, default=10,
                    help="random neurons of the control of a rank-one edit (default: %(default)s)")
-    p.add_argument("--neurons", metavar="L:I,...", help="the KN editors' neurons (default: located by integrated "
+    p.add_argument("--neurons", metavar="L:I,...", help="the KN editors' and MEMLA's neurons (default: located by integrated "
                                                         "gradients and Dai's refinement)")
     p.add_argument("--ig-steps", type=int, default=20, help="integration steps when locating (default: %(default)s)")
     p.add_argument("--lambda1", type=float, default=1.0, help="KN update: step away from the old object (default 1)")

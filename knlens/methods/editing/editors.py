@@ -10,6 +10,7 @@ a control can match one of them (:func:`random_editor`).
 * :func:`consistency_editors` — the same KN update on three selections of equal size from the paraphrases'
   attributions (the query's own top k, the top k of the mean, Chen et al.'s consistency-aware top k);
 * :func:`rank_one_editor` — the rank-one (ROME-style) edit;
+* :func:`memla_editor` — MEMLA's neuron-masked update of given neurons' value vectors (one group per category);
 * :func:`random_editor` — random neurons moved by a random direction with the norm of another editor's edit.
 
 >>> from knlens import load_model, Fact, NeuronSet
@@ -34,12 +35,13 @@ from knlens.core.facts import Fact
 from knlens.core.neurons import NeuronSet
 from knlens.methods.consistent_selection import equal_size_selections
 from knlens.methods.editing.edit import Edit
+from knlens.methods.editing.memla import memla_edit
 from knlens.methods.editing.kn import kn_erase, kn_update, random_neuron_edit
 from knlens.methods.editing.rank_one import rank_one_edit
 from knlens.stats.sets import Vectors
 
 __all__ = ["Probe", "EditRequest", "Editor", "kn_update_editor", "kn_erase_editor", "consistency_editors", "rank_one_editor",
-           "random_editor"]
+           "memla_editor", "random_editor"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,25 @@ def rank_one_editor(**options: Any) -> Editor:
     (``layer``, ``covariance``, ``prefixes``, ``steps``, ...)."""
     def editor(model: Any, request: EditRequest, made: Mapping[str, Edit]) -> Edit:
         return rank_one_edit(model, request.fact, request.new_target, **options)
+    return editor
+
+
+Groups = Union[NeuronSet, Mapping[str, NeuronSet]]
+GroupsFor = Union[Mapping[str, Groups], Callable[[EditRequest], Groups]]
+
+
+def memla_editor(neurons: GroupsFor, **options: Any) -> Editor:
+    """MEMLA's neuron-masked edit (:func:`~knlens.methods.editing.memla.memla_edit`) of ``neurons[fact name]``
+    (or ``neurons(request)``): a NeuronSet, or named groups such as ``{"independent": ..., "specific": ...}``;
+    ``options`` go to ``memla_edit`` (``steps``, ``lr``, ``commit``, ...)."""
+    def editor(model: Any, request: EditRequest, made: Mapping[str, Edit]) -> Edit:
+        if callable(neurons):
+            groups = neurons(request)
+        elif request.name in neurons:
+            groups = neurons[request.name]
+        else:
+            raise FactError(f"no neurons given for fact {request.name!r}; neurons are given for {sorted(neurons)[:5]}")
+        return memla_edit(model, request.fact, request.new_target, groups, **options)
     return editor
 
 
