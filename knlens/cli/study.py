@@ -84,7 +84,7 @@ STUDIES: dict[str, StudySpec] = {
         MultilingualSettings, multilingual_study, multilingual_page.render_markdown,
         "One fact in many languages (Chen et al., AAAI 2024; Cao et al., 2024; MEMLA) on mParaRel: facts known in "
         "every language, language-independent neurons (LIKN) and their suppression against random sets, MATRICE "
-        "against plain intersection.",
+        "against plain intersection, degenerate pairs, and the cross-lingual edit matrix (KN update vs MEMLA).",
         {"relations": "mParaRel relations", "languages": "languages (mParaRel codes)",
          "candidates": "aligned facts read per relation before the known filter",
          "max_prompts": "prompts per language read by the known filter and attributed",
@@ -97,6 +97,10 @@ STUDIES: dict[str, StudySpec] = {
          "p": "a language's neuron: coarse in more than p of its prompts", "n_random": "random sets per control",
          "n_resamples": "query resamples for the stability of MATRICE and intersection",
          "k": "MATRICE's penalty: mean - k std", "held_out": "languages held out in turn (default: all)",
+         "degenerate_facts": "facts whose degenerate pairs are searched (0: none)",
+         "degenerate_top": "degenerate pairs are drawn from this many top neurons",
+         "edit_facts": "facts edited in every language (edit matrix)",
+         "n_neighbours": "other facts testing locality", "memla_steps": "MEMLA's most Adam steps",
          "seed": "seed of the fact sample and the random sets"},
         lambda result: {} if result.neurons is None else {
             "languages.html": lambda p: write_language_html(result.neurons, p, result.tables["likn_effects"],

@@ -6,10 +6,12 @@ Per relation, :func:`select_facts` counts what survives each filter, in this ord
 1. **aligned** — facts present in every language (same subject and object URI; object-last templates);
 2. **read** — a random subset of ``candidates`` of them (``seed``), each language's prompts cut to its first
    ``max_prompts`` templates (the known filter reads every prompt it keeps, and Gemma is slow on a CPU);
-3. **known in <language>** — answered (greedy; a multi-token object teacher-forced, every token the argmax) on at
-   least ``min_prompts`` of those prompts, per language on its own;
-4. **known in all** — known in every language: the facts studied, in each language only its answered prompts;
-5. **attributed** — the study's own count: facts attributed before its budget ran out.
+3. **known in <language>**, one language after the other in the order given — answered (greedy; a multi-token
+   object teacher-forced, every token the argmax) on at least ``min_prompts`` of those prompts, among the facts
+   known in every language before it (a funnel: the filter reads each language only for the facts still in, so
+   many candidates cost little when the first language is the best known); the last such row counts the facts
+   studied, each language keeping only its answered prompts;
+4. **attributed** — the study's own count: facts attributed before its budget ran out.
 
 The facts are interleaved across relations (round robin), so a study cut short still covers every relation.
 
@@ -60,6 +62,11 @@ class MultilingualSettings:
     n_resamples: int = 10  # resamples of the queries for the stability of MATRICE and intersection
     k: float = 1.0  # MATRICE's penalty: mean - k std
     held_out: tuple[str, ...] = ()  # languages held out in turn for MATRICE vs intersection (empty: all)
+    degenerate_facts: int = 2  # facts whose degenerate pairs are searched in every language (0: none)
+    degenerate_top: int = 20  # pairs are drawn from a language's top neurons by mean attribution
+    edit_facts: int = 6  # facts edited in every language for the cross-lingual edit matrix
+    n_neighbours: int = 3  # other facts whose prompts test locality in each evaluation language
+    memla_steps: int = 60  # MEMLA's most Adam steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,8 +76,10 @@ class MultilingualSettings:
         unknown = sorted(set(self.held_out) - set(self.languages))
         if unknown:
             raise SettingsError(f"held_out language(s) {unknown} are not among the languages {self.languages}")
-        if min(self.candidates, self.max_prompts, self.min_prompts, self.max_facts, self.n_random) < 1:
-            raise SettingsError("candidates, max_prompts, min_prompts, max_facts and n_random must be at least 1")
+        if min(self.candidates, self.max_prompts, self.min_prompts, self.max_facts, self.n_random, self.edit_facts,
+               self.memla_steps) < 1 or min(self.degenerate_facts, self.n_neighbours) < 0 or self.degenerate_top < 2:
+            raise SettingsError("candidates, max_prompts, min_prompts, max_facts, n_random, edit_facts and memla_steps "
+                                "must be at least 1, degenerate_facts and n_neighbours at least 0, degenerate_top 2")
         if self.n_resamples < 2 or not 0.0 < self.locate_share <= 1.0 or self.budget_minutes <= 0:
             raise SettingsError("n_resamples must be at least 2, locate_share in (0, 1], budget_minutes positive")
 
@@ -81,26 +90,38 @@ def shorten(m: MultilingualFact, n: int) -> MultilingualFact:
                             {l: replace(f, prompts=f.prompts[:n]) for l, f in m.facts.items()})
 
 
-def _filters(rel: str, read: MultilingualFacts, known: MultilingualFacts) -> list[dict[str, Any]]:
-    c = known.counts.set_index("language")
-    rows = [{"relation": rel, "filter": "aligned in all languages", "facts": int(c["aligned"].iloc[0])},
-            {"relation": rel, "filter": "read", "facts": len(read)}]
-    rows += [{"relation": rel, "filter": f"known in {l}", "facts": int(c.loc[l, "known"])} for l in read.languages]
-    return rows + [{"relation": rel, "filter": "known in all", "facts": len(known)}]
+def _known_in(model: Any, alive: list[MultilingualFact], lang: str, min_prompts: int
+              ) -> tuple[list[MultilingualFact], pd.DataFrame]:
+    """The facts of ``alive`` the model knows in ``lang`` (that language's answered prompts kept) and the known
+    filter's counts for ``lang``."""
+    if not alive:
+        return [], pd.DataFrame([{"language": lang, "known": 0, "not_known": 0, "multi_token_targets": 0}])
+    sub = MultilingualFacts(tuple(m.restrict([lang]) for m in alive), (lang,), pd.DataFrame({"language": [lang]}))
+    known = known_in_all(model, sub, min_prompts=min_prompts)
+    kept = {m.key: m[lang] for m in known}
+    return ([MultilingualFact(m.relation, m.subject_uri, m.object_uri, {**m.facts, lang: kept[m.key]})
+             for m in alive if m.key in kept], known.counts.drop(columns="known_in_all"))
 
 
 def select_facts(model: Any, settings: MultilingualSettings, data_dir: str | None = None,
                  say: Callable[[str], None] = lambda _: None
                  ) -> tuple[list[MultilingualFact], pd.DataFrame, pd.DataFrame]:
     """The facts known in every language (interleaved across relations), the filter counts (one row per relation
-    and filter: :data:`FILTER_COLUMNS`) and the per-language counts of the loader and the known filter."""
+    and filter: :data:`FILTER_COLUMNS`) and the per-language counts of the loader and the known filter
+    (``tested``: facts known in every language before this one)."""
     s, groups, filters, counts = settings, [], [], []
     for rel in s.relations:
         read = load_multilingual(rel, s.languages, data_dir, max_facts=s.candidates, seed=s.seed)
-        read = MultilingualFacts(tuple(shorten(m, s.max_prompts) for m in read), read.languages, read.counts)
-        known = known_in_all(model, read, min_prompts=s.min_prompts)
-        say(f"{rel}: {len(known)} of {len(read)} facts known in all of {', '.join(s.languages)}")
-        groups.append(list(known))
-        filters += _filters(rel, read, known)
-        counts.append(known.counts)
+        alive = [shorten(m, s.max_prompts) for m in read]
+        filters += [{"relation": rel, "filter": "aligned in all languages", "facts": int(read.counts["aligned"].iloc[0])},
+                    {"relation": rel, "filter": "read", "facts": len(read)}]
+        per_lang = []
+        for lang in s.languages:
+            tested = len(alive)
+            alive, c = _known_in(model, alive, lang, s.min_prompts)
+            per_lang.append(c.assign(tested=tested))
+            filters.append({"relation": rel, "filter": f"known in {lang}", "facts": len(alive)})
+        say(f"{rel}: {len(alive)} of {len(read)} facts known in all of {', '.join(s.languages)}")
+        groups.append(alive)
+        counts.append(read.counts.merge(pd.concat(per_lang, ignore_index=True), on="language"))
     return interleave(groups), pd.DataFrame(filters, columns=list(FILTER_COLUMNS)), pd.concat(counts, ignore_index=True)

@@ -13,7 +13,12 @@ On the facts of :func:`~knlens.studies.multilingual_facts.select_facts` (known i
    language (:func:`~knlens.methods.multilingual.likn.likn_effects`);
 4. **MATRICE vs intersection** — stability of both selections when each language keeps a random half of its
    queries, and the causal effect of the sets selected without one language on that held-out language
-   (:mod:`knlens.methods.multilingual.matrice`).
+   (:mod:`knlens.methods.multilingual.matrice`);
+5. **degenerate pairs** — among a language's top ``degenerate_top`` neurons, pairs whose single suppression lowers
+   P by < 20 % but whose joint suppression lowers it by > 25 %, for ``degenerate_facts`` facts;
+6. **cross-lingual edits** (with the budget left) — each of ``edit_facts`` facts edited in each language through its
+   LIKN set (KN update) and through MEMLA, judged in every language (reliability, generality, locality)
+   (:mod:`knlens.studies.multilingual_edits`).
 """
 
 from __future__ import annotations
@@ -28,30 +33,36 @@ import pandas as pd
 from knlens.core.errors import InsufficientDataError, SettingsError
 from knlens.core.versions import environment
 from knlens.data.multilingual import MultilingualFact
+from knlens.methods.multilingual.degenerate import DegeneratePairs
+from knlens.methods.multilingual.edit_matrix_result import EditMatrix
 from knlens.methods.multilingual.likn import attribute_languages, effects_by_language, language_neurons, likn_effects
 from knlens.methods.multilingual.likn_result import LanguageAttributions, LanguageNeurons
 from knlens.methods.multilingual.matrice import heldout_language_effects, resample_stability
 from knlens.results.contract import Result
+from knlens.studies.multilingual_edits import degenerate_within, edit_matrix_within
 from knlens.studies.multilingual_facts import MultilingualSettings, select_facts
 
 __all__ = ["MultilingualStudy", "multilingual_study", "attribute_within", "TABLES"]
 
 TABLES = ("filters", "counts", "facts", "likn_sizes", "overlap", "layers", "likn_effects", "specific_effects",
-          "stability", "heldout")
+          "stability", "heldout", "degenerate", "edit_matrix", "edit_skips", "edit_sizes", "notes")
 _EFFECT_COLUMNS = ["action", "knowledge_relative", "random_relative", "matched_relative", "p_empirical",
                    "p_empirical_matched", "p_empirical_floor", "n_facts", "facts_without_set"]
 
 
 @dataclass(frozen=True, eq=False)
 class MultilingualStudy(Result):
-    """Every table of the study by name (:data:`TABLES`), the language neurons of the attributed facts, single
-    numbers, timings and versions."""
+    """Every table of the study by name (:data:`TABLES`), the language neurons of the attributed facts, the edit
+    matrix and degenerate pairs (None when their phase did not run; ``notes`` says why), single numbers, timings
+    and versions."""
 
     study = "multilingual"
     settings: MultilingualSettings
     tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
     neurons: LanguageNeurons | None = None
+    edits: EditMatrix | None = None
+    degenerate: DegeneratePairs | None = None
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -181,6 +192,17 @@ def multilingual_study(model: Any, settings: MultilingualSettings = Multilingual
     tables["stability"] = _stability(attrs, s)
     tables["heldout"] = _heldout(model, facts, attrs, s, end, say)
     timings["matrice"] = time.time() - t
+    t = time.time()
+    degenerate, deg_note = degenerate_within(model, facts, attrs, s, end, say)
+    tables["degenerate"] = degenerate.summary() if degenerate is not None else pd.DataFrame()
+    timings["degenerate"] = time.time() - t
+    t = time.time()
+    edits, edit_note = edit_matrix_within(model, facts, neurons, s, end, say)
+    tables["edit_matrix"] = edits.to_frame() if edits is not None else pd.DataFrame()
+    tables["edit_skips"] = edits.skip_counts() if edits is not None else pd.DataFrame()
+    tables["edit_sizes"] = edits.edits if edits is not None else pd.DataFrame()
+    tables["notes"] = pd.DataFrame({"note": [n for n in (deg_note, edit_note) if n]}, dtype=str)
+    timings["edits"] = time.time() - t
     sizes = neurons.sizes
     numbers = {"facts_known_in_all": float(len(known)), "facts_attributed": float(len(facts)),
                "mean_neurons": float(sizes.n_neurons.mean()),
@@ -188,4 +210,4 @@ def multilingual_study(model: Any, settings: MultilingualSettings = Multilingual
                "facts_without_independent": float((sizes.groupby("fact").n_independent.first() == 0).sum()),
                "mean_seconds_per_fact": float(facts_table.seconds.mean())}
     timings["total"] = time.time() - t0
-    return MultilingualStudy(s, tables, numbers, neurons, timings, environment())
+    return MultilingualStudy(s, tables, numbers, neurons, edits, degenerate, timings, environment())

@@ -13,6 +13,7 @@ import platform
 
 import pandas as pd
 
+from knlens.studies.multilingual_edits import pivot_matrix
 from knlens.studies.multilingual_study import MultilingualStudy
 from knlens.viz.query_localization_page import markdown_table
 
@@ -54,7 +55,7 @@ def _md(frame: pd.DataFrame, empty: str = "(none)") -> str:
 def _headline(r: MultilingualStudy) -> list[str]:
     t, n, s = r.tables, r.numbers, r.settings
     f = t["filters"]
-    known = f[f["filter"] == "known in all"].set_index("relation")["facts"]
+    known = f[f["filter"] == f"known in {s.languages[-1]}"].set_index("relation")["facts"]
     read = f[f["filter"] == "read"].set_index("relation")["facts"]
     lines = [f"- **Facts**: {int(n['facts_known_in_all'])} known in all of {', '.join(s.languages)} ("
              + ", ".join(f"{rel} {known[rel]} of {read[rel]}" for rel in known.index)
@@ -81,6 +82,20 @@ def _headline(r: MultilingualStudy) -> list[str]:
         lines.append("- **Held-out language** (selected on the other languages, suppressed on it; mean over the "
                      "held-out languages): " + ", ".join(f"{m} {x.knowledge_relative:+.0%} (matched random "
                                                          f"{x.matched_relative:+.0%})" for m, x in hs.iterrows()) + ".")
+    d = t["degenerate"]
+    if len(d):
+        lines.append(f"- **Degenerate pairs** ({int(d.n_facts.max())} facts): " + ", ".join(
+            f"{x.language} {int(x.degenerate_pairs)} of {int(x.pairs_tested)} pairs tested" for x in d.itertuples())
+            + ".")
+    m = t["edit_matrix"]
+    if len(m):
+        rel = m[(m.metric == "reliability") & m.n_facts.gt(0)]
+        same, cross = rel[rel.edit_language == rel.eval_language], rel[rel.edit_language != rel.eval_language]
+        lines.append("- **Cross-lingual edits** (reliability, mean over facts and languages; in the edit language / in "
+                     "the others): " + ", ".join(
+                         f"{e} {same[same.editor == e].after.mean():.2f} / {cross[cross.editor == e].after.mean():.2f}"
+                         for e in dict.fromkeys(rel.editor)) + ".")
+    lines += [f"- **Not done**: {n}." for n in t["notes"].get("note", [])]
     return lines
 
 
@@ -89,7 +104,7 @@ def render_markdown(r: MultilingualStudy) -> str:
     s, t = r.settings, r.tables
     timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
     counts_cols = [c for c in ["relation", "language", "tuples", "templates_used", "templates_object_not_last",
-                               "aligned", "kept", "known", "not_known", "multi_token_targets", "known_in_all"]
+                               "aligned", "kept", "tested", "known", "not_known", "multi_token_targets"]
                    if c in t["counts"]]
     filters = t["filters"].pivot_table(index="filter", columns="relation", values="facts", sort=False).reset_index()
     layers = t["layers"][[c for c in t["layers"].columns if not c.endswith("share_independent")]]
@@ -103,9 +118,10 @@ def render_markdown(r: MultilingualStudy) -> str:
         "## Facts per filter", "",
         f"Relations {', '.join(s.relations)}; languages {', '.join(s.languages)}. Per relation: facts aligned across "
         f"the languages (same subject and object URI, object-last templates), a random {s.candidates} read "
-        f"(seed {s.seed}; each language's first {s.max_prompts} templates), known in each language (greedy answer = "
-        f"the object on at least {s.min_prompts} prompt(s); multi-token objects teacher-forced), known in all, "
-        "attributed within the budget.", "",
+        f"(seed {s.seed}; each language's first {s.max_prompts} templates), then known in each language in turn "
+        f"among the facts known in the languages before it (greedy answer = the object on at least {s.min_prompts} "
+        "prompt(s); multi-token objects teacher-forced; the last row is known in all), attributed within the "
+        "budget.", "",
         _md(filters), "",
         "Per language (loader counts and the known filter):", "", _md(t["counts"][counts_cols]), "",
         "Attributed facts (answered prompts per language; seconds of attribution):", "", _md(t["facts"]), "",
@@ -133,6 +149,22 @@ def render_markdown(r: MultilingualStudy) -> str:
         "Held-out language: each set selected on every language but `held_out`, then suppressed / enhanced on the "
         "held-out language's prompts beside random sets (out of sample):", "",
         _md(t["heldout"], "(fewer than 3 languages: no language can be held out)"), "",
+        "## Degenerate pairs", "",
+        f"For the first {s.degenerate_facts} facts, in every language: among the top {s.degenerate_top} neurons by "
+        "mean attribution, those whose single suppression lowers P(target) by < 20 % are candidates; a pair of "
+        "candidates is degenerate when suppressing both lowers it by > 25 % (Chen et al., AAAI 2024, their code).",
+        "", _md(t["degenerate"], "(not run: see the notes)"), "",
+        "## Cross-lingual edits: KN update of LIKN vs MEMLA", "",
+        f"Each of the first {s.edit_facts} facts edited in each edit language (rows) to another fact's object "
+        "(its label in each language), judged in each evaluation language (columns): reliability (the language's "
+        f"first prompt), generality (its other prompts), locality ({s.n_neighbours} other facts' prompts); EasyEdit "
+        "conventions (docs/methods.md, editing evaluation). `kn-update`: Dai's update of the LIKN set (single-token "
+        f"objects only); `memla`: MEMLA's masked update of the LIKN and the edit language's specific neurons "
+        f"(≤ {s.memla_steps} Adam steps, half committed). Mean after the edit:", "",
+        _md(pivot_matrix(t["edit_matrix"]) if len(t["edit_matrix"]) else t["edit_matrix"], "(not run: see the notes)"),
+        "", "Cells skipped, by reason (never dropped silently):", "", _md(t["edit_skips"]), "",
+        "The edits (size; MEMLA's steps and P(new) after the committed half):", "", _md(t["edit_sizes"]), "",
+        *([f"Not done: {n}." for n in t["notes"].get("note", [])] + [""] if len(t["notes"]) else []),
         "## The papers' claims beside ours", "", *PAPERS, "",
         "## Limitations", "", *LIMITATIONS, "",
         f"Settings: {s}.", "",

@@ -1,0 +1,101 @@
+"""``knlens study multilingual`` and ``knlens locate --languages``: bad input is one line and exit 2, a short real
+run on Gemma-3-270M fills every table, saves, and renders its pages."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import knlens
+from knlens.cli import main
+from knlens.data.pararel import default_data_dir
+from knlens.methods.multilingual.likn_result import LanguageNeurons
+from knlens.studies.multilingual_facts import MultilingualSettings
+from knlens.studies.multilingual_study import TABLES, MultilingualStudy, multilingual_study
+from knlens.viz.language_page import language_grid, render_language_html, remote_sources
+from knlens.viz.multilingual_page import render_markdown
+
+needs_data = pytest.mark.skipif(not (default_data_dir() / "mpararel").is_dir(), reason="no mParaRel data folder")
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("bad input must be refused before the model is loaded")
+
+
+@needs_data
+@pytest.mark.parametrize("argv, start", [
+    (["locate", "--languages", "en,xx", "--fact", "P36:Q142"], "error: mParaRel has no data for language(s) 'xx'"),
+    (["locate", "--languages", "en", "--fact", "P36:Q142"], "error: --languages needs at least two"),
+    (["locate", "--languages", "en,fr", "--fact", "capital-france"], "error: with --languages, --fact is RELATION:SUBJECT"),
+    (["locate", "--languages", "en,fr", "--fact", "P36:Q99999999"], "error: subject Q99999999 of P36 has no usable fact"),
+    (["locate", "--languages", "en,fr", "--fact", "P99999:Q142"], "error: mParaRel (en) has no relation"),
+    (["study", "multilingual", "--languages", "en"], "error: the multilingual study needs at least 2 languages"),
+    (["study", "multilingual", "--held-out", "de"], "error: held_out language(s) ['de'] are not among"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, start, capsys, monkeypatch):
+    monkeypatch.setattr(knlens.core.models, "load_model", _no_model)
+    assert main([*argv, "--model", "tiny-llama", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(start), err
+
+
+def test_the_study_defaults_to_gemma():
+    from knlens.cli import build_parser
+
+    args = build_parser().parse_args(["study", "multilingual"])
+    assert args.model == "gemma3-270m" == MultilingualSettings().model
+    assert build_parser().parse_args(["study", "editing"]).model == "smollm2-135m"
+
+
+def _neurons() -> LanguageNeurons:
+    frame = pd.DataFrame({"fact": ["f"] * 4, "language": ["en", "en", "fr", "fr"], "layer": [3, 5, 3, 9],
+                          "neuron": [7, 9, 7, 1], "independent": [True, False, True, False]})
+    sizes = pd.DataFrame({"fact": ["f", "f"], "language": ["en", "fr"], "n_neurons": [2, 2], "n_independent": [1, 1],
+                          "n_specific": [1, 1]})
+    return LanguageNeurons(frame, sizes, ("en", "fr"))
+
+
+def test_the_language_grid_and_page():
+    grid = language_grid(_neurons(), "f")
+    assert list(grid.columns) == ["language", "L3", "L5", "L9"]
+    assert grid.set_index("language").loc["LIKN"].tolist() == ["7", "", ""]
+    assert grid.set_index("language").loc["fr"].tolist() == ["7", "", "1"]
+    effects = pd.DataFrame({"language": ["en"], "action": ["suppress"], "knowledge_relative": [-0.5]})
+    page = render_language_html(_neurons(), effects, notes=("skipped de: not known",), figure=False)
+    assert remote_sources(page) == [] and "<b>7</b>" in page and "skipped de: not known" in page
+    assert "<b>1</b>" not in page and "Suppress" in page
+
+
+@pytest.mark.integration
+@needs_data
+def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
+    settings = MultilingualSettings(relations=("P36",), languages=("en", "fr", "es"), candidates=40, max_prompts=2,
+                                    max_facts=1, steps=2, n_random=2, n_resamples=2, held_out=("es",))
+    result = multilingual_study(gemma, settings)
+    assert set(result.tables) == set(TABLES)
+    f = result.tables["filters"].set_index("filter")["facts"]
+    assert f["read"] == 40 and f["read"] >= f["known in en"] >= f["known in fr"] >= f["known in es"] >= 1
+    assert f["attributed"] == 1 == result.numbers["facts_attributed"]
+    assert set(result.tables["likn_sizes"].language) == {"en", "fr", "es"}
+    assert set(result.tables["stability"].method) == {"intersection", "matrice (uniform)", "matrice (confidence)"}
+    loaded = MultilingualStudy.load(result.save(tmp_path / "saved"))
+    assert loaded == result
+    page = render_markdown(result)
+    for heading in ("## Headline", "## Facts per filter", "## MATRICE vs plain intersection", "## Limitations"):
+        assert heading in page
+    html = render_language_html(result.neurons, result.tables["likn_effects"], figure=False)
+    assert remote_sources(html) == []
+
+
+@pytest.mark.integration
+@needs_data
+def test_locate_languages_prints_each_language_and_writes_the_page(gemma, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(knlens.core.models, "load_model", lambda name: gemma)
+    out = tmp_path / "out"
+    argv = ["locate", "--model", "gemma3-270m", "--quiet", "--languages", "en,fr", "--fact", "P36:Q142",
+            "--steps", "2", "--grid", "gauss-legendre", "--max-prompts", "1", "--n-random", "2", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Neurons per language" in text and "Language-independent neurons (LIKN" in text
+    page = (out / "languages.html").read_text()
+    assert remote_sources(page) == [] and "P36-Q142-Q90" in page
