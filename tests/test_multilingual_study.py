@@ -69,14 +69,19 @@ def test_the_language_grid_and_page():
 @pytest.mark.integration
 @needs_data
 def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
-    settings = MultilingualSettings(relations=("P36",), languages=("en", "fr", "es"), candidates=40, max_prompts=2,
-                                    max_facts=1, steps=2, n_random=2, n_resamples=2, held_out=("es",))
+    settings = MultilingualSettings(relations=("P30",), languages=("en", "es", "pt"), candidates=40, max_prompts=2,
+                                    max_facts=3, steps=2, n_random=2, n_resamples=2, held_out=("pt",),
+                                    degenerate_facts=1, degenerate_top=3, edit_facts=2, n_neighbours=1, memla_steps=2)
     result = multilingual_study(gemma, settings)
     assert set(result.tables) == set(TABLES)
     f = result.tables["filters"].set_index("filter")["facts"]
-    assert f["read"] == 40 and f["read"] >= f["known in en"] >= f["known in fr"] >= f["known in es"] >= 1
-    assert f["attributed"] == 1 == result.numbers["facts_attributed"]
-    assert set(result.tables["likn_sizes"].language) == {"en", "fr", "es"}
+    assert f["read"] == 40 and f["read"] >= f["known in en"] >= f["known in es"] >= f["known in pt"] >= 3
+    assert f["attributed"] == 3 == result.numbers["facts_attributed"]
+    assert set(result.tables["likn_sizes"].language) == {"en", "es", "pt"}
+    assert set(result.tables["degenerate"].language) == {"en", "es", "pt"}
+    m = result.tables["edit_matrix"]
+    assert set(m.editor) == {"kn-update", "memla"} and set(m.edit_language) == set(m.eval_language) == {"en", "es", "pt"}
+    assert (m.n_facts + m.n_skipped <= 2).all() and result.edits is not None
     assert set(result.tables["stability"].method) == {"intersection", "matrice (uniform)", "matrice (confidence)"}
     loaded = MultilingualStudy.load(result.save(tmp_path / "saved"))
     assert loaded == result

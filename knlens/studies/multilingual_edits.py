@@ -27,6 +27,7 @@ from knlens.methods.multilingual.degenerate import DegeneratePairs, degenerate_p
 from knlens.methods.multilingual.edit_matrix import cross_lingual_edits
 from knlens.methods.multilingual.edit_matrix_result import EditMatrix
 from knlens.methods.multilingual.likn_result import LanguageAttributions, LanguageNeurons
+from knlens.studies.editing_cases import interleave
 from knlens.studies.multilingual_facts import MultilingualSettings
 
 __all__ = ["edit_matrix_within", "degenerate_within", "pivot_matrix"]
@@ -43,9 +44,13 @@ def pivot_matrix(frame: pd.DataFrame) -> pd.DataFrame:
 def edit_matrix_within(model: Any, facts: Sequence[MultilingualFact], neurons: LanguageNeurons,
                        s: MultilingualSettings, deadline: float, say: Callable[[str], None] = lambda _: None
                        ) -> tuple[EditMatrix | None, str]:
-    """The edit matrix of the first ``edit_facts`` facts, one edit language after the other (in ``languages``
-    order) while the mean time of one fits before ``deadline``; and a note on what was left out."""
-    chosen = list(facts[:s.edit_facts])
+    """The edit matrix of ``edit_facts`` facts (taken round robin over their objects, so that the new objects,
+    other facts' objects, vary), one edit language after the other (in ``languages`` order) while the mean time of
+    one fits before ``deadline``; and a note on what was left out."""
+    by_object: dict[str, list[MultilingualFact]] = {}
+    for m in facts:
+        by_object.setdefault(m.object_uri, []).append(m)
+    chosen = interleave(list(by_object.values()))[:s.edit_facts]
     if len({m.object_uri for m in chosen}) < 2:
         return None, (f"no edit matrix: the {len(chosen)} fact(s) edited have fewer than two objects, and the new "
                       "object is another fact's")
