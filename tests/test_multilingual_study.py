@@ -1,5 +1,6 @@
 """``knlens study multilingual`` and ``knlens locate --languages``: bad input is one line and exit 2, a short real
-run on Gemma-3-270M fills every table, saves, and renders its pages."""
+run on Gemma-3-270M fills every table, saves, and renders its pages (IG from zero rather than AMIG there: AMIG
+costs IG's times the prompt's length, and tests/test_amig.py checks it)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def test_the_language_grid_and_page():
 @needs_data
 def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
     settings = MultilingualSettings(relations=("P30",), languages=("en", "es", "pt"), candidates=40, max_prompts=2,
-                                    max_facts=3, steps=2, n_random=2, n_resamples=2, held_out=("pt",),
+                                    max_facts=3, attribution="ig", steps=2, n_random=2, n_resamples=2, held_out=("pt",),
                                     degenerate_facts=1, degenerate_top=3, edit_facts=2, n_neighbours=1, memla_steps=2)
     result = multilingual_study(gemma, settings)
     assert set(result.tables) == set(TABLES)
@@ -98,7 +99,7 @@ def test_locate_languages_prints_each_language_and_writes_the_page(gemma, tmp_pa
     monkeypatch.setattr(knlens.core.models, "load_model", lambda name: gemma)
     out = tmp_path / "out"
     argv = ["locate", "--model", "gemma3-270m", "--quiet", "--languages", "en,fr", "--fact", "P36:Q142",
-            "--steps", "2", "--grid", "gauss-legendre", "--max-prompts", "1", "--n-random", "2", "--out", str(out)]
+            "--steps", "2", "--grid", "gauss-legendre", "--max-prompts", "1", "--attribution", "ig", "--n-random", "2", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "Neurons per language" in text and "Language-independent neurons (LIKN" in text
