@@ -44,17 +44,17 @@ class MultilingualSettings:
     """The study's data, sizes and time budget (defaults: the run of ``benchmarks/MULTILINGUAL.md``)."""
 
     model: str = "gemma3-270m"
-    relations: tuple[str, ...] = ("P37", "P36", "P1412")
-    languages: tuple[str, ...] = ("en", "fr", "es", "it", "pt")
-    candidates: int = 40  # aligned facts read per relation before the known filter
-    max_prompts: int = 3  # prompts per language read by the known filter (and attributed when answered)
+    relations: tuple[str, ...] = ("P30", "P1376")  # continent, capital of: known in most languages (methods.md)
+    languages: tuple[str, ...] = ("en", "fr", "it", "pt", "de")
+    candidates: int = 120  # aligned facts read per relation before the known filter
+    max_prompts: int = 2  # prompts per language read by the known filter (and attributed when answered)
     min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
-    max_facts: int = 12  # facts attributed at most
+    max_facts: int = 14  # facts attributed at most
     budget_minutes: float = 30.0  # stop starting new work when the next piece would overrun this
-    locate_share: float = 0.55  # share of the budget left after the filter that attribution may use
-    attribution: str = "amig"  # "amig" or "ig"
+    locate_share: float = 0.4  # share of the budget left after the filter that attribution may use
+    attribution: str = "ig"  # "ig" (zero baseline) or "amig" (the prompt length times slower)
     scaling: str = "authors"  # AMIG's scaling: "authors" (their code) or "textbook"
-    steps: int = 6  # integration steps
+    steps: int = 8  # integration steps
     grid: str = "gauss-legendre"  # quadrature rule of the integration
     threshold: float = 0.3  # coarse neurons: score >= threshold x the prompt's max (AMIG, MEMLA)
     p: float = 0.5  # a language's neuron: coarse in more than p of its prompts
@@ -62,9 +62,9 @@ class MultilingualSettings:
     n_resamples: int = 10  # resamples of the queries for the stability of MATRICE and intersection
     k: float = 1.0  # MATRICE's penalty: mean - k std
     held_out: tuple[str, ...] = ()  # languages held out in turn for MATRICE vs intersection (empty: all)
-    degenerate_facts: int = 2  # facts whose degenerate pairs are searched in every language (0: none)
+    degenerate_facts: int = 1  # facts whose degenerate pairs are searched in every language (0: none)
     degenerate_top: int = 20  # pairs are drawn from a language's top neurons by mean attribution
-    edit_facts: int = 6  # facts edited in every language for the cross-lingual edit matrix
+    edit_facts: int = 4  # facts edited in every language for the cross-lingual edit matrix
     n_neighbours: int = 3  # other facts whose prompts test locality in each evaluation language
     memla_steps: int = 60  # MEMLA's most Adam steps
     seed: int = 0

@@ -199,7 +199,7 @@ def multilingual_study(model: Any, settings: MultilingualSettings = Multilingual
     t = time.time()
     edits, edit_note = edit_matrix_within(model, facts, neurons, s, end, say)
     tables["edit_matrix"] = edits.to_frame() if edits is not None else pd.DataFrame()
-    tables["edit_skips"] = edits.skip_counts() if edits is not None else pd.DataFrame()
+    tables["edit_skips"] = edits.skip_counts().rename_axis(columns=None) if edits is not None else pd.DataFrame()
     tables["edit_sizes"] = edits.edits if edits is not None else pd.DataFrame()
     tables["notes"] = pd.DataFrame({"note": [n for n in (deg_note, edit_note) if n]}, dtype=str)
     timings["edits"] = time.time() - t
