@@ -31,7 +31,7 @@ def _no_model(*args, **kwargs):
     (["locate", "--languages", "en,fr", "--fact", "P36:Q99999999"], "error: subject Q99999999 of P36 has no usable fact"),
     (["locate", "--languages", "en,fr", "--fact", "P99999:Q142"], "error: mParaRel (en) has no relation"),
     (["study", "multilingual", "--languages", "en"], "error: the multilingual study needs at least 2 languages"),
-    (["study", "multilingual", "--held-out", "de"], "error: held_out language(s) ['de'] are not among"),
+    (["study", "multilingual", "--held-out", "es"], "error: held_out language(s) ['es'] are not among"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, start, capsys, monkeypatch):
     monkeypatch.setattr(knlens.core.models, "load_model", _no_model)

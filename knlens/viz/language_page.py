@@ -97,8 +97,8 @@ def render_language_html(neurons: LanguageNeurons, effects: pd.DataFrame | None 
                  html_table(effects, left=tuple(c for c in ("language", "action", "source") if c in effects))]
     body += ["<h2>Per fact: language × layer</h2>",
              '<p class="note">Each cell lists the neuron indices of that language in that layer; bold: '
-             "language-independent (in every language's set). Definitions: docs/methods.md, language-independent "
-             "neurons.</p>"]
+             "language-independent (in every language's set). Definitions: "
+             "docs/methods.md, language-independent neurons.</p>"]
     body += [_grid_html(neurons, fact) for fact in neurons.facts]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head><body>\n"
