@@ -105,3 +105,26 @@ def test_locate_languages_prints_each_language_and_writes_the_page(gemma, tmp_pa
     assert "Neurons per language" in text and "Language-independent neurons (LIKN" in text
     page = (out / "languages.html").read_text()
     assert remote_sources(page) == [] and "P36-Q142-Q90" in page
+
+
+def test_a_language_the_model_does_not_know_is_skipped_and_counted():
+    """``locate --languages`` keeps the languages where the greedy answer is the target and names the others;
+    fewer than two known languages is a NotKnownError."""
+    from knlens import Fact
+    from knlens.cli.locate_languages import known_languages
+    from knlens.core.errors import NotKnownError
+    from knlens.data.multilingual import MultilingualFact
+
+    model = knlens.load_model("tiny-llama")
+
+    def greedy(prompt: str) -> str:
+        return model.to_string(int(model(model.to_tokens(prompt))[0, -1].argmax()))
+
+    a, b = "the capital of france is", "the capital city of france is"
+    wrong = next(t for t in (" paris", " rome", " berlin") if t != greedy(a))
+    fact = MultilingualFact("P36", "Q142", "Q90", {"en": Fact([a], greedy(a)), "xx": Fact([b], greedy(b)),
+                                                   "yy": Fact([a], wrong)})
+    kept, skipped = known_languages(model, fact)
+    assert kept.languages == ("en", "xx") and list(skipped) == ["yy"] and "not known" in skipped["yy"]
+    with pytest.raises(NotKnownError, match="fewer than two"):
+        known_languages(model, fact.restrict(["en", "yy"]))
