@@ -46,8 +46,9 @@ class MultilingualSettings:
     model: str = "gemma3-270m"
     relations: tuple[str, ...] = ("P30", "P1376")  # continent, capital of: known in most languages (methods.md)
     languages: tuple[str, ...] = ("en", "fr", "it", "pt", "de")
-    candidates: int = 120  # aligned facts read per relation before the known filter
-    max_prompts: int = 2  # prompts per language read by the known filter (and attributed when answered)
+    candidates: int = 160  # aligned facts read per relation before the known filter
+    max_prompts: int = 4  # prompts per language read by the known filter
+    attribute_prompts: int = 2  # answered prompts per language attributed (the first ones)
     min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
     max_facts: int = 14  # facts attributed at most
     budget_minutes: float = 30.0  # stop starting new work when the next piece would overrun this
@@ -76,9 +77,9 @@ class MultilingualSettings:
         unknown = sorted(set(self.held_out) - set(self.languages))
         if unknown:
             raise SettingsError(f"held_out language(s) {unknown} are not among the languages {self.languages}")
-        if min(self.candidates, self.max_prompts, self.min_prompts, self.max_facts, self.n_random, self.edit_facts,
+        if min(self.candidates, self.max_prompts, self.attribute_prompts, self.min_prompts, self.max_facts, self.n_random, self.edit_facts,
                self.memla_steps) < 1 or min(self.degenerate_facts, self.n_neighbours) < 0 or self.degenerate_top < 2:
-            raise SettingsError("candidates, max_prompts, min_prompts, max_facts, n_random, edit_facts and memla_steps "
+            raise SettingsError("candidates, max_prompts, attribute_prompts, min_prompts, max_facts, n_random, edit_facts and memla_steps "
                                 "must be at least 1, degenerate_facts and n_neighbours at least 0, degenerate_top 2")
         if self.n_resamples < 2 or not 0.0 < self.locate_share <= 1.0 or self.budget_minutes <= 0:
             raise SettingsError("n_resamples must be at least 2, locate_share in (0, 1], budget_minutes positive")

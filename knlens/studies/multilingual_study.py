@@ -3,8 +3,8 @@ one fact in many languages — which neurons it shares across them, what those d
 
 On the facts of :func:`~knlens.studies.multilingual_facts.select_facts` (known in every chosen language):
 
-1. **attribute** (until ``locate_share`` of the budget left is spent, at most ``max_facts`` facts) — AMIG (or IG)
-   of each fact's answered prompts in every language (:func:`~knlens.methods.multilingual.likn.attribute_languages`);
+1. **attribute** (until ``locate_share`` of the budget left is spent, at most ``max_facts`` facts) — IG (or AMIG)
+   of each fact's first ``attribute_prompts`` answered prompts in every language (:func:`~knlens.methods.multilingual.likn.attribute_languages`);
 2. **LIKN** — each language's neurons (coarse ≥ ``threshold`` × max in more than ``p`` of its prompts), their
    intersection (language-independent, LIKN) and remainders (language-specific): sizes, overlap of language
    pairs, layer distribution (:func:`~knlens.methods.multilingual.likn.language_neurons`);
@@ -40,7 +40,7 @@ from knlens.methods.multilingual.likn_result import LanguageAttributions, Langua
 from knlens.methods.multilingual.matrice import heldout_language_effects, resample_stability
 from knlens.results.contract import Result
 from knlens.studies.multilingual_edits import degenerate_within, edit_matrix_within
-from knlens.studies.multilingual_facts import MultilingualSettings, select_facts
+from knlens.studies.multilingual_facts import MultilingualSettings, select_facts, shorten
 
 __all__ = ["MultilingualStudy", "multilingual_study", "attribute_within", "TABLES"]
 
@@ -89,7 +89,7 @@ def attribute_within(model: Any, facts: Sequence[MultilingualFact], s: Multiling
     """Attribute ``facts`` one by one in every language until ``deadline`` (a ``time.time()``; the next fact is
     started only when the mean time of one fits) or ``max_facts``; the attributions and one row per fact."""
     parts, rows = [], []
-    for m in facts:
+    for m in (shorten(m, s.attribute_prompts) for m in facts):
         mean = sum(r["seconds"] for r in rows) / len(rows) if rows else 0.0
         if parts and (len(parts) >= s.max_facts or time.time() + mean > deadline):
             break
