@@ -121,7 +121,7 @@ def render_markdown(r: MultilingualStudy) -> str:
         f"(seed {s.seed}; each language's first {s.max_prompts} templates), then known in each language in turn "
         f"among the facts known in the languages before it (greedy answer = the object on at least {s.min_prompts} "
         "prompt(s); multi-token objects teacher-forced; the last row is known in all), attributed within the "
-        "budget.", "",
+        f"budget (each language's first {s.attribute_prompts} answered prompts).", "",
         _md(filters), "",
         "Per language (loader counts and the known filter):", "", _md(t["counts"][counts_cols]), "",
         "Attributed facts (answered prompts per language; seconds of attribution):", "", _md(t["facts"]), "",
