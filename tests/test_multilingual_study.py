@@ -98,13 +98,13 @@ def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
 def test_locate_languages_prints_each_language_and_writes_the_page(gemma, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(knlens.core.models, "load_model", lambda name: gemma)
     out = tmp_path / "out"
-    argv = ["locate", "--model", "gemma3-270m", "--quiet", "--languages", "en,fr", "--fact", "P36:Q142",
+    argv = ["locate", "--model", "gemma3-270m", "--quiet", "--languages", "en,fr", "--fact", "P1376:Q1489",
             "--steps", "2", "--grid", "gauss-legendre", "--max-prompts", "1", "--attribution", "ig", "--n-random", "2", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "Neurons per language" in text and "Language-independent neurons (LIKN" in text
     page = (out / "languages.html").read_text()
-    assert remote_sources(page) == [] and "P36-Q142-Q90" in page
+    assert remote_sources(page) == [] and "P1376-Q1489-Q96" in page
 
 
 def test_a_language_the_model_does_not_know_is_skipped_and_counted():

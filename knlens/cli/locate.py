@@ -3,7 +3,7 @@
     knlens locate --fact capital-france --out knlens-out
     knlens locate --model tiny-llama --prompt "the capital of france is" --target " paris" --steps 4
     knlens locate --list-facts
-    knlens locate --model gemma3-270m --languages en,fr,es --fact P36:Q142 --steps 6 --out fr-capital
+    knlens locate --model gemma3-270m --languages en,fr,it --fact P1376:Q1489 --steps 6 --out fr-capital
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 language-independent set (LIKN) and its suppress / enhance effect per language, and the HTML language × layer
 view.
 
-    knlens locate --model gemma3-270m --languages en,fr,es --fact P36:Q142 --steps 6 --out fr-capital
+    knlens locate --model gemma3-270m --languages en,fr,it --fact P1376:Q1489 --steps 6 --out fr-capital
 
 ``--fact RELATION:SUBJECT`` names the fact by its mParaRel relation and its subject's Wikidata URI. A language
 mParaRel lacks raises :class:`~knlens.core.errors.UnknownLanguageError`, a fact missing in a language

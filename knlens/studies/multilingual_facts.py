@@ -50,7 +50,7 @@ class MultilingualSettings:
     max_prompts: int = 4  # prompts per language read by the known filter
     attribute_prompts: int = 2  # answered prompts per language attributed (the first ones)
     min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
-    max_facts: int = 14  # facts attributed at most
+    max_facts: int = 8  # facts attributed at most
     budget_minutes: float = 30.0  # stop starting new work when the next piece would overrun this
     locate_share: float = 0.4  # share of the budget left after the filter that attribution may use
     attribution: str = "ig"  # "ig" (zero baseline) or "amig" (the prompt length times slower)
@@ -59,10 +59,10 @@ class MultilingualSettings:
     grid: str = "gauss-legendre"  # quadrature rule of the integration
     threshold: float = 0.3  # coarse neurons: score >= threshold x the prompt's max (AMIG, MEMLA)
     p: float = 0.5  # a language's neuron: coarse in more than p of its prompts
-    n_random: int = 10  # random sets per control
+    n_random: int = 8  # random sets per control
     n_resamples: int = 10  # resamples of the queries for the stability of MATRICE and intersection
     k: float = 1.0  # MATRICE's penalty: mean - k std
-    held_out: tuple[str, ...] = ()  # languages held out in turn for MATRICE vs intersection (empty: all)
+    held_out: tuple[str, ...] = ("de",)  # languages held out in turn for MATRICE vs intersection (empty: all)
     degenerate_facts: int = 1  # facts whose degenerate pairs are searched in every language (0: none)
     degenerate_top: int = 20  # pairs are drawn from a language's top neurons by mean attribution
     edit_facts: int = 4  # facts edited in every language for the cross-lingual edit matrix

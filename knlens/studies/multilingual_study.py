@@ -9,16 +9,21 @@ On the facts of :func:`~knlens.studies.multilingual_facts.select_facts` (known i
    intersection (language-independent, LIKN) and remainders (language-specific): sizes, overlap of language
    pairs, layer distribution (:func:`~knlens.methods.multilingual.likn.language_neurons`);
 3. **suppression** — suppress (×0) and enhance (×2) each fact's LIKN set in every language's prompts beside
-   random sets of the same layers (uniform and activation-matched), and each language's specific set in every
-   language (:func:`~knlens.methods.multilingual.likn.likn_effects`);
+   random sets of the same layers (uniform and activation-matched)
+   (:func:`~knlens.methods.multilingual.likn.likn_effects`);
 4. **MATRICE vs intersection** — stability of both selections when each language keeps a random half of its
    queries, and the causal effect of the sets selected without one language on that held-out language
    (:mod:`knlens.methods.multilingual.matrice`);
-5. **degenerate pairs** — among a language's top ``degenerate_top`` neurons, pairs whose single suppression lowers
+5. **cross-lingual edits** — each of ``edit_facts`` facts edited in each language through its LIKN set (KN update)
+   and through MEMLA, judged in every language (reliability, generality, locality)
+   (:mod:`knlens.studies.multilingual_edits`);
+6. **degenerate pairs** — among a language's top ``degenerate_top`` neurons, pairs whose single suppression lowers
    P by < 20 % but whose joint suppression lowers it by > 25 %, for ``degenerate_facts`` facts;
-6. **cross-lingual edits** (with the budget left) — each of ``edit_facts`` facts edited in each language through its
-   LIKN set (KN update) and through MEMLA, judged in every language (reliability, generality, locality)
-   (:mod:`knlens.studies.multilingual_edits`).
+7. **specific sets** — each language's specific set suppressed and enhanced in every language.
+
+After the attribution, the held-out comparison may use a quarter of the time left, the edits 70 % of what is left
+then, the degenerate pairs half of the rest, the specific sets the remainder; a phase cut short is named in the
+``notes`` table.
 """
 
 from __future__ import annotations
@@ -112,10 +117,14 @@ def _effects(result: Any, neurons: LanguageNeurons, **extra: Any) -> pd.DataFram
 
 
 def _specific_effects(model: Any, facts: Sequence[MultilingualFact], neurons: LanguageNeurons,
-                      s: MultilingualSettings) -> pd.DataFrame:
-    """Each language's specific sets suppressed and enhanced in every language (rows: ``source``, ``language``)."""
-    out = []
-    for source in neurons.languages:
+                      s: MultilingualSettings, deadline: float) -> tuple[pd.DataFrame, str]:
+    """Each language's specific sets suppressed and enhanced in every language (rows: ``source``, ``language``),
+    source languages in order while the time lasts; and a note naming those left out."""
+    out: list[pd.DataFrame] = []
+    for i, source in enumerate(neurons.languages):
+        if time.time() > deadline:
+            return (pd.concat(out, ignore_index=True) if out else pd.DataFrame(),
+                    f"specific sets of {', '.join(neurons.languages[i:])} not measured: the budget ran out")
         try:
             res = likn_effects(model, facts, neurons, which="specific", source=source, n_random=s.n_random,
                                seed=s.seed)
@@ -124,7 +133,7 @@ def _specific_effects(model: Any, facts: Sequence[MultilingualFact], neurons: La
             continue
         out.append(_effects(res, neurons, source=source))
     table = pd.concat(out, ignore_index=True)
-    return table[["source", *[c for c in table.columns if c != "source"]]]
+    return table[["source", *[c for c in table.columns if c != "source"]]], ""
 
 
 def _stability(attrs: LanguageAttributions, s: MultilingualSettings) -> pd.DataFrame:
@@ -162,6 +171,11 @@ def _heldout(model: Any, facts: Sequence[MultilingualFact], attrs: LanguageAttri
     return table[["held_out", *[c for c in table.columns if c != "held_out"]]]
 
 
+def _share(end: float, share: float) -> float:
+    """The time (``time.time()``) when ``share`` of what is left until ``end`` has passed."""
+    return time.time() + share * max(0.0, end - time.time())
+
+
 def multilingual_study(model: Any, settings: MultilingualSettings = MultilingualSettings(), *,
                        data_dir: str | None = None, say: Callable[[str], None] = lambda _: None) -> MultilingualStudy:
     """Run the study on ``model`` (see the module): select facts from mParaRel, then attribute and measure while the
@@ -186,23 +200,25 @@ def multilingual_study(model: Any, settings: MultilingualSettings = Multilingual
         tables["likn_effects"] = _effects(res, neurons)
     else:
         tables["likn_effects"] = pd.DataFrame(columns=["language", *_EFFECT_COLUMNS])
-    tables["specific_effects"] = _specific_effects(model, facts, neurons, s)
     timings["suppression"] = time.time() - t
     t = time.time()
     tables["stability"] = _stability(attrs, s)
-    tables["heldout"] = _heldout(model, facts, attrs, s, end, say)
+    tables["heldout"] = _heldout(model, facts, attrs, s, _share(end, 0.25), say)
     timings["matrice"] = time.time() - t
     t = time.time()
-    degenerate, deg_note = degenerate_within(model, facts, attrs, s, end, say)
-    tables["degenerate"] = degenerate.summary() if degenerate is not None else pd.DataFrame()
-    timings["degenerate"] = time.time() - t
-    t = time.time()
-    edits, edit_note = edit_matrix_within(model, facts, neurons, s, end, say)
+    edits, edit_note = edit_matrix_within(model, facts, neurons, s, _share(end, 0.7), say)
     tables["edit_matrix"] = edits.to_frame() if edits is not None else pd.DataFrame()
     tables["edit_skips"] = edits.skip_counts().rename_axis(columns=None) if edits is not None else pd.DataFrame()
     tables["edit_sizes"] = edits.edits if edits is not None else pd.DataFrame()
-    tables["notes"] = pd.DataFrame({"note": [n for n in (deg_note, edit_note) if n]}, dtype=str)
     timings["edits"] = time.time() - t
+    t = time.time()
+    degenerate, deg_note = degenerate_within(model, facts, attrs, s, _share(end, 0.5), say)
+    tables["degenerate"] = degenerate.summary() if degenerate is not None else pd.DataFrame()
+    timings["degenerate"] = time.time() - t
+    t = time.time()
+    tables["specific_effects"], spec_note = _specific_effects(model, facts, neurons, s, end)
+    timings["specific"] = time.time() - t
+    tables["notes"] = pd.DataFrame({"note": [n for n in (edit_note, deg_note, spec_note) if n]}, dtype=str)
     sizes = neurons.sizes
     numbers = {"facts_known_in_all": float(len(known)), "facts_attributed": float(len(facts)),
                "mean_neurons": float(sizes.n_neurons.mean()),
