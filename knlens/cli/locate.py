@@ -3,6 +3,7 @@
     knlens locate --fact capital-france --out knlens-out
     knlens locate --model tiny-llama --prompt "the capital of france is" --target " paris" --steps 4
     knlens locate --list-facts
+    knlens locate --model gemma3-270m --languages en,fr,it --fact P1376:Q1489 --steps 6 --out fr-capital
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from knlens.cli.common import add_common_options, builtin_fact, load_model, output_dir, say, table, write_outputs
+from knlens.cli.locate_languages import run_languages
 from knlens.core.errors import CommandLineError
 from knlens.core.facts import Fact
 from knlens.data.builtin import builtin_facts
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``knlens locate``: print the summary; with ``--out``, save the result, CSV tables and report.html."""
     if args.list_facts:
         return _list_facts()
+    if args.languages:
+        return run_languages(args)
     fact = _fact_from_args(args)
     _check_numbers(args)
     out = output_dir(args.out) if args.out else None
@@ -229,5 +233,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="Dai's specificity control: the neurons on the built-in facts of other relations "
                         "(default: on)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control (default: %(default)s)")
+    m = p.add_argument_group("many languages (mParaRel)", "with --languages, --fact is RELATION:SUBJECT (e.g. P36:Q142)")
+    m.add_argument("--languages", metavar="L1,L2,...",
+                   help="locate the fact in each language (mParaRel codes), print each language's neurons and the "
+                        "language-independent set; --out also writes languages.html")
+    m.add_argument("--max-prompts", type=int, default=3,
+                   help="prompts per language (the first templates; default: %(default)s)")
+    m.add_argument("--attribution", default="amig", choices=["amig", "ig"],
+                   help="AMIG (authors' scaling) or IG from the zero baseline (default: %(default)s)")
+    m.add_argument("--data-dir", metavar="DIR", help="data folder (default: knlens.data's default)")
     p.set_defaults(run=run)
     return p

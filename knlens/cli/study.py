@@ -3,10 +3,11 @@
     knlens study query-localization --page benchmarks/QUERY_LOCALIZATION.md --out ql-out
     knlens study editing --page benchmarks/EDITING.md --budget-minutes 30
     knlens study syntax --page benchmarks/SYNTAX.md
+    knlens study multilingual --page benchmarks/MULTILINGUAL.md --out ml-out   # Gemma-3-270M by default
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
 
 Every study's settings dataclass is its options: each field ``some_name`` is ``--some-name`` with the field's
-default (tuples take several values).
+default (tuples take several values); ``--model`` defaults to the settings' model.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from knlens.cli.common import add_common_options, load_model, output_dir, say, t
 from knlens.core.errors import OutputError
 from knlens.studies.editing_cases import EditingSettings
 from knlens.studies.editing_study import editing_study
+from knlens.studies.multilingual_facts import MultilingualSettings
+from knlens.studies.multilingual_study import multilingual_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
 from knlens.studies.syntax_study import SyntaxSettings, syntax_study
-from knlens.viz import editing_page, query_localization_page, syntax_page
+from knlens.viz import editing_page, multilingual_page, query_localization_page, syntax_page
+from knlens.viz.language_page import write_language_html
 
 __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
 
@@ -35,13 +39,15 @@ __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
 @dataclass(frozen=True)
 class StudySpec:
     """A study the command runs: its settings class, ``run(model, settings, data_dir=, say=)``, its page renderer,
-    a one-line description and help for the options (field name -> text)."""
+    a one-line description, help for the options (field name -> text) and the extra files ``--out`` gets
+    (``extras(result)``: file name -> writer)."""
 
     settings: type
     run: Callable[..., Any]
     render: Callable[[Any], str]
     description: str
     options: dict[str, str]
+    extras: Callable[[Any], dict[str, Callable[[Path], object]]] = lambda result: {}
 
 
 STUDIES: dict[str, StudySpec] = {
@@ -77,6 +83,32 @@ STUDIES: dict[str, StudySpec] = {
         {"locate": "prompts per (task, number) whose attributions are pooled",
          "heldout": "new prompts per (task, number) for suppression", "n_random": "random sets per control",
          "pararel_facts": "ParaRel facts localised for the comparison (0: none)"}),
+    "multilingual": StudySpec(
+        MultilingualSettings, multilingual_study, multilingual_page.render_markdown,
+        "One fact in many languages (Chen et al., AAAI 2024; Cao et al., 2024; MEMLA) on mParaRel: facts known in "
+        "every language, language-independent neurons (LIKN) and their suppression against random sets, MATRICE "
+        "against plain intersection, degenerate pairs, and the cross-lingual edit matrix (KN update vs MEMLA).",
+        {"relations": "mParaRel relations", "languages": "languages (mParaRel codes)",
+         "candidates": "aligned facts read per relation before the known filter",
+         "max_prompts": "prompts per language read by the known filter",
+         "attribute_prompts": "answered prompts per language attributed",
+         "min_prompts": "a fact is known in a language when answered on at least this many prompts",
+         "max_facts": "facts attributed at most",
+         "budget_minutes": "stop starting new work when the next piece would overrun this many minutes",
+         "locate_share": "share of the budget left after the filter that attribution may use",
+         "attribution": "amig or ig", "scaling": "AMIG's scaling: authors or textbook",
+         "steps": "integration steps", "grid": "quadrature rule", "threshold": "coarse neurons: score >= threshold x max",
+         "p": "a language's neuron: coarse in more than p of its prompts", "n_random": "random sets per control",
+         "n_resamples": "query resamples for the stability of MATRICE and intersection",
+         "k": "MATRICE's penalty: mean - k std", "held_out": "languages held out in turn (default: all)",
+         "degenerate_facts": "facts whose degenerate pairs are searched (0: none)",
+         "degenerate_top": "degenerate pairs are drawn from this many top neurons",
+         "edit_facts": "facts edited in every language (edit matrix)",
+         "n_neighbours": "other facts testing locality", "memla_steps": "MEMLA's most Adam steps",
+         "seed": "seed of the fact sample and the random sets"},
+        lambda result: {} if result.neurons is None else {
+            "languages.html": lambda p: write_language_html(result.neurons, p, result.tables["likn_effects"],
+                                                            title="knlens study multilingual: neurons per language")}),
 }
 
 
@@ -107,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if args.page:
         print(f"\nwrote {_write_page(args.page, spec.render(result))}", flush=True)
     if out is not None:
-        write_outputs(out, result, {"study.md": lambda p: p.write_text(spec.render(result))})
+        write_outputs(out, result, {"study.md": lambda p: p.write_text(spec.render(result)), **spec.extras(result)})
     return 0
 
 
@@ -136,6 +168,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     for name, spec in STUDIES.items():
         s = studies.add_parser(name, help=spec.description, description=spec.description)
         add_common_options(s, out_help="save the study (result.json, tensors.safetensors) and study.md there")
+        s.set_defaults(model=spec.settings().model)
         s.add_argument("--page", metavar="FILE.md", help="write the Markdown page there (e.g. benchmarks/"
                                                          f"{name.upper().replace('-', '_')}.md)")
         s.add_argument("--data-dir", metavar="DIR", help="data folder (default: knlens.data's default)")
