@@ -19,7 +19,10 @@ from knlens.data.multilingual import MultilingualFact, load_multilingual
 from knlens.methods.multilingual.known import known_in_all
 from knlens.methods.multilingual.likn import attribute_languages, language_neurons
 from knlens.viz.query_localization_page import markdown_table
-from multilingual_gemma import COUNTRIES
+
+# Wikidata URIs of 32 countries: the P36 subjects this script reads (the sample benchmarks/MEMLA.md was measured on)
+COUNTRIES = ("Q183 Q35 Q408 Q28 Q159 Q252 Q45 Q17 Q794 Q27 Q212 Q928 Q41 Q55 Q38 Q145 Q16 Q142 Q29 Q884 Q39 Q40 "
+             "Q79 Q869 Q20 Q43 Q36 Q148 Q33 Q31 Q34 Q298").split()
 
 
 def md(frame) -> str:
