@@ -39,6 +39,22 @@ def tiny(request):
     return knlens.tiny_model(request.param)
 
 
+@pytest.fixture(scope="session")
+def make_tiny_gemma3():
+    """A builder of fresh random 2-block Gemma-3 models on the tiny vocabulary (d_model 32, d_mlp 48): a norm after
+    W_out (``ln2_post``) and embeddings scaled by √d_model, as the embedded Gemma has."""
+    from transformers import Gemma3TextConfig
+
+    def build():
+        config = Gemma3TextConfig(
+            vocab_size=len(knlens.core.models.TINY_VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16,
+            bos_token_id=2, eos_token_id=3, pad_token_id=0, initializer_range=0.25, architectures=["Gemma3ForCausalLM"])
+        return knlens.core.models.random_model(config, name="tiny-gemma3")
+
+    return build
+
+
 def embedded_model(name: str):
     """An embedded model, or a skip naming the weights package that is not installed."""
     try:

@@ -9,7 +9,6 @@ import torch
 
 import knlens
 from knlens import Fact, NeuronSet
-from knlens.core.models import TINY_VOCAB, random_model
 from knlens.methods.editing.kn import kn_erase, kn_update
 from knlens.methods.editing.slots import post_mlp_gain, token_vector, value_slot, value_vectors
 
@@ -18,14 +17,8 @@ LAYER = 1
 
 
 @pytest.fixture(scope="module")
-def gemma_like():
-    from transformers import Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=len(TINY_VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16, bos_token_id=2,
-        eos_token_id=3, pad_token_id=0, initializer_range=0.25, architectures=["Gemma3ForCausalLM"])
-    model = random_model(config, name="tiny-gemma3")
+def gemma_like(make_tiny_gemma3):
+    model = make_tiny_gemma3()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # Gemma's norms start at weight 0 (gain 1): make the post-MLP gains uneven, as trained ones are
         for block in model.blocks:

@@ -11,7 +11,6 @@ import torch
 from knlens import Fact, NeuronSet, load_model
 from knlens.cli import main
 from knlens.core.errors import EditModelError, EditStateError, NoOpEditError, SameTargetError, SettingsError
-from knlens.core.models import TINY_VOCAB, random_model
 from knlens.core.tokens import encode
 from knlens.methods.editing.edit import Edit, fingerprint
 from knlens.methods.editing.editors import EditRequest, memla_editor
@@ -114,15 +113,9 @@ def test_stops_early_and_refuses_bad_input(model):
         memla_edit(model, FACT, " berlin", GROUPS, commit=0.0)
 
 
-def test_memla_on_a_post_norm_architecture_passes_its_self_check():
+def test_memla_on_a_post_norm_architecture_passes_its_self_check(make_tiny_gemma3):
     """Gemma-3's norm after W_out: the update enters before it, so the hooks and the written rows agree."""
-    from transformers import Gemma3TextConfig
-
-    config = Gemma3TextConfig(
-        vocab_size=len(TINY_VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=16, bos_token_id=2,
-        eos_token_id=3, pad_token_id=0, initializer_range=0.25, architectures=["Gemma3ForCausalLM"])
-    gemma = random_model(config, name="tiny-gemma3")
+    gemma = make_tiny_gemma3()
     e = memla_edit(gemma, FACT, " berlin", GROUPS, steps=5, lr=0.05)
     assert e.params["p_new"] > 0 and fingerprint(gemma) == e.fingerprint
 
