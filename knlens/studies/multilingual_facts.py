@@ -51,7 +51,7 @@ class MultilingualSettings:
     attribute_prompts: int = 2  # answered prompts per language attributed (the first ones)
     min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
     max_facts: int = 8  # facts attributed at most
-    budget_minutes: float = 30.0  # stop starting new work when the next piece would overrun this
+    budget_minutes: float = 45.0  # stop starting new work when the next piece would overrun this
     locate_share: float = 0.4  # share of the budget left after the filter that attribution may use
     attribution: str = "ig"  # "ig" (zero baseline) or "amig" (the prompt length times slower)
     scaling: str = "authors"  # AMIG's scaling: "authors" (their code) or "textbook"
@@ -65,7 +65,7 @@ class MultilingualSettings:
     held_out: tuple[str, ...] = ("de",)  # languages held out in turn for MATRICE vs intersection (empty: all)
     degenerate_facts: int = 1  # facts whose degenerate pairs are searched in every language (0: none)
     degenerate_top: int = 20  # pairs are drawn from a language's top neurons by mean attribution
-    edit_facts: int = 4  # facts edited in every language for the cross-lingual edit matrix
+    edit_facts: int = 3  # facts edited in every language for the cross-lingual edit matrix
     n_neighbours: int = 3  # other facts whose prompts test locality in each evaluation language
     memla_steps: int = 60  # MEMLA's most Adam steps
     seed: int = 0

@@ -14,15 +14,16 @@ On the facts of :func:`~knlens.studies.multilingual_facts.select_facts` (known i
 4. **MATRICE vs intersection** — stability of both selections when each language keeps a random half of its
    queries, and the causal effect of the sets selected without one language on that held-out language
    (:mod:`knlens.methods.multilingual.matrice`);
-5. **cross-lingual edits** — each of ``edit_facts`` facts edited in each language through its LIKN set (KN update)
-   and through MEMLA, judged in every language (reliability, generality, locality)
-   (:mod:`knlens.studies.multilingual_edits`);
-6. **degenerate pairs** — among a language's top ``degenerate_top`` neurons, pairs whose single suppression lowers
+5. **degenerate pairs** — among a language's top ``degenerate_top`` neurons, pairs whose single suppression lowers
    P by < 20 % but whose joint suppression lowers it by > 25 %, for ``degenerate_facts`` facts;
-7. **specific sets** — each language's specific set suppressed and enhanced in every language.
+6. **specific sets** — each language's specific set suppressed and enhanced in every language;
+7. **cross-lingual edits** — each of ``edit_facts`` facts edited in each language through its LIKN set (KN update)
+   and through MEMLA, judged in every language (reliability, generality, locality)
+   (:mod:`knlens.studies.multilingual_edits`).
 
-After the attribution, the held-out comparison may use a quarter of the time left, the edits 70 % of what is left
-then, the degenerate pairs half of the rest, the specific sets the remainder; a phase cut short is named in the
+After the attribution, the held-out comparison may use a quarter of the time left; the degenerate pairs start
+while a fifth of what is left then has not passed, the specific sets take source languages while 30 % of the rest
+has not; the edits, the slowest phase, take edit languages until the budget ends. A phase cut short is named in the
 ``notes`` table.
 """
 
@@ -206,18 +207,18 @@ def multilingual_study(model: Any, settings: MultilingualSettings = Multilingual
     tables["heldout"] = _heldout(model, facts, attrs, s, _share(end, 0.25), say)
     timings["matrice"] = time.time() - t
     t = time.time()
-    edits, edit_note = edit_matrix_within(model, facts, neurons, s, _share(end, 0.7), say)
+    degenerate, deg_note = degenerate_within(model, facts, attrs, s, _share(end, 0.2), say)
+    tables["degenerate"] = degenerate.summary() if degenerate is not None else pd.DataFrame()
+    timings["degenerate"] = time.time() - t
+    t = time.time()
+    tables["specific_effects"], spec_note = _specific_effects(model, facts, neurons, s, _share(end, 0.3))
+    timings["specific"] = time.time() - t
+    t = time.time()
+    edits, edit_note = edit_matrix_within(model, facts, neurons, s, end, say)
     tables["edit_matrix"] = edits.to_frame() if edits is not None else pd.DataFrame()
     tables["edit_skips"] = edits.skip_counts().rename_axis(columns=None) if edits is not None else pd.DataFrame()
     tables["edit_sizes"] = edits.edits if edits is not None else pd.DataFrame()
     timings["edits"] = time.time() - t
-    t = time.time()
-    degenerate, deg_note = degenerate_within(model, facts, attrs, s, _share(end, 0.5), say)
-    tables["degenerate"] = degenerate.summary() if degenerate is not None else pd.DataFrame()
-    timings["degenerate"] = time.time() - t
-    t = time.time()
-    tables["specific_effects"], spec_note = _specific_effects(model, facts, neurons, s, end)
-    timings["specific"] = time.time() - t
     tables["notes"] = pd.DataFrame({"note": [n for n in (edit_note, deg_note, spec_note) if n]}, dtype=str)
     sizes = neurons.sizes
     numbers = {"facts_known_in_all": float(len(known)), "facts_attributed": float(len(facts)),

@@ -163,15 +163,19 @@ class Edit:
         """Whether this edit is currently applied to ``model`` (through :meth:`apply`)."""
         return self.digest in _APPLIED.get(model, [])
 
-    def apply(self, model: Any) -> AppliedEdit:
-        """Write the new values into ``model``; the handle returned undoes them (also as a context manager)."""
+    def apply(self, model: Any, *, weights: str | None = None) -> AppliedEdit:
+        """Write the new values into ``model``; the handle returned undoes them (also as a context manager).
+
+        ``weights``: the model's :func:`fingerprint`, when the caller has it and checks it again afterwards
+        (:func:`~knlens.methods.editing.evaluate.evaluate_edits` does, to hash a large model once, not per
+        application); ``None`` computes it."""
         if self.is_applied(model):
             raise EditStateError(f"this {self.editor} edit is already applied to the model; undo it first")
         params = dict(model.named_parameters())
         missing = [s.name for s in self.slices if s.name not in params]
         if missing:
             raise EditModelError(f"the model has no parameter {missing[0]!r}: this edit was made for {self.model}")
-        now = fingerprint(model)
+        now = fingerprint(model) if weights is None else weights
         if now != self.fingerprint:
             if all(s.holds(params[s.name], s.new) for s in self.slices):
                 raise EditStateError(f"the model already holds this {self.editor} edit's new values (a copy of the "

@@ -164,7 +164,7 @@ def evaluate_edits(model: Any, requests: Sequence[EditRequest], editors: Mapping
             if not isinstance(edit, Edit):
                 raise SettingsError(f"editor {name!r} returned a {type(edit).__name__}, not an Edit")
             made[name] = edit
-            with edit.apply(model):
+            with edit.apply(model, weights=start):  # the weights are checked against start at the end
                 after = _measure(model, request, batch_size)
                 nll = text_nll(model, texts) if texts else (math.nan, 0)
             rows += _rows(request, name, before, after)
