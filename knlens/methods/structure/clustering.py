@@ -1,5 +1,5 @@
 """Clusters of located neurons over their structural distances: 0-dimensional persistent homology as Chen et
-al. (2024) use it, and the baselines they compare (average linkage, DBSCAN, k-means; docs/methods.md §3).
+al. (2024) use it, and the baselines they compare (average linkage, DBSCAN, k-means; docs/methods.md, topology clustering).
 
 **Persistence clustering.** Every neuron is born alone at distance 0; edges enter in order of distance and join
 components (single-linkage filtration, a union-find; ``scipy.sparse.csgraph.connected_components`` here). The

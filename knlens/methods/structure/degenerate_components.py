@@ -1,5 +1,5 @@
 """Degenerate knowledge neurons (DKN) of a fact: its located neurons clustered by weight topology, and the
-clusters that pass the functional filter (Chen et al., 2024; docs/methods.md §3).
+clusters that pass the functional filter (Chen et al., 2024; docs/methods.md, degenerate components).
 
 Per fact: the ``top`` (20) neurons by mean integrated-gradients attribution over its prompts
 (:func:`~knlens.methods.selection.best_by_mean`), their structural distances
@@ -164,8 +164,6 @@ def degenerate_components(model: Any, fact: Fact, *, top: int = 20, mode: Mode =
     >>> list(res.frame.columns)
     ['component', 'neurons', 'size', 'layers', 'drop_alone', 'degenerate']
     """
-    if top < 3:
-        raise SettingsError(f"top must be at least 3 (clusters of more than one neuron), got {top}")
     attrs = attributions if attributions is not None else attribute(model, fact, steps=steps, grid="gauss-legendre",
                                                                      tolerance=None)
     located = best_by_mean(attrs, top)

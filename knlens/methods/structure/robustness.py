@@ -1,5 +1,5 @@
 """Robustness of a fact to small perturbations of its query, with its degenerate neurons intact or suppressed
-(Chen et al., 2024, the robustness property; docs/methods.md §3).
+(Chen et al., 2024, the robustness property; docs/methods.md, robustness to typos).
 
 A perturbed query is one of the fact's prompts with a **one-word typo**: in one word that is neither part of the
 subject nor the prompt's last word (the word the answer follows), two adjacent inner letters are swapped

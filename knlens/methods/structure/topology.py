@@ -1,5 +1,5 @@
 """Structural distance between located neurons from the weights that connect them (Chen et al., 2024,
-"Cracking Factual Knowledge"; docs/methods.md §3, neuron topology).
+"Cracking Factual Knowledge"; docs/methods.md, structural distance).
 
 A neuron A = (l_A, a) writes ``a_A · v_A`` into the residual stream, ``v_A = W_out^{l_A}[a, :]``. A later
 neuron B = (l_B, b) reads the residual ``r`` through its layer's norm ``x = N(r)`` (RMSNorm: ``γ ⊙ r / rms(r)``).
