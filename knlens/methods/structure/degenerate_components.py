@@ -8,7 +8,8 @@ Per fact: the ``top`` (20) neurons by mean integrated-gradients attribution over
 alone (set to 0 at the target position, :func:`~knlens.methods.interventions.intervene`), then all of them
 together. P is the mean over the prompts of P(whole target | prompt); a drop is ``1 − P_suppressed / P_clean``.
 A cluster is a **degenerate component** when its own drop is below ``single_max`` (5 %) while the drop of all
-clusters together is at least ``removes_min`` (50 %: "removes the fact" is read as halving P). A fact has DKNs
+clusters together is at least ``removes_min`` (50 %: "removes the fact" is read as halving P), and the fact has two
+clusters or more (one cluster alone has nothing to stand in for it). A fact has DKNs
 when at least one component is degenerate; its DKN set is the union of its degenerate components.
 
 >>> import pandas as pd
@@ -53,10 +54,10 @@ METHODS: tuple[str, ...] = ("persistence", *BASELINES)
 def functional_filter(effects: pd.DataFrame, drop_all: float, *, single_max: float = SINGLE_MAX,
                       removes_min: float = REMOVES_MIN) -> pd.DataFrame:
     """``effects`` (a ``drop_alone`` column, one row per cluster) with ``degenerate``: the cluster's own drop below
-    ``single_max`` and ``drop_all`` (all clusters suppressed together) at least ``removes_min``."""
+    ``single_max``, ``drop_all`` (all clusters suppressed together) at least ``removes_min``, two clusters or more."""
     if not 0.0 < single_max <= 1.0 or not 0.0 < removes_min <= 1.0:
         raise SettingsError(f"single_max and removes_min must be in (0, 1], got {single_max}, {removes_min}")
-    return effects.assign(degenerate=(effects["drop_alone"] < single_max) & (drop_all >= removes_min))
+    return effects.assign(degenerate=(effects["drop_alone"] < single_max) & (drop_all >= removes_min) & (len(effects) >= 2))
 
 
 def component_drops(model: Any, q: Queries, sets: Sequence[NeuronSet], *, engine: Engine = "reference",
