@@ -27,7 +27,7 @@ def robustness_summary(rob: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     >>> rob = pd.DataFrame({"fact": ["a", "b"], "condition": ["intact"] * 2, "neuron_set": ["dkn"] * 2,
     ...                     "p_original": [0.5, 0.4], "p_perturbed": [0.25, 0.4], "retained": [0.5, 1.0]})
     >>> robustness_summary(rob)[["facts", "retained"]].values.tolist()
-    [[2, 0.75]]
+    [[2.0, 0.75]]
     """
     rows = []
     for (kind, cond), g in rob.groupby(["neuron_set", "condition"], sort=False):
