@@ -188,3 +188,13 @@ def test_cli_degenerate_too_few_neurons_exits_2(capsys):
                "--top", "2", "--steps", "2", "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "2 located neurons" in err[0] and "at least 3" in err[0]
+
+
+def test_weight_only_distance_on_layer_norm_gpt2(tiny_gpt2):
+    ns = NeuronSet([(0, 3), (1, 5)])
+    w = adjacent_weights(tiny_gpt2, ns, mode="up")
+    ln = tiny_gpt2.blocks[1].ln2.original_component
+    want = (tiny_gpt2.blocks[0].mlp.W_out[3] * ln.weight.detach()) @ tiny_gpt2.blocks[1].mlp.W_in[:, 5]
+    assert w[0, 1] == pytest.approx(float(want), rel=1e-4)
+    q = encode(tiny_gpt2, ["the capital of france is"], " paris")
+    assert np.isfinite(neuron_distances(tiny_gpt2, ns, q=q)[0, 1])

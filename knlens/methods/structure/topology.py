@@ -92,13 +92,21 @@ def _norm(model: Any, layer: int) -> Any:
 
 
 def _gain(model: Any, layer: int) -> Float[Tensor, "d_model"]:
-    """The norm's per-dimension gain γ (its output on ones times the RMS of ones, i.e. γ for RMSNorm)."""
+    """The norm's per-dimension gain γ, read from its output on ±1 (mean 0, RMS 1: LayerNorm and RMSNorm both
+    return γ ⊙ x + bias there, also where γ is stored as 1 + weight)."""
     norm = _norm(model, layer)
-    ones = torch.ones(1, 1, model.cfg.d_model)
-    with torch.no_grad():
-        out = norm(ones.to(next(norm.parameters()).dtype))[0, 0].float()
+    x = torch.ones(model.cfg.d_model)
+    x[1::2] = -1.0
+    if model.cfg.d_model % 2:
+        x[-1] = 0.0                      # keeps the mean 0; the rolled probe reads that dimension
     bias = getattr(norm, "bias", None)
-    return out - (bias.detach().float() if bias is not None else 0.0)
+    gains = []
+    for probe in (x, x.roll(1)):
+        with torch.no_grad():
+            out = norm(probe[None, None].to(next(norm.parameters()).dtype))[0, 0].float()
+        out = out - (bias.detach().float() if bias is not None else 0.0)
+        gains.append(out / probe.where(probe != 0, torch.ones(())))
+    return torch.where(x != 0, gains[0], gains[1])
 
 
 def _post(model: Any, layer: int, idx: Tensor) -> Any:
