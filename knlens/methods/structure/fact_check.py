@@ -1,4 +1,5 @@
-"""Fact checking with a relation's degenerate knowledge neurons (Chen et al., AAAI 2024; docs/methods.md, fact checking with degenerate neurons).
+"""Fact checking with a relation's degenerate knowledge neurons, as Chen et al. (AAAI 2024) do it
+(docs/methods.md, fact checking with degenerate neurons).
 
 The facts of one relation are split at random into a calibration half and a test half. The **frequent neurons**
 are those in the neuron sets (DKN sets) of the calibration facts more often than ``share`` (0.7) × the largest
