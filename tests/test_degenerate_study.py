@@ -30,7 +30,7 @@ def test_study_tables(study):
         mine = comps[comps.method == row.method]
         assert row.clusters == len(mine) and row.degenerate_clusters == int(mine["degenerate"].sum())
         assert row.degenerate_clusters <= row.single_below
-    assert set(t["robustness"]["condition"]) == {"intact", "dkn_suppressed", "random_suppressed"}
+    assert set(t["robustness"]["condition"]) == {"intact", "set_suppressed", "random_suppressed"}
     assert set(t["fact_check"]["split"]) <= {"calibration", "test"}
 
 

@@ -154,7 +154,7 @@ def test_typos_spare_the_subject_and_the_last_word():
 
 def test_robustness_conditions(tiny_llama):
     frame = robustness(tiny_llama, FACT, NeuronSet([(1, 3), (1, 7)]), n_random=2, n_perturb=2)
-    assert frame["condition"].tolist() == ["intact", "dkn_suppressed", "random_suppressed"]
+    assert frame["condition"].tolist() == ["intact", "set_suppressed", "random_suppressed"]
     q = encode(tiny_llama, list(FACT.prompts), FACT.target)
     assert frame["p_original"][0] == pytest.approx(float(target_probs(tiny_llama, q).mean()), rel=1e-4)
     assert frame["p_original"][1] != pytest.approx(frame["p_original"][0])

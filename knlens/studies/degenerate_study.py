@@ -5,7 +5,7 @@ relation's frequent DKNs.
 
 Facts: ``candidates`` per relation (``load_pararel``, seed ``seed``), kept when the model answers at least
 ``min_prompts`` of their paraphrases (only those prompts kept, at most ``max_prompts``), taken round robin over the
-relations. Phase 1 (until ``locate_share`` of ``budget_minutes`` has passed, at most ``max_facts`` facts): integrated
+relations. Phase 1 (until ``locate_share`` of the budget left after the filter has passed, at most ``max_facts`` facts): integrated
 gradients, the persistence clusters and every baseline's clusters through the same functional filter. Phase 2:
 robustness of each studied fact (its DKN set; where it has none, all its clustered neurons, labelled so). Phase 3
 (the time left): fact checking per relation with the DKN sets and, beside them, the clustered-neuron sets.
@@ -42,14 +42,14 @@ class DegenerateStudySettings:
 
     model: str = "smollm2-135m"
     relations: tuple[str, ...] = ("P36", "P1376")
-    candidates: int = 80
+    candidates: int = 60
     min_prompts: int = 2
-    max_prompts: int = 4
+    max_prompts: int = 3
     max_facts: int = 12
-    budget_minutes: float = 13.0
+    budget_minutes: float = 14.0
     locate_share: float = 0.6
     top: int = 20
-    steps: int = 8
+    steps: int = 6
     mode: str = "sensitivity"
     single_max: float = 0.05
     removes_min: float = 0.5
@@ -133,9 +133,11 @@ def degenerate_study(model: Any, settings: DegenerateStudySettings = DegenerateS
     times["filter"] = time.time() - t0
     say(f"{len(facts)} known facts: " + ", ".join(f"{r.relation} {r.known}/{r.read}" for r in counts.itertuples()))
     fact_rows, comp_rows, studied, dkn = [], [], [], {}
+    phase1_end = times["filter"] + s.locate_share * (60 * s.budget_minutes - times["filter"])
     for fact in facts[:s.max_facts]:
-        if time.time() - t0 > 60 * s.budget_minutes * s.locate_share:
-            notes.append(f"phase 1 stopped after {len(studied)} facts: {s.locate_share:.0%} of the budget spent")
+        if time.time() - t0 > phase1_end:
+            notes.append(f"phase 1 stopped after {len(studied)} facts: {s.locate_share:.0%} of the budget left after "
+                         f"the filter spent")
             break
         attrs = attribute(model, fact, steps=s.steps, grid="gauss-legendre", tolerance=None)
         for method in METHODS:

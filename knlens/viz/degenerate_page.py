@@ -45,7 +45,7 @@ def _paired(rob: pd.DataFrame) -> list[str]:
     wide = rob.pivot_table(index=["neuron_set", "fact"], columns="condition", values="retained").reset_index()
     out = []
     for kind, g in wide.groupby("neuron_set"):
-        diff = (g["intact"] - g["dkn_suppressed"]).to_numpy(dtype=float)
+        diff = (g["intact"] - g["set_suppressed"]).to_numpy(dtype=float)
         ctrl = (g["intact"] - g["random_suppressed"]).to_numpy(dtype=float)
         lo, hi = bootstrap_ci(diff)
         out.append(f"- {kind}: retained(intact) − retained(suppressed) = {diff.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] "
@@ -81,7 +81,7 @@ def render_markdown(r: DegenerateStudy) -> str:
         "## Facts", "",
         f"ParaRel, {s.candidates} random facts per relation (seed {s.seed}); known = the greedy answer is the object on "
         f"at least {s.min_prompts} paraphrases (those kept, at most {s.max_prompts}); studied = located within the "
-        f"budget ({s.budget_minutes:g} min, {s.locate_share:.0%} for phase 1, at most {s.max_facts} facts, round robin "
+        f"budget ({s.budget_minutes:g} min from the start, {s.locate_share:.0%} of what the filter leaves for phase 1, at most {s.max_facts} facts, round robin "
         "over the relations).", "", markdown_table(t["counts"]), "",
         "## Clusters and the functional filter, per method", "",
         f"The top {s.top} neurons by mean integrated gradients ({s.steps} Gauss–Legendre nodes) over the fact's "

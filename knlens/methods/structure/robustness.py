@@ -5,7 +5,7 @@ A perturbed query is one of the fact's prompts with a **one-word typo**: in one 
 subject nor the prompt's last word (the word the answer follows), two adjacent inner letters are swapped
 ("The capital of France is" → "The cpaital of France is"); the typo changes the tokens of that one word. P is the
 mean over prompts of P(whole target | prompt), read on the original and on the perturbed prompts under three
-conditions: ``intact``, ``dkn_suppressed`` (the DKN set at 0 at the target position) and
+conditions: ``intact``, ``set_suppressed`` (the set given, the DKN set, at 0 at the target position) and
 ``random_suppressed`` (``n_random`` sets matched on layer and activation magnitude,
 :func:`~knlens.methods.controls.matched_control`; their mean). ``retained`` = P(perturbed) / P(original): the
 paper's claim is that the fact survives perturbation better with its DKNs intact.
@@ -33,7 +33,7 @@ from knlens.run.hooks import hook_name
 
 __all__ = ["perturbations", "robustness", "CONDITIONS"]
 
-CONDITIONS: tuple[str, ...] = ("intact", "dkn_suppressed", "random_suppressed")
+CONDITIONS: tuple[str, ...] = ("intact", "set_suppressed", "random_suppressed")
 
 
 def perturbations(prompt: str, subject: str | None = None, *, n: int = 3, seed: int = 0) -> list[str]:
@@ -63,7 +63,7 @@ def _magnitude(model: Any, fact: Fact) -> torch.Tensor:
 
 def robustness(model: Any, fact: Fact, dkn: NeuronSet, *, n_perturb: int = 3, n_random: int = 5, seed: int = 0,
                engine: Engine = "reference", batch_size: int = 64) -> pd.DataFrame:
-    """One row per condition (``intact``, ``dkn_suppressed``, ``random_suppressed``) with ``p_original``,
+    """One row per condition (``intact``, ``set_suppressed``, ``random_suppressed``) with ``p_original``,
     ``p_perturbed``, ``retained`` and ``n_perturbed`` (perturbed prompts read); empty when ``dkn`` is empty or no
     prompt has a word to perturb.
 
@@ -71,7 +71,7 @@ def robustness(model: Any, fact: Fact, dkn: NeuronSet, *, n_perturb: int = 3, n_
     >>> m = load_model("tiny-llama")
     >>> fact = Fact(["the capital of france is"], " paris", subject="france")
     >>> robustness(m, fact, NeuronSet([(1, 3), (1, 7)]), n_random=2)["condition"].tolist()
-    ['intact', 'dkn_suppressed', 'random_suppressed']
+    ['intact', 'set_suppressed', 'random_suppressed']
     """
     if n_perturb < 1 or n_random < 1:
         raise SettingsError(f"n_perturb and n_random must be at least 1, got {n_perturb}, {n_random}")
