@@ -40,3 +40,11 @@ def test_study_page(study):
     for section in ("## Facts", "## Clusters and the functional filter", "## Robustness", "## Fact checking",
                     "## The papers' claims", "## Limitations", "Versions:"):
         assert section in page
+
+
+def test_study_bad_setting_exits_2(capsys):
+    from knlens.cli import main
+
+    assert main(["study", "degenerate", "--model", "tiny-llama", "--locate-share", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "locate_share" in err[0]
