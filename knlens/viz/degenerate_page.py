@@ -54,6 +54,23 @@ def _paired(rob: pd.DataFrame) -> list[str]:
     return out
 
 
+def _more_headline(r: DegenerateStudy) -> list[str]:
+    """How close the clusters came to the filter, and the fact-checking test rows."""
+    s, comps, checks = r.settings, r.tables["components"], r.tables["fact_check"]
+    out = []
+    if len(comps):
+        below = int((comps["drop_alone"] < s.single_max).sum())
+        out.append(f"- Clusters (all methods) whose own suppression lowers P by < {s.single_max:.0%}: {below} of "
+                   f"{len(comps)}; the smallest single drop is {comps['drop_alone'].min():.1%} (persistence: "
+                   f"{comps[comps.method == 'persistence']['drop_alone'].min():.1%}).")
+    test = checks[checks.split == "test"] if len(checks) else checks
+    for row in test.itertuples() if len(test) else ():
+        out.append(f"- Fact checking, {row.relation}, {row.neuron_set} sets, test half: precision {row.precision:.2f}, "
+                   f"recall {row.recall:.2f} ({row.n_pairs} pairs, {row.n_false} false; {row.n_frequent} frequent "
+                   f"neurons).")
+    return out
+
+
 def render_markdown(r: DegenerateStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
@@ -76,7 +93,7 @@ def render_markdown(r: DegenerateStudy) -> str:
         f"- Share of studied facts with degenerate components (persistence clusters, suppressing one alone lowers P "
         f"by < {s.single_max:.0%}, all together by ≥ {s.removes_min:.0%}): {share:.2f}.",
         f"- Persistence cluster sizes: {' '.join(map(str, sorted(sizes.tolist()))) or 'none'}; DKN set sizes: "
-        f"{' '.join(map(str, sorted(dkn_sizes.tolist()))) or 'none'}.", *_paired(t["robustness"]), "",
+        f"{' '.join(map(str, sorted(dkn_sizes.tolist()))) or 'none'}.", *_more_headline(r), *_paired(t["robustness"]), "",
         "## The papers' claims", "", CLAIMS, "",
         "## Facts", "",
         f"ParaRel, {s.candidates} random facts per relation (seed {s.seed}); known = the greedy answer is the object on "
@@ -97,7 +114,9 @@ def render_markdown(r: DegenerateStudy) -> str:
         "Typos: two adjacent inner letters of one non-subject word (not the last) swapped, up to 3 per prompt. P on "
         f"the original and the typo prompts with the set intact, suppressed (×0 at the target position), and "
         f"{s.n_random} matched random sets (same layers and activation-magnitude bins) suppressed; retained = "
-        "P(typos)/P(original). Facts without DKNs are measured with all their clustered neurons, labelled so.", "",
+        "P(typos)/P(original), a ratio: a set whose suppression lowers P more on the original prompts than on the typos "
+        "raises it, so read it beside the two P columns. Facts without DKNs are measured with all their clustered "
+        "neurons, labelled so (facts without any cluster are left out).", "",
         markdown_table(robustness_summary(t["robustness"], s.seed)) if len(t["robustness"]) else "Not measured.", "",
         "## Fact checking", "",
         "Per relation, studied facts split at random into calibration and test halves; frequent neurons = in the "
