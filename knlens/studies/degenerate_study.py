@@ -31,6 +31,7 @@ from knlens.methods.known import known_facts
 from knlens.methods.structure.degenerate_components import METHODS, degenerate_components
 from knlens.methods.structure.fact_check import fact_check
 from knlens.methods.structure.robustness import robustness
+from knlens.methods.structure.topology import MODES
 from knlens.results.contract import Result
 
 __all__ = ["DegenerateStudySettings", "DegenerateStudy", "degenerate_study"]
@@ -60,6 +61,8 @@ class DegenerateStudySettings:
     def __post_init__(self) -> None:
         if self.min_prompts < 1 or self.max_prompts < self.min_prompts or self.max_facts < 1:
             raise SettingsError("min_prompts >= 1, max_prompts >= min_prompts and max_facts >= 1 are needed")
+        if self.mode not in MODES:
+            raise SettingsError(f"unknown mode {self.mode!r}; choose from {list(MODES)}")
         if not 0 < self.locate_share <= 1 or self.budget_minutes <= 0:
             raise SettingsError(f"locate_share must be in (0, 1] and budget_minutes positive, got {self.locate_share}, "
                                 f"{self.budget_minutes}")

@@ -140,7 +140,7 @@ def _parse(text: str) -> list[tuple[int, int]]:
     return [(int(t[1:].split(".N")[0]), int(t.split(".N")[1])) for t in text.split()]
 
 
-def cluster(dist: np.ndarray, method: str, **kwargs: Any) -> Clustering:
+def cluster(dist: Float[np.ndarray, "n n"], method: str, **kwargs: Any) -> Clustering:
     """Clusters of ``dist`` by ``method`` (``"persistence"`` or a baseline; baselines ignore the quantiles)."""
     if method == "persistence":
         return persistence_clusters(dist, **kwargs)
