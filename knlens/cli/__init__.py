@@ -8,6 +8,7 @@
     knlens sweep locate --data pararel:P36 --model smollm2-135m --store runs/
     knlens query runs/ "select key, status, error from tasks"
     knlens summary runs/ --out summary.html
+    knlens degenerate --fact capital-france --compare
 
 Each subcommand is one module (:mod:`knlens.cli.locate`, :mod:`knlens.cli.trace`,
 :mod:`knlens.cli.consistency`, :mod:`knlens.cli.edit`, :mod:`knlens.cli.study`, :mod:`knlens.cli.sweep`, :mod:`knlens.cli.query`,
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from knlens.cli import consistency, edit, locate, query, study, summary, sweep, trace
+from knlens.cli import consistency, degenerate, edit, locate, query, study, summary, sweep, trace
 from knlens.cli.common import Parser, run_cli
 from knlens.core.versions import __version__
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_parser(sub)
     query.add_parser(sub)
     summary.add_parser(sub)
+    degenerate.add_parser(sub)
     return parser
 
 

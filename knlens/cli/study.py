@@ -5,6 +5,7 @@
     knlens study syntax --page benchmarks/SYNTAX.md
     knlens study multilingual --page benchmarks/MULTILINGUAL.md --out ml-out   # Gemma-3-270M by default
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
+    knlens study degenerate --page benchmarks/DEGENERATE.md --out dkn-out
 
 Every study's settings dataclass is its options: each field ``some_name`` is ``--some-name`` with the field's
 default (tuples take several values); ``--model`` defaults to the settings' model.
@@ -24,13 +25,14 @@ import torch
 
 from knlens.cli.common import add_common_options, load_model, output_dir, say, table, write_outputs
 from knlens.core.errors import OutputError
+from knlens.studies.degenerate_study import DegenerateStudySettings, degenerate_study
 from knlens.studies.editing_cases import EditingSettings
 from knlens.studies.editing_study import editing_study
 from knlens.studies.multilingual_facts import MultilingualSettings
 from knlens.studies.multilingual_study import multilingual_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
 from knlens.studies.syntax_study import SyntaxSettings, syntax_study
-from knlens.viz import editing_page, multilingual_page, query_localization_page, syntax_page
+from knlens.viz import degenerate_page, editing_page, multilingual_page, query_localization_page, syntax_page
 from knlens.viz.language_page import write_language_html
 
 __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
@@ -109,6 +111,19 @@ STUDIES: dict[str, StudySpec] = {
         lambda result: {} if result.neurons is None else {
             "languages.html": lambda p: write_language_html(result.neurons, p, result.tables["likn_effects"],
                                                             title="knlens study multilingual: neurons per language")}),
+    "degenerate": StudySpec(
+        DegenerateStudySettings, degenerate_study, degenerate_page.render_markdown,
+        "Degenerate knowledge neurons by weight topology (Chen et al., 2024) on ParaRel: persistence clusters and "
+        "baselines through the functional filter, robustness to one-word typos, fact checking with frequent DKNs.",
+        {"relations": "ParaRel relations", "candidates": "facts read per relation before the known filter",
+         "min_prompts": "a fact is kept when known on at least this many paraphrases",
+         "max_prompts": "answered paraphrases used per fact", "max_facts": "facts studied at most",
+         "budget_minutes": "stop starting new work when the budget would be overrun",
+         "locate_share": "share of the budget for locating and clustering", "top": "located neurons per fact",
+         "steps": "Gauss-Legendre nodes of integrated gradients", "mode": "structural weight: sensitivity, up or gate",
+         "single_max": "degenerate: one cluster alone lowers P by less than this",
+         "removes_min": "...while all clusters lower it by at least this", "n_random": "matched random sets (robustness)",
+         "check_steps": "IG nodes of the fact-checking scores", "seed": "seed of the fact sample and the splits"}),
 }
 
 

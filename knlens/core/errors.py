@@ -166,3 +166,8 @@ class UnknownLanguageError(KnlensError, ValueError):
 class MissingTranslationError(KnlensError, LookupError):
     """A fact asked for in a language that does not have it (no tuple, or no usable template of its relation
     there); the message names the fact and the languages that lack it."""
+
+
+class TooFewNeuronsError(KnlensError, ValueError):
+    """Too few located neurons (or none connected) to cluster them by structure: the message names the count
+    and the threshold."""

@@ -1,0 +1,1 @@
+"""Neuron structure beyond single neurons: weight topology, clusters, degenerate components, fact checking."""
