@@ -166,3 +166,21 @@ class UnknownLanguageError(KnlensError, ValueError):
 class MissingTranslationError(KnlensError, LookupError):
     """A fact asked for in a language that does not have it (no tuple, or no usable template of its relation
     there); the message names the fact and the languages that lack it."""
+
+
+class OptionLetterError(TargetError):
+    """Multiple-choice option letters that are not distinct single tokens of the model's tokenizer (the message
+    names them)."""
+
+
+class TooFewOptionsError(InsufficientDataError):
+    """A relation with too few distinct objects to fill the options of a multiple-choice question (the message
+    names the relation and the count)."""
+
+
+class EmptyStageError(SelectionError):
+    """A two-stage filter whose stage keeps no neuron; the message names the thresholds that emptied it."""
+
+
+class ModalityError(KnlensError, NotImplementedError):
+    """An input the model cannot read (an image given to a text-only model): the message names the model needed."""
