@@ -47,7 +47,8 @@ def render_markdown(r: TwoStageStudy) -> str:
         f"- Suppressing the top-{s.k} set changes P(object) by {m('two-stage suppress', '{:+.1%}')} (two-stage) and "
         f"{m('IG suppress', '{:+.1%}')} (IG); matched random sets {m('matched random suppress (two-stage)', '{:+.1%}')} "
         f"/ {m('matched random suppress (IG)', '{:+.1%}')}; per neuron {m('two-stage per neuron', '{:+.2%}')} vs "
-        f"{m('IG per neuron', '{:+.2%}')}.",
+        f"{m('IG per neuron', '{:+.2%}')} (the two-stage set holds the stage-2 neurons, at most {s.k}; the per-neuron "
+        "effect divides by each set's own size).",
         f"- Cost per fact: two-stage {m('two-stage s', '{:.1f}')} s, IG {m('IG s', '{:.1f}')} s (same machine, same run).",
     ]
     facts = t["facts"].drop(columns=["prompt"], errors="ignore")
