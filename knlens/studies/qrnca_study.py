@@ -36,7 +36,8 @@ from knlens.methods.controls import matched_control, random_control
 from knlens.methods.known import known_facts
 from knlens.methods.structure.multiple_choice import LETTERS, MCQuery, check_letters, multiple_choice
 from knlens.methods.structure.pcr import pcr_frame, pcr_table
-from knlens.methods.structure.qrnca import QRNCASettings, density, neuron_attribution, query_relevant_neurons, top_neurons
+from knlens.methods.structure.qrnca import (QRNCASettings, common_neurons, density, neuron_attribution,
+                                           query_relevant_neurons, top_neurons)
 from knlens.results.contract import Result
 from knlens.run.engine import target_probs
 
@@ -155,7 +156,7 @@ def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(),
     sets, related, unrelated, dens, set_rows = {}, {}, {}, {}, []
     for k, rel in enumerate(dict.fromkeys(rel_of)):
         idx = torch.tensor([i for i, r in enumerate(rel_of) if r == rel])
-        qr = _domain_set(res.scores[idx], s.top_v, res.clusters.float().mean(0) > s.common_share, layers)
+        qr = _domain_set(res.scores[idx], s.top_v, common_neurons(res.clusters, s.common_share), layers)
         kn = _domain_set(kn_na[idx], s.top_v, None, layers)
         acts = torch.stack([a.activations for i in idx.tolist() for a in per_query[i]]).abs().mean(0)
         magnitude = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)

@@ -21,7 +21,6 @@ tensor([[-0.2877,  0.4055,  0.4055]])
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,11 +87,9 @@ def top_neurons(scores: Float[Tensor, "layer neuron"], k: int, exclude: Bool[Ten
     >>> top_neurons(torch.tensor([[0.1, 0.9], [0.5, 0.7]]), 2, exclude=torch.tensor([[False, True], [False, False]]))
     NeuronSet([L1.N1, L1.N0])
     """
-    s = scores.float().clone()
-    if exclude is not None:
-        s[exclude] = -math.inf
-    flat = s.flatten()
-    idx = [int(i) for i in flat.topk(min(k, flat.numel())).indices if flat[i] > -math.inf]
+    flat = scores.float().flatten()
+    keep = torch.arange(flat.numel()) if exclude is None else (~exclude.flatten()).nonzero()[:, 0]
+    idx = keep[flat[keep].argsort(descending=True, stable=True)][:k].tolist()
     rows = list(layers) if layers is not None else list(range(scores.shape[0]))
     return NeuronSet((rows[i // scores.shape[1]], i % scores.shape[1]) for i in idx)
 
