@@ -39,18 +39,18 @@ class TwoStageStudySettings:
     """Sizes of the study (defaults: the run of ``benchmarks/TWO_STAGE.md``)."""
 
     model: str = "smollm2-135m"
-    relations: tuple[str, ...] = ("P36", "P1376", "P17")
-    candidates: int = 30
-    facts: int = 9
+    relations: tuple[str, ...] = ("P36", "P1376")
+    candidates: int = 25
+    facts: int = 6
     min_prompts: int = 2
     max_prompts: int = 3
     corruption: str = "noise"
-    noise_samples: int = 5
+    noise_samples: int = 3
     tau_a: float = 0.2
     tau_g: float = 0.0
     k: int = 20
     steps: int = 8
-    n_random: int = 5
+    n_random: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
