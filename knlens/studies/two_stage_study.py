@@ -1,7 +1,8 @@
 """The two-stage filter against integrated gradients on ParaRel (docs/methods.md, Two-stage filter).
 
 Facts read per relation, the known filter (greedy answer = object on at least ``min_prompts`` paraphrases; the
-answered ones kept, at most ``max_prompts``), single-token objects (the filter's gradient is of one token). For each
+answered ones kept, at most ``max_prompts``), single-token objects (the filter's gradient is of one token), taken round
+robin over the relations up to ``facts``. For each
 fact: the two-stage filter (subject corrupted by ``corruption``; stage 1 Δ > ``tau_a`` × max, stage 2 g > ``tau_g``)
 and IG (``steps`` nodes, fixed grid); their top-``k`` sets (the filter's ranked by g, IG's by the mean score over
 the prompts); overlap; the suppression (×0) of each set on the fact's prompts beside ``n_random`` random sets matched
@@ -10,6 +11,7 @@ on activation magnitude, as relative change of P(object) and per neuron; the cos
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,8 +42,8 @@ class TwoStageStudySettings:
 
     model: str = "smollm2-135m"
     relations: tuple[str, ...] = ("P36", "P1376")
-    candidates: int = 25
-    facts: int = 6
+    candidates: int = 40
+    facts: int = 8
     min_prompts: int = 2
     max_prompts: int = 3
     corruption: str = "noise"
@@ -100,17 +102,17 @@ def two_stage_study(model: Any, settings: TwoStageStudySettings = TwoStageStudyS
                     data_dir: str | None = None, say: Callable[[str], None] = lambda _: None) -> TwoStageStudy:
     """Run the study on ``model`` (see the module) and return every table."""
     s, t0, times = settings, time.time(), {}
-    counts, facts = [], []
-    per_rel = -(-s.facts // len(s.relations))
+    counts, pools = [], []
     for rel in s.relations:
         read = load_pararel(rel, data_dir=data_dir, max_facts=s.candidates, seed=s.seed)
         known = known_facts(model, read, keep_prompts="correct", min_prompts=s.min_prompts)
-        single = [f for f in known if is_single_token(model, f.target)]
-        facts += [Fact(f.prompts[:s.max_prompts], f.target, f.subject, f.relation, f.name)
-                  for f in single[:per_rel]]
-        counts.append({"relation": rel, "read": len(read), "known": len(known), "single-token object": len(single),
-                       "studied": len(single[:per_rel])})
-    facts = facts[:s.facts]
+        single = [Fact(f.prompts[:s.max_prompts], f.target, f.subject, f.relation, f.name) for f in known
+                  if is_single_token(model, f.target)]
+        pools.append(single)
+        counts.append({"relation": rel, "read": len(read), "known": len(known), "single-token object": len(single)})
+    facts = [f for row in itertools.zip_longest(*pools) for f in row if f is not None][:s.facts]  # round robin
+    for c in counts:
+        c["studied"] = sum(f.relation == c["relation"] for f in facts)
     times["filter"] = time.time() - t0
     ts = TwoStageSettings(corruption=s.corruption, noise_samples=s.noise_samples, tau_a=s.tau_a, tau_g=s.tau_g,
                           seed=s.seed)
