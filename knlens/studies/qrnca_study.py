@@ -28,7 +28,7 @@ import torch
 from knlens.core.errors import InsufficientDataError, SettingsError
 from knlens.core.facts import Fact
 from knlens.core.neurons import NeuronSet
-from knlens.core.tokens import encode
+from knlens.core.tokens import encode, single_token
 from knlens.core.versions import environment
 from knlens.data.pararel import load_pararel
 from knlens.methods.attribution.ig import attribute_facts
@@ -39,7 +39,7 @@ from knlens.methods.structure.pcr import pcr_frame, pcr_table
 from knlens.methods.structure.qrnca import (QRNCASettings, common_neurons, density, neuron_attribution,
                                            query_relevant_neurons, top_neurons)
 from knlens.results.contract import Result
-from knlens.run.engine import target_probs
+from knlens.run.engine import target_logits
 
 __all__ = ["QRNCAStudySettings", "QRNCAStudy", "qrnca_study", "mc_accuracy", "PAPER"]
 
@@ -102,14 +102,18 @@ class QRNCAStudy(Result):
         return fig
 
 
+@torch.no_grad()
 def mc_accuracy(model: Any, queries: list[MCQuery], letters: tuple[str, ...] = LETTERS) -> pd.DataFrame:
-    """Per query and template: P of the answer letter and whether it is the likeliest of the option letters."""
+    """Per query and template: P of the answer letter and whether it is the likeliest of the option letters (one
+    forward of each query's templates)."""
+    ids = [single_token(model, f" {x}") for x in letters]
     rows = []
     for q in queries:
-        for j, (prompt, answer) in enumerate(zip(q.prompts, q.letters)):
-            p = torch.stack([target_probs(model, encode(model, [prompt], f" {x}"))[0] for x in letters])
-            rows.append({"query": q.name, "template": j, "p_answer": float(p[letters.index(answer.strip())]),
-                         "correct": bool(int(p.argmax()) == letters.index(answer.strip()))})
+        p = target_logits(model, encode(model, list(q.prompts), q.letters[0])).float().softmax(-1)[:, ids].cpu()
+        for j, answer in enumerate(q.letters):
+            k = letters.index(answer.strip())
+            rows.append({"query": q.name, "template": j, "p_answer": float(p[j, k]),
+                         "correct": bool(int(p[j].argmax()) == k)})
     return pd.DataFrame(rows)
 
 
