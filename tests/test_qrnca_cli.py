@@ -38,26 +38,3 @@ def test_the_studies_are_registered_with_checked_settings():
     with pytest.raises(SettingsError, match="unknown corruption"):
         TwoStageStudySettings(corruption="blur")
 
-
-@pytest.mark.integration
-def test_both_studies_run_save_and_write_their_pages(real_model, tmp_path):
-    from pathlib import Path
-
-    from knlens.data.pararel import default_data_dir
-    from knlens.studies.qrnca_study import QRNCAStudy, qrnca_study
-    from knlens.studies.two_stage_study import TwoStageStudy, two_stage_study
-    from knlens.viz import qrnca_page, two_stage_page
-
-    if not Path(default_data_dir()).exists():
-        pytest.skip("ParaRel data not found beside the repository")
-    q = qrnca_study(real_model, QRNCAStudySettings(relations=("P36", "P30"), candidates=20, queries=1, n_templates=2,
-                                                   steps=2, top_v=5))
-    assert list(q.tables["counts"].relation) == ["P36", "P30"] and int(q.numbers["mc prompts"]) == 4
-    assert set(q.tables["pcr"].method) == {"QRNCA", "KN", "random", "random (matched)"}
-    assert QRNCAStudy.load(q.save(tmp_path / "q")) == q
-    assert "## PCR (pooled over domains) beside the paper" in qrnca_page.render_markdown(q)
-    t = two_stage_study(real_model, TwoStageStudySettings(relations=("P36",), candidates=15, facts=1, steps=2,
-                                                          n_random=1, noise_samples=2))
-    assert int(t.numbers["facts"]) == 1 and len(t.tables["facts"]) == 1
-    assert TwoStageStudy.load(t.save(tmp_path / "t")) == t
-    assert "## Comparison (over facts)" in two_stage_page.render_markdown(t)
