@@ -300,11 +300,12 @@ def test_the_handler_leaves_bugs_and_interrupts_alone(command, capsys, monkeypat
 def test_every_subcommand_is_one_module_with_add_parser_and_run():
     import argparse
 
-    from knlens.cli import build_parser, consistency, edit, locate, query, study, summary, sweep, trace
+    from knlens.cli import build_parser, consistency, edit, locate, qrnca, query, study, summary, sweep, trace, twostage
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["locate", "trace", "consistency", "edit", "study", "sweep", "query", "summary"]
-    for module in (locate, trace, consistency, edit, study, sweep, query, summary):
+    assert list(sub.choices) == ["locate", "trace", "consistency", "edit", "study", "sweep", "query", "summary", "qrnca",
+                                 "twostage"]
+    for module in (locate, trace, consistency, edit, study, sweep, query, summary, qrnca, twostage):
         name = module.__name__.rsplit(".", 1)[1]
         assert sub.choices[name].get_default("run") is module.run
 
