@@ -319,8 +319,8 @@ def test_cli_modules_import_only_downward():
 
     folder = Path(knlens.cli.__file__).parent
     assert sorted(p.name for p in folder.glob("*.py")) == ["__init__.py", "common.py", "consistency.py", "edit.py",
-                                                           "locate.py", "locate_languages.py", "query.py", "study.py",
-                                                           "summary.py", "sweep.py", "trace.py"]
+                                                           "locate.py", "locate_languages.py", "qrnca.py", "query.py",
+                                                           "study.py", "summary.py", "sweep.py", "trace.py", "twostage.py"]
     for path in folder.glob("*.py"):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
