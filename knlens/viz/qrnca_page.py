@@ -43,13 +43,16 @@ def render_markdown(r: QRNCAStudy) -> str:
         return _f(pooled.loc[(method, action), "pcr"]) if (method, action) in pooled.index else "—"
 
     head = [
-        f"- {int(n['queries'])} known facts (queries) over {len(t['counts'])} relations, {int(n['mc prompts'])} "
+        f"- {int(n['queries'])} known facts (queries) over {int((t['counts'].queries > 0).sum())} relations (of "
+        f"{len(t['counts'])} read), {int(n['mc prompts'])} "
         f"multiple-choice prompts; the model picks the right letter on {n['mc accuracy']:.0%} of them (chance 25 %).",
         f"- PCR boost / suppress, pooled over domains: QRNCA {pc('QRNCA', 'boost')} / {pc('QRNCA', 'suppress')}, "
         f"KN {pc('KN', 'boost')} / {pc('KN', 'suppress')}, random {pc('random', 'boost')} / {pc('random', 'suppress')}, "
         f"matched random {pc('random (matched)', 'boost')} / {pc('random (matched)', 'suppress')} (paper: 4.4 / 5.6, "
         "1.0 / 1.0, 1.0 / 0.55).",
         f"- {int(n['common neurons'])} common neuron(s) removed (in more than {s.common_share:.0%} of the clusters).",
+        "- Suppressing a domain's QRNCA set changes P(answer letter) on the other domains' prompts about as much as on "
+        "its own when the two Δp% are close (PCR near 1): the set is then not specific to its domain.",
     ]
     lines = [
         "# QRNCA: query-relevant neurons by NA-ICA (Chen, Dejl, Toni, 2024)", "",
