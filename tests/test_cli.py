@@ -300,12 +300,13 @@ def test_the_handler_leaves_bugs_and_interrupts_alone(command, capsys, monkeypat
 def test_every_subcommand_is_one_module_with_add_parser_and_run():
     import argparse
 
-    from knlens.cli import build_parser, consistency, degenerate, edit, locate, query, study, summary, sweep, trace
+    from knlens.cli import (build_parser, consistency, degenerate, edit, locate, qrnca, query, study, summary, sweep,
+                            trace, twostage)
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(sub.choices) == ["locate", "trace", "consistency", "edit", "study", "sweep", "query", "summary",
-                                 "degenerate"]
-    for module in (locate, trace, consistency, edit, study, sweep, query, summary, degenerate):
+                                 "degenerate", "qrnca", "twostage"]
+    for module in (locate, trace, consistency, edit, study, sweep, query, summary, degenerate, qrnca, twostage):
         name = module.__name__.rsplit(".", 1)[1]
         assert sub.choices[name].get_default("run") is module.run
 
@@ -319,8 +320,9 @@ def test_cli_modules_import_only_downward():
 
     folder = Path(knlens.cli.__file__).parent
     assert sorted(p.name for p in folder.glob("*.py")) == ["__init__.py", "common.py", "consistency.py",
-                                                           "degenerate.py", "edit.py", "locate.py", "locate_languages.py", "query.py", "study.py",
-                                                           "summary.py", "sweep.py", "trace.py"]
+                                                           "degenerate.py", "edit.py", "locate.py", "locate_languages.py",
+                                                           "qrnca.py", "query.py", "study.py", "summary.py", "sweep.py",
+                                                           "trace.py", "twostage.py"]
     for path in folder.glob("*.py"):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}

@@ -1,4 +1,5 @@
-"""The ``knlens`` command line: ``knlens locate | trace | consistency | edit | study | sweep | query | summary``.
+"""The ``knlens`` command line: ``knlens locate | trace | consistency | edit | study | sweep | query | summary |
+qrnca | twostage``.
 
     knlens locate --fact capital-france --out knlens-out
     knlens trace --fact capital-france --kinds mlp attn --samples 3
@@ -24,7 +25,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from knlens.cli import consistency, degenerate, edit, locate, query, study, summary, sweep, trace
+from knlens.cli import consistency, degenerate, edit, locate, qrnca, query, study, summary, sweep, trace, twostage
 from knlens.cli.common import Parser, run_cli
 from knlens.core.versions import __version__
 
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_parser(sub)
     summary.add_parser(sub)
     degenerate.add_parser(sub)
+    qrnca.add_parser(sub)
+    twostage.add_parser(sub)
     return parser
 
 

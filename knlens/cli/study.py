@@ -4,6 +4,8 @@
     knlens study editing --page benchmarks/EDITING.md --budget-minutes 30
     knlens study syntax --page benchmarks/SYNTAX.md
     knlens study multilingual --page benchmarks/MULTILINGUAL.md --out ml-out   # Gemma-3-270M by default
+    knlens study qrnca --page benchmarks/QRNCA.md --out qrnca-out
+    knlens study twostage --page benchmarks/TWO_STAGE.md
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
     knlens study degenerate --page benchmarks/DEGENERATE.md --out dkn-out
 
@@ -23,16 +25,19 @@ from typing import Any
 
 import torch
 
-from knlens.cli.common import add_common_options, load_model, output_dir, say, table, write_outputs
+from knlens.cli.common import add_common_options, load_model, output_dir, save_figure, say, table, write_outputs
 from knlens.core.errors import OutputError
 from knlens.studies.degenerate_study import DegenerateStudySettings, degenerate_study
 from knlens.studies.editing_cases import EditingSettings
 from knlens.studies.editing_study import editing_study
 from knlens.studies.multilingual_facts import MultilingualSettings
 from knlens.studies.multilingual_study import multilingual_study
+from knlens.studies.qrnca_study import QRNCAStudySettings, qrnca_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
 from knlens.studies.syntax_study import SyntaxSettings, syntax_study
-from knlens.viz import degenerate_page, editing_page, multilingual_page, query_localization_page, syntax_page
+from knlens.studies.two_stage_study import TwoStageStudySettings, two_stage_study
+from knlens.viz import (degenerate_page, editing_page, multilingual_page, qrnca_page, query_localization_page,
+                        syntax_page, two_stage_page)
 from knlens.viz.language_page import write_language_html
 
 __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
@@ -124,6 +129,29 @@ STUDIES: dict[str, StudySpec] = {
          "single_max": "degenerate: one cluster alone lowers P by less than this",
          "removes_min": "...while all clusters lower it by at least this", "n_random": "matched random sets (robustness)",
          "check_steps": "IG nodes of the fact-checking scores", "seed": "seed of the fact sample and the splits"}),
+    "qrnca": StudySpec(
+        QRNCAStudySettings, qrnca_study, qrnca_page.render_markdown,
+        "Query-relevant neurons by NA-ICA (Chen, Dejl, Toni, 2024) on ParaRel: known facts as 4-option questions, "
+        "QRNCA against Dai's KN and random sets by the PCR of boost and suppress, and the localised regions.",
+        {"relations": "ParaRel relations (the domains)", "candidates": "facts read per relation before the known filter",
+         "queries": "known facts per relation asked as questions", "n_templates": "multiple-choice templates per query",
+         "min_prompts": "a fact is known when answered on at least this many paraphrases",
+         "max_prompts": "cloze paraphrases attributed for KN", "steps": "integration steps (fixed grid)",
+         "top_v": "neurons per query and per domain set", "threshold": "cluster: na > threshold x max",
+         "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles"},
+        lambda result: {"regions.png": lambda p: save_figure(result.plot(), p)}),
+    "twostage": StudySpec(
+        TwoStageStudySettings, two_stage_study, two_stage_page.render_markdown,
+        "The two-stage filter (activation difference under a corrupted subject, then gradient x activation; the text "
+        "version of Sato and Takagi's multimodal method) against integrated gradients on known ParaRel facts: overlap "
+        "of top-k, effect of suppression per neuron, cost.",
+        {"relations": "ParaRel relations", "candidates": "facts read per relation before the known filter",
+         "facts": "facts compared", "min_prompts": "a fact is known when answered on at least this many paraphrases",
+         "max_prompts": "answered paraphrases used per fact", "corruption": "remove, replace or noise (the subject)",
+         "noise_samples": "noise samples averaged", "tau_a": "stage 1: delta > tau_a x max delta",
+         "tau_g": "stage 2: gradient x activation > tau_g", "k": "top-k sets compared", "steps": "IG nodes",
+         "n_random": "matched random sets per suppression", "seed": "seed of the facts and noise"},
+        lambda result: {"suppression.png": lambda p: save_figure(result.plot(), p)}),
 }
 
 

@@ -171,3 +171,21 @@ class MissingTranslationError(KnlensError, LookupError):
 class TooFewNeuronsError(KnlensError, ValueError):
     """Too few located neurons (or none connected) to cluster them by structure: the message names the count
     and the threshold."""
+
+
+class OptionLetterError(TargetError):
+    """Multiple-choice option letters that are not distinct single tokens of the model's tokenizer (the message
+    names them)."""
+
+
+class TooFewOptionsError(InsufficientDataError):
+    """A relation with too few distinct objects to fill the options of a multiple-choice question (the message
+    names the relation and the count)."""
+
+
+class EmptyStageError(SelectionError):
+    """A two-stage filter whose stage keeps no neuron; the message names the thresholds that emptied it."""
+
+
+class ModalityError(KnlensError, NotImplementedError):
+    """An input the model cannot read (an image given to a text-only model): the message names the model needed."""

@@ -1,1 +1,2 @@
-"""Neuron structure beyond single neurons: weight topology, clusters, degenerate components, fact checking."""
+"""Neuron structure beyond single top-IG neurons: weight topology, clusters, degenerate components, fact
+checking; query-relevant neurons (QRNCA) and the two-stage filter."""
