@@ -166,3 +166,8 @@ class UnknownLanguageError(KnlensError, ValueError):
 class MissingTranslationError(KnlensError, LookupError):
     """A fact asked for in a language that does not have it (no tuple, or no usable template of its relation
     there); the message names the fact and the languages that lack it."""
+
+
+class NoChainError(KnlensError, ValueError):
+    """Relations that form no two-hop chain: no hand-written question template joins them, or no first-hop
+    object is the subject of a second-hop fact (``knlens.data.two_hop.CHAINS`` lists the chains)."""
