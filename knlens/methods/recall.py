@@ -16,8 +16,8 @@ depend only on the text up to it, so one forward over a finished chain of though
 generated step.
 
 >>> import torch
->>> recall_scores(torch.tensor([[0.0, 0.0], [2.0, -1.0], [1.0, 0.0]]), torch.tensor([2.0, -1.0])).tolist()
-[0.0, 1.0, 0.3333333432034302]
+>>> recall_scores(torch.tensor([[0.0, 0.0], [2.0, -1.0], [1.0, 0.0]]), torch.tensor([2.0, -1.0])).mul(3).tolist()
+[0.0, 3.0, 1.0]
 """
 
 from __future__ import annotations
