@@ -13,12 +13,14 @@ P17       P36      The capital of the country where [X] is located is
 P27       P36      The capital of the country of citizenship of [X] is
 P495      P36      The capital of the country where [X] was created is
 P131      P36      The capital of the region where [X] is located is
+P1001     P36      The capital of the country where [X] is a legal term is
 P19       P1376    The city where [X] was born is the capital of
 P20       P1376    The city where [X] died is the capital of
 P937      P1376    The city where [X] worked is the capital of
 P17       P30      The country where [X] is located is on the continent of
 P27       P30      The country of citizenship of [X] is on the continent of
 P1376     P30      The country whose capital is [X] is on the continent of
+P36       P30      The capital of [X] is on the continent of
 ========  =======  ===================================================================
 
 The single hops are the two ParaRel facts (their own templates), and the chain-of-thought prompt states the
@@ -54,12 +56,14 @@ CHAINS: dict[Chain, str] = {
     ("P27", "P36"): "The capital of the country of citizenship of [X] is",
     ("P495", "P36"): "The capital of the country where [X] was created is",
     ("P131", "P36"): "The capital of the region where [X] is located is",
+    ("P1001", "P36"): "The capital of the country where [X] is a legal term is",
     ("P19", "P1376"): "The city where [X] was born is the capital of",
     ("P20", "P1376"): "The city where [X] died is the capital of",
     ("P937", "P1376"): "The city where [X] worked is the capital of",
     ("P17", "P30"): "The country where [X] is located is on the continent of",
     ("P27", "P30"): "The country of citizenship of [X] is on the continent of",
     ("P1376", "P30"): "The country whose capital is [X] is on the continent of",
+    ("P36", "P30"): "The capital of [X] is on the continent of",
 }
 """The chains (first relation, second relation) with their composed-question template."""
 

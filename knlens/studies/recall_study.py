@@ -1,6 +1,6 @@
 """The recall study (Wang et al., EMNLP 2024): do a model's first-hop knowledge neurons fire while it answers a
-two-hop question, and does enhancing or suppressing them change the answer? (docs/methods.md, factual recall
-in reasoning)
+two-hop question, and does enhancing or suppressing them change the answer?
+(docs/methods.md, factual recall in reasoning)
 
 1. **questions** — the chains of :mod:`knlens.data.two_hop` among ``relations``, ``candidates`` questions per chain
    (a random sample), then the known filter on each hop: the first hop answered on at least ``min_prompts`` of
@@ -40,8 +40,8 @@ class RecallSettings:
     """Sizes of the study (defaults: the run of ``benchmarks/RECALL.md``)."""
 
     model: str = "smollm2-135m"
-    relations: tuple[str, ...] = ("P17", "P27", "P495", "P19", "P20", "P937", "P30", "P36", "P1376")
-    candidates: int = 80  # questions per chain read before the known filter
+    relations: tuple[str, ...] = ("P1376", "P36", "P1001", "P27", "P495", "P17", "P30")
+    candidates: int = 60  # questions per chain read before the known filter
     max_prompts: int = 4  # ParaRel prompts per hop
     min_prompts: int = 1  # a hop is known when answered on at least this many of its prompts
     attribute_prompts: int = 2  # answered first-hop prompts attributed

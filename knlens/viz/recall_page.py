@@ -24,7 +24,7 @@ PAPER = [
     "score; enhancing the first hop's neurons raises two-hop accuracy and suppressing them lowers it, more than "
     "random neurons do; a context that states a conflicting first hop can raise retrieval.",
     "- Their models are 7B–13B chat models (LLaMA-2, etc.) answering free-form with a generated chain of thought; "
-    "the exact score definition and threshold are **[unverified]** here (docs/methods.md §12).",
+    "the exact score definition and threshold are **[unverified]** here (docs/methods.md, factual recall in reasoning).",
 ]
 
 LIMITATIONS = [
