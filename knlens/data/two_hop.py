@@ -126,7 +126,7 @@ def chains_in(relations: Sequence[str]) -> list[Chain]:
     :class:`~knlens.core.errors.NoChainError` naming them when there is none.
 
     >>> chains_in(["P17", "P36", "P30"])
-    [('P17', 'P36'), ('P17', 'P30')]
+    [('P17', 'P36'), ('P17', 'P30'), ('P36', 'P30')]
     """
     rels = {r.strip().upper() for r in relations}
     found = [c for c in CHAINS if c[0] in rels and c[1] in rels]
