@@ -173,16 +173,21 @@ def test_the_study_runs_on_the_embedded_model_and_writes_its_page(real_model, tm
 
     if not Path(default_data_dir()).exists():
         pytest.skip("ParaRel data not found beside the repository")
-    s = RecallSettings(relations=("P17", "P36"), candidates=6, max_questions=1, steps=2, n_random=1, bridge_tokens=3)
-    r = recall_study(real_model, s)
+    questions, _ = two_hop_questions(["P1376", "P30"])
+    picked = [q for q in questions if q.subject in ("Lisbon", "Cairo", "Bangkok")]  # both hops known by SmolLM2
+    s = RecallSettings(relations=("P1376", "P30"), max_questions=1, attribute_prompts=1, steps=2, n_random=1,
+                       bridge_tokens=3)
+    r = recall_study(real_model, s, questions=picked)
     assert set(r.tables) == set(TABLES) and r.numbers["questions"] == 1.0
     counts = r.tables["counts"].iloc[0]
-    assert counts["sampled"] == 6 and counts["both known"] <= min(counts["first hop known"], counts["second hop known"])
-    assert counts["studied"] == 1
+    assert counts["sampled"] == 3 and counts["both known"] <= min(counts["first hop known"], counts["second hop known"])
+    assert counts["both known"] >= 1 and counts["studied"] == 1
     rec = r.tables["recall"]
     assert list(rec.neurons) == ["knowledge", "matched"] and rec["peak cot emit"].notna().all()
     acc = r.tables["accuracy"]
     assert len(acc) == 2 * (1 + 2 * 2)                                   # (no) CoT x (none, 2 actions x 2 sets)
+    none = acc[(acc.action == "none") & ~acc.cot].iloc[0]
+    assert none["accuracy"] == r.numbers["accuracy without CoT"]
     assert RecallStudy.load(r.save(tmp_path / "saved")) == r
     page = render_markdown(r)
     for heading in ("## Headline", "## Questions and filters", "## Recall scores", "## Limitations"):
