@@ -119,11 +119,12 @@ def filter_questions(model: Any, questions: Sequence[TwoHop], counts: list[dict[
     direct = answers_many(model, [Fact([q.question], q.answer) for q in questions])
     frame = pd.DataFrame([{"chain": "->".join(q.chain), "hop1": q.hop1.name in hop1, "hop2": q.hop2.name in hop2,
                            "two-hop correct": bool(d[0])} for q, d in zip(questions, direct)])
+    frame["both"] = frame.hop1 & frame.hop2
     table = pd.DataFrame(counts).drop(columns="template")
     g = frame.groupby("chain", sort=False)
     table["first hop known"] = table.chain.map(g["hop1"].sum()).fillna(0).astype(int)
     table["second hop known"] = table.chain.map(g["hop2"].sum()).fillna(0).astype(int)
-    table["both known"] = table.chain.map(g.apply(lambda x: int((x.hop1 & x.hop2).sum()))).fillna(0).astype(int)
+    table["both known"] = table.chain.map(g["both"].sum()).fillna(0).astype(int)
     table["two-hop correct (all sampled)"] = table.chain.map(g["two-hop correct"].sum()).fillna(0).astype(int)
     by_chain: dict[str, list[tuple[TwoHop, Fact]]] = {}
     for q in questions:
