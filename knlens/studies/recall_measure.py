@@ -7,8 +7,9 @@
 2. **random sets**: ``n_random`` sets matched on activation magnitude (:func:`~knlens.methods.controls.matched_control`,
    |activation| at the first hop's target averaged over its prompts), each with its own single-hop reference;
 3. **recall**: the peak recall score (:mod:`knlens.methods.recall`) of each set over the two-hop question, over the
-   chain of thought (at the step that emits the bridge, and after it), and over the question preceded by a false
-   first hop (the conflict prompt; positions of the question only);
+   chain of thought (at the step that emits the bridge, and after it), over the question preceded by a false
+   first hop (the conflict prompt; positions of the question only), and over another question of the chain (a
+   subject and bridge the set has no fact for);
 4. **answers** under each condition — none, and enhance ×2 / suppress ×0 of each set at every position, also at
    every generated step of the chain of thought (:mod:`knlens.methods.recall_answers`).
 """
@@ -72,21 +73,25 @@ def _peaks(model: Any, neurons: NeuronSet, hop: Fact, texts: dict[str, tuple[str
     return {name: recall_profile(model, text, neurons, ref).peak(start) for name, (text, start) in texts.items()}
 
 
-def recall_rows(model: Any, q: TwoHop, loc: Located, randoms: Sequence[NeuronSet], cot_prompt: str,
-                false_bridge: str, threshold: float) -> list[dict[str, Any]]:
+def recall_rows(model: Any, q: TwoHop, loc: Located, randoms: Sequence[NeuronSet], cot_prompt: str, false: TwoHop,
+                threshold: float) -> list[dict[str, Any]]:
     """The peak recall score of the knowledge set and of each random set over the question (``question``), the
-    chain of thought ``cot_prompt`` at the bridge-emitting step (``cot emit``) and after it (``cot after``), and
-    the conflict prompt's question part (``conflict``); one row per set, with ``recalled`` by the rule."""
+    chain of thought ``cot_prompt`` at the bridge-emitting step (``cot emit``) and after it (``cot after``), the
+    conflict prompt's question part (``conflict``) and another question of the chain, with another subject and
+    bridge (``other question``: how much the set fires on a question it has no fact for); one row per set, with
+    ``recalled`` by the rule and ``recalled, specific`` (recalled, and above its peak on the other question)."""
     n_first = model.to_tokens(q.hop1.prompts[0]).shape[1]
-    conflict, prefix = conflict_prompt(q, false_bridge)
+    conflict, prefix = conflict_prompt(q, false.bridge)
     texts = {"question": (q.question, 0), "cot emit": (q.hop1.prompts[0], n_first - 1), "cot after": (cot_prompt, n_first),
-             "conflict": (conflict, model.to_tokens(prefix).shape[1])}
+             "conflict": (conflict, model.to_tokens(prefix).shape[1]), "other question": (false.question, 0)}
     rows = []
     for kind, draw, s in [("knowledge", -1, loc.neurons), *[("matched", d, r) for d, r in enumerate(randoms)]]:
         peaks = _peaks(model, s, loc.hop, texts)
         rows.append({"question": q.name, "chain": "->".join(q.chain), "neurons": kind, "draw": draw,
                      "n_neurons": len(s), **{f"peak {k}": v for k, v in peaks.items()},
                      "recalled": recalled(peaks["question"], threshold),
+                     "recalled, specific": recalled(peaks["question"], threshold)
+                     and peaks["question"] > peaks["other question"],
                      "recalled in conflict": recalled(peaks["conflict"], threshold)})
     return rows
 

@@ -184,7 +184,7 @@ def recall_study(model: Any, settings: RecallSettings = RecallSettings(), *, dat
         loc = locate_first_hop(model, replace(hop, prompts=hop.prompts[:s.attribute_prompts]), steps=s.steps)
         randoms = matched_sets(model, loc, s.n_random, s.seed + 1000 * i)
         ans, cot = answer_rows(model, q, loc, randoms, bridge_tokens=s.bridge_tokens, false=false)
-        recall += recall_rows(model, q, loc, randoms, cot, false.bridge, s.threshold)
+        recall += recall_rows(model, q, loc, randoms, cot, false, s.threshold)
         answers += ans
         rows.append({"question": q.name, "chain": "->".join(q.chain), "two-hop question": q.question,
                      "bridge": q.bridge.strip(), "answer": q.answer.strip(), "neurons": len(loc.neurons),
@@ -211,6 +211,9 @@ def _numbers(rec: pd.DataFrame, ans: pd.DataFrame) -> dict[str, float]:
     correct = direct.correct.astype(bool)
     return {"questions": float(len(kn)), "recall rate": float(kn.recalled.mean()),
             "recall rate, matched random sets": float(rnd.recalled.mean()),
+            "specific recall rate": float(kn["recalled, specific"].mean()),
+            "specific recall rate, matched random sets": float(rnd["recalled, specific"].mean()),
+            "mean peak, other question": float(kn["peak other question"].mean()),
             "mean peak, question": float(kn["peak question"].mean()),
             "mean peak, CoT after the bridge": float(kn["peak cot after"].mean()),
             "mean peak, CoT emitting step": float(kn["peak cot emit"].mean()),
@@ -219,6 +222,10 @@ def _numbers(rec: pd.DataFrame, ans: pd.DataFrame) -> dict[str, float]:
             "bridge correct in CoT": float(cot["bridge correct"].mean()),
             "shortcut share": float((~kn.recalled.reindex(correct[correct].index).astype(bool)).mean())
             if correct.any() else float("nan"),
+            "shortcut share, specific rule": float((~kn["recalled, specific"].reindex(correct[correct].index)
+                                                    .astype(bool)).mean()) if correct.any() else float("nan"),
+            "failed specific recall among errors": float((~kn["recalled, specific"].reindex(correct[~correct].index)
+                                                          .astype(bool)).mean()) if (~correct).any() else float("nan"),
             "failed recall among errors": float((~kn.recalled.reindex(correct[~correct].index).astype(bool)).mean())
             if (~correct).any() else float("nan"),
             "conflict accuracy (true answer)": float(conflict.correct.astype(bool).mean()),
