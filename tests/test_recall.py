@@ -175,7 +175,7 @@ def test_the_study_runs_on_the_embedded_model_and_writes_its_page(real_model, tm
         pytest.skip("ParaRel data not found beside the repository")
     questions, _ = two_hop_questions(["P1376", "P30"])
     picked = [q for q in questions if q.subject in ("Lisbon", "Cairo", "Bangkok")]  # both hops known by SmolLM2
-    s = RecallSettings(relations=("P1376", "P30"), max_prompts=2, max_questions=1, attribute_prompts=1, steps=2,
+    s = RecallSettings(relations=("P1376", "P30"), max_questions=1, attribute_prompts=1, steps=2,
                        n_random=1, bridge_tokens=2)
     r = recall_study(real_model, s, questions=picked)
     assert set(r.tables) == set(TABLES) and r.numbers["questions"] == 1.0
