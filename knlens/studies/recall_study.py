@@ -112,8 +112,9 @@ def _hop_known(model: Any, hops: Sequence[Fact], min_prompts: int) -> dict[str, 
 
 def filter_questions(model: Any, questions: Sequence[TwoHop], counts: list[dict[str, Any]], min_prompts: int
                      ) -> tuple[list[tuple[TwoHop, Fact]], pd.DataFrame]:
-    """The questions whose both hops are known (each with its first hop's answered prompts), interleaved across
-    chains, and the counts per chain with the two-hop accuracy of every candidate."""
+    """The questions whose both hops are known, each hop cut to its answered prompts (so the chain of thought
+    states each hop in a form the model answers), with its first hop, interleaved across chains; and the counts
+    per chain with the two-hop accuracy of every candidate."""
     hop1 = _hop_known(model, [q.hop1 for q in questions], min_prompts)
     hop2 = _hop_known(model, [q.hop2 for q in questions], min_prompts)
     direct = answers_many(model, [Fact([q.question], q.answer) for q in questions])
@@ -129,7 +130,8 @@ def filter_questions(model: Any, questions: Sequence[TwoHop], counts: list[dict[
     by_chain: dict[str, list[tuple[TwoHop, Fact]]] = {}
     for q in questions:
         if q.hop1.name in hop1 and q.hop2.name in hop2:
-            by_chain.setdefault("->".join(q.chain), []).append((q, hop1[q.hop1.name or ""]))
+            one, two = hop1[q.hop1.name or ""], hop2[q.hop2.name or ""]
+            by_chain.setdefault("->".join(q.chain), []).append((replace(q, hop1=one, hop2=two), one))
     kept = [x for row in itertools.zip_longest(*by_chain.values()) for x in row if x is not None]
     return kept, table
 

@@ -31,8 +31,8 @@ LIMITATIONS = [
     "- One model of 135M parameters (SmolLM2): it knows few first hops of ParaRel questions and fewer second "
     "hops; the questions that survive the known filter are the famous bridges (capitals, large countries), where "
     "a shortcut from the subject to the answer is easy.",
-    "- The chain of thought is scaffolded, not free: the model completes the first hop's ParaRel prompt (its "
-    "bridge) and then answers the second hop's prompt about the bridge it stated. At the step that emits the "
+    "- The chain of thought is scaffolded, not free: the model completes the first hop's first answered ParaRel "
+    "prompt (its bridge) and then answers the second hop's first answered prompt about the bridge it stated. At the step that emits the "
     "bridge it reads a first-hop prompt, so `peak cot emit` is close to 1 by construction when that prompt was "
     "one of the reference prompts; `peak cot after` (the positions after the bridge) is the informative one.",
     "- Composed questions come from one hand-written template per chain (knlens/data/two_hop.py); a 135M model "
