@@ -28,15 +28,16 @@ PAPER = [
 ]
 
 LIMITATIONS = [
-    "- One model of 135M parameters (SmolLM2): it knows few first hops of ParaRel questions and fewer second "
-    "hops; the questions that survive the known filter are the famous bridges (capitals, large countries), where "
-    "a shortcut from the subject to the answer is easy.",
+    "- One model of 135M parameters (SmolLM2): it answers few first hops of ParaRel chains (place, citizenship "
+    "and origin hardly ever); the questions that survive the known filter have famous bridges (capitals, large "
+    "countries). Where the first hop is unknown the composed question is still often answered (the `two-hop "
+    "correct` column): continents and capitals can be guessed from the subject without the first hop.",
     "- The chain of thought is scaffolded, not free: the model completes the first hop's first answered ParaRel "
     "prompt (its bridge) and then answers the second hop's first answered prompt about the bridge it stated. At the step that emits the "
     "bridge it reads a first-hop prompt, so `peak cot emit` is close to 1 by construction when that prompt was "
     "one of the reference prompts; `peak cot after` (the positions after the bridge) is the informative one.",
-    "- Composed questions come from one hand-written template per chain (knlens/data/two_hop.py); a 135M model "
-    "reads a template like `The capital of the country where X is located is` mostly as `The capital of X`.",
+    "- Composed questions come from one hand-written template per chain (knlens/data/two_hop.py), not paraphrased; "
+    "the conflict prompt of every question of a chain states the same false bridge (the first other question's).",
     "- Few questions (a budget-capped run) and few random draws per question: the confidence intervals are wide, "
     "and a difference between knowledge and random sets within them is not a finding.",
     "- ParaRel joins hops on labels, not Wikidata ids; ambiguous bridges (several second-hop objects) are dropped.",
