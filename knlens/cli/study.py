@@ -8,6 +8,7 @@
     knlens study twostage --page benchmarks/TWO_STAGE.md
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
     knlens study degenerate --page benchmarks/DEGENERATE.md --out dkn-out
+    knlens study recall --page benchmarks/RECALL.md --budget-minutes 12
 
 Every study's settings dataclass is its options: each field ``some_name`` is ``--some-name`` with the field's
 default (tuples take several values); ``--model`` defaults to the settings' model.
@@ -34,10 +35,11 @@ from knlens.studies.multilingual_facts import MultilingualSettings
 from knlens.studies.multilingual_study import multilingual_study
 from knlens.studies.qrnca_study import QRNCAStudySettings, qrnca_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
+from knlens.studies.recall_study import RecallSettings, recall_study
 from knlens.studies.syntax_study import SyntaxSettings, syntax_study
 from knlens.studies.two_stage_study import TwoStageStudySettings, two_stage_study
 from knlens.viz import (degenerate_page, editing_page, multilingual_page, qrnca_page, query_localization_page,
-                        syntax_page, two_stage_page)
+                        recall_page, syntax_page, two_stage_page)
 from knlens.viz.language_page import write_language_html
 
 __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
@@ -152,6 +154,20 @@ STUDIES: dict[str, StudySpec] = {
          "tau_g": "stage 2: gradient x activation > tau_g", "k": "top-k sets compared", "steps": "IG nodes",
          "n_random": "matched random sets per suppression", "seed": "seed of the facts and noise"},
         lambda result: {"suppression.png": lambda p: save_figure(result.plot(), p)}),
+    "recall": StudySpec(
+        RecallSettings, recall_study, recall_page.render_markdown,
+        "Factual recall in two-hop reasoning (Wang et al., EMNLP 2024) on ParaRel chains: recall score of the first "
+        "hop's knowledge neurons while the model reads the question and a chain of thought, enhance / suppress "
+        "against matched random sets with and without chain of thought, shortcuts, conflicting context.",
+        {"relations": "ParaRel relations; every chain of knlens.data.two_hop.CHAINS among them is used",
+         "candidates": "questions per chain read before the known filter",
+         "max_prompts": "ParaRel prompts per hop", "min_prompts": "a hop is known when answered on this many prompts",
+         "attribute_prompts": "answered first-hop prompts attributed", "max_questions": "questions studied at most",
+         "steps": "Gauss-Legendre nodes of integrated gradients", "n_random": "matched random sets per question",
+         "threshold": "recalled: peak recall score >= threshold",
+         "bridge_tokens": "most tokens generated for the bridge in the chain of thought",
+         "budget_minutes": "stop starting new questions when the next would overrun this many minutes",
+         "seed": "seed of the question sample and the random sets"}),
 }
 
 

@@ -189,3 +189,8 @@ class EmptyStageError(SelectionError):
 
 class ModalityError(KnlensError, NotImplementedError):
     """An input the model cannot read (an image given to a text-only model): the message names the model needed."""
+
+
+class NoChainError(KnlensError, ValueError):
+    """Relations that form no two-hop chain: no hand-written question template joins them, or no first-hop
+    object is the subject of a second-hop fact (``knlens.data.two_hop.CHAINS`` lists the chains)."""
