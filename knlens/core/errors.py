@@ -166,3 +166,8 @@ class UnknownLanguageError(KnlensError, ValueError):
 class MissingTranslationError(KnlensError, LookupError):
     """A fact asked for in a language that does not have it (no tuple, or no usable template of its relation
     there); the message names the fact and the languages that lack it."""
+
+
+class SpellingError(KnlensError, ValueError):
+    """A token that cannot be spelled out: too short, not lowercase letters, not one vocabulary entry, or a
+    spelling prompt whose characters are not single tokens of the model."""
