@@ -1,0 +1,72 @@
+"""Entity versus relation (knlens/methods/tracing/severed.py, knlens/studies/entity_relation.py): severed tracing equals
+the corrupted run when everything is frozen and the clean run when nothing is corrupted, its batched rows agree
+with one-row forwards, and the study's averages carry intervals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from knlens import tiny_model
+from knlens.core.errors import TracingSettingError
+from knlens.methods.tracing.corruption import Corruption
+from knlens.methods.tracing.severed import severed_restore, severed_trace
+from knlens.methods.tracing.trace import restore, trace
+
+PROMPT, TARGET, SUBJECT = "the capital city of france is", " paris", "france"
+L = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Four blocks: with two, a frozen output above the restored layer could reach the last token through no block."""
+    return tiny_model("llama", n_layers=L)
+
+
+def test_everything_frozen_gives_the_corrupted_run(model):
+    n = len(model.to_tokens(PROMPT)[0])
+    frozen = {k: torch.ones(L, n, dtype=torch.bool) for k in ("mlp", "attn")}
+    for corrupt, t in (("subject", 5), ("relation", 2)):
+        at = torch.zeros(L, n, dtype=torch.bool)
+        at[0, t] = True  # a clean state before the last token, all paths after it frozen
+        p_corr = restore(model, PROMPT, TARGET, subject=SUBJECT, corrupt=corrupt)
+        got = severed_restore(model, PROMPT, TARGET, subject=SUBJECT, corrupt=corrupt, restored=at, frozen=frozen)
+        assert got == pytest.approx(p_corr, abs=1e-8)
+        alone = severed_restore(model, PROMPT, TARGET, subject=SUBJECT, corrupt=corrupt, restored=at)
+        assert alone == pytest.approx(restore(model, PROMPT, TARGET, subject=SUBJECT, corrupt=corrupt,
+                                              restored={"resid": at}), abs=1e-6)
+        assert abs(alone - p_corr) > 1e-5, "the restored state matters when nothing is frozen"
+
+
+def test_nothing_corrupted_gives_the_clean_run(model):
+    same = Corruption("substitute", other=SUBJECT)  # the subject written over itself: the clean run
+    s = severed_trace(model, PROMPT, TARGET, subject=SUBJECT, corruption=same, known_only=False)
+    assert s.p_corrupted == pytest.approx(s.p_clean, abs=1e-6)
+    for sever in ("none", "mlp", "attn"):
+        assert torch.allclose(s.effects[sever], torch.zeros(L), atol=1e-6)
+
+
+def test_severed_rows_agree_with_one_forward_each(model):
+    s = severed_trace(model, PROMPT, TARGET, subject=SUBJECT, samples=3, known_only=False, batch_size=64)
+    assert s.settings["engine"] == "batched" and s.token == 5
+    plain = trace(model, PROMPT, TARGET, subject=SUBJECT, samples=3, kinds=("resid",), known_only=False)
+    assert torch.allclose(s.effects["none"], plain.effects["resid"][:, 5], atol=1e-6)
+    n = len(model.to_tokens(PROMPT)[0])
+    for sever in ("mlp", "attn"):
+        for layer in range(L):
+            at = torch.zeros(L, n, dtype=torch.bool)
+            at[layer, 5] = True
+            fr = torch.zeros(L, n, dtype=torch.bool)
+            fr[layer + 1:, 5] = True
+            p = severed_restore(model, PROMPT, TARGET, subject=SUBJECT, restored=at, frozen={sever: fr},
+                                corruption=Corruption(samples=3))
+            assert float(s.effects[sever][layer]) == pytest.approx(p - s.p_corrupted, abs=1e-6)
+    assert float(s.effects["mlp"][0]) != pytest.approx(float(s.effects["none"][0]), abs=1e-6)
+    assert len(s.to_frame()) == 3 * L
+
+
+def test_bad_severs(model):
+    with pytest.raises(TracingSettingError, match="unknown sever"):
+        severed_trace(model, PROMPT, TARGET, subject=SUBJECT, severs=("resid",), known_only=False)
+    with pytest.raises(TracingSettingError, match="only 'mlp' and 'attn'"):
+        severed_restore(model, PROMPT, TARGET, subject=SUBJECT, frozen={"resid": torch.ones(L, 7, dtype=bool)})
