@@ -4,11 +4,12 @@ with one-row forwards, and the study's averages carry intervals."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
-from knlens import tiny_model
-from knlens.core.errors import TracingSettingError
+from knlens import Fact, tiny_model
+from knlens.core.errors import InsufficientDataError, TracingSettingError
 from knlens.methods.tracing.corruption import Corruption
 from knlens.methods.tracing.severed import severed_restore, severed_trace
 from knlens.methods.tracing.trace import restore, trace
@@ -70,3 +71,27 @@ def test_bad_severs(model):
         severed_trace(model, PROMPT, TARGET, subject=SUBJECT, severs=("resid",), known_only=False)
     with pytest.raises(TracingSettingError, match="only 'mlp' and 'attn'"):
         severed_restore(model, PROMPT, TARGET, subject=SUBJECT, frozen={"resid": torch.ones(L, 7, dtype=bool)})
+
+
+def test_study_tables_from_traced_facts(model):
+    from knlens.studies.entity_relation import summarise, trace_fact
+
+    facts = [Fact(["the capital city of france is"], " paris", subject="france", name="a"),
+             Fact(["the official language of spain is"], " spanish", subject="spain", name="b")]
+    parts = [trace_fact(model, f, samples=2, known_only=False) for f in facts]
+    groups, severed, totals = (pd.concat(p) for p in zip(*parts))
+    tables = summarise(groups, severed, totals)
+    g = tables["groups"]
+    assert set(g.corruption) == {"subject", "relation"} and (g.n == 2).all()
+    row = g[(g.corruption == "subject") & (g.kind == "mlp") & (g.group == "last") & (g.layer == 3)].iloc[0]
+    per_fact = groups[(groups.corruption == "subject") & (groups.kind == "mlp") & (groups.group == "last")
+                      & (groups.layer == 3)].effect
+    assert row.effect == pytest.approx(per_fact.mean()) and row.ci_low <= row.effect <= row.ci_high
+    a = tables["attn_vs_mlp"]
+    assert ((a["attn - mlp"] - (a["attn peak"] - a["mlp peak"])).abs() < 1e-9).all() and a.p.between(0, 1).all()
+    s = tables["severed_summary"]
+    assert len(s) == 4 and (s.n == 2).all()
+    assert s["drop mlp"].tolist() == pytest.approx((s["mean effect"] - s["mlp severed"]).tolist())
+    assert len(tables["total"]) == 2
+    with pytest.raises(InsufficientDataError):
+        summarise(pd.DataFrame(), severed, totals)

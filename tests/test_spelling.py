@@ -138,3 +138,19 @@ def test_breakthrough_rule():
     names = ["embedding", "layer 0", "layer 1", "layer 2", "layer 3"]
     b = breakthrough(probe_table(flat, words, [1], names))
     assert b["layer"] == "layer 2" == b["largest_jump"] and b["best"] > 0.9 > 0.3 > b["embedding"]
+
+
+def test_study_on_given_words(speller):
+    from knlens.studies.spelling_study import TABLES, SpellingSettings, spelling_study
+    from knlens.viz.spelling_page import render_markdown
+
+    settings = SpellingSettings(model="tiny-speller", given=("house", "plant", "river", "stone", "zebra"),
+                                shots=("apple",), neuron_words=2, steps=2, top=5)
+    r = spelling_study(speller, settings)
+    assert set(r.tables) == set(TABLES)
+    assert r.tables["counts"].iloc[0][["sampled", "read", "skipped"]].tolist() == [5, 4, 1]
+    assert r.tables["accuracy"]["words"].tolist() == [4] * 5
+    assert any("no probes" in n and "at least 4 examples" in n for n in r.notes)  # 4 words cannot train a probe
+    assert r.tables["attention"].shape == (2 * 5, 3)
+    page = render_markdown(r)
+    assert "Spelling" in page and "no probes" in page

@@ -5,6 +5,8 @@
     knlens study syntax --page benchmarks/SYNTAX.md
     knlens study multilingual --page benchmarks/MULTILINGUAL.md --out ml-out   # Gemma-3-270M by default
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
+    knlens study spelling --page benchmarks/SPELLING.md
+    knlens study entity-relation --page benchmarks/ENTITY_RELATION.md
 
 Every study's settings dataclass is its options: each field ``some_name`` is ``--some-name`` with the field's
 default (tuples take several values); ``--model`` defaults to the settings' model.
@@ -26,11 +28,14 @@ from knlens.cli.common import add_common_options, load_model, output_dir, say, t
 from knlens.core.errors import OutputError
 from knlens.studies.editing_cases import EditingSettings
 from knlens.studies.editing_study import editing_study
+from knlens.studies.entity_relation import EntityRelationStudySettings, entity_relation_study
 from knlens.studies.multilingual_facts import MultilingualSettings
 from knlens.studies.multilingual_study import multilingual_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
+from knlens.studies.spelling_study import SpellingSettings, spelling_study
 from knlens.studies.syntax_study import SyntaxSettings, syntax_study
 from knlens.viz import editing_page, multilingual_page, query_localization_page, syntax_page
+from knlens.viz import entity_relation_page, spelling_page
 from knlens.viz.language_page import write_language_html
 
 __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
@@ -109,6 +114,24 @@ STUDIES: dict[str, StudySpec] = {
         lambda result: {} if result.neurons is None else {
             "languages.html": lambda p: write_language_html(result.neurons, p, result.tables["likn_effects"],
                                                             title="knlens study multilingual: neurons per language")}),
+    "spelling": StudySpec(
+        SpellingSettings, spelling_study, spelling_page.render_markdown,
+        "Spelling-out (Hiraoka & Inui): per-layer probes of each character of a token (with a control task), the "
+        "breakthrough layer, the model's few-shot spelling, attention to the source token and character neurons.",
+        {"words": "spellable tokens sampled from the vocabulary", "given": "words to spell instead of a sample",
+         "n_chars": "characters probed per word", "min_chars": "a spellable token has at least this many letters",
+         "shots": "the few-shot examples", "test_share": "share of the words held out for testing",
+         "min_per_class": "a letter needs this many words to be probed", "neuron_words": "words per character "
+         "attributed by integrated gradients (0: none)", "steps": "Gauss-Legendre nodes of integrated gradients",
+         "top": "a word's top neurons", "budget_minutes": "stop starting new work that would overrun this",
+         "seed": "seed of the word sample and the splits"}),
+    "entity-relation": StudySpec(
+        EntityRelationStudySettings, entity_relation_study, entity_relation_page.render_markdown,
+        "Entity versus relation (Wei et al., Meng et al.) on ParaRel: causal tracing with the subject or the relation "
+        "tokens corrupted, averaged by token group with intervals, and tracing with the MLP or attention path severed.",
+        {"relations": "ParaRel relations", "candidates": "facts read per relation before the known filter",
+         "max_facts": "facts traced at most", "samples": "noise samples per trace",
+         "budget_minutes": "stop starting new facts when the next would overrun this", "seed": "seed of the fact sample"}),
 }
 
 

@@ -1,8 +1,7 @@
-"""Causal tracing with a path severed (Meng et al., 2022, their modified computation graph; docs/methods.md, causal
-tracing): restore one clean residual state ``(layer l, token t)`` in the corrupted run while the MLP (or the
-attention) outputs at token ``t`` in the layers above ``l`` stay frozen at their values in the corrupted run. What
-the restored state still does then goes around the severed path; the drop against the unsevered effect is what
-goes through it.
+"""Causal tracing with a path severed (Meng et al., 2022; docs/methods.md, severed paths): restore one clean
+residual state ``(layer l, token t)`` in the corrupted run while the MLP (or the attention) outputs at token ``t`` in
+the layers above ``l`` stay frozen at their values in the corrupted run. What the restored state still does then
+goes around the severed path; the drop against the unsevered effect is what goes through it.
 
 :func:`severed_restore` is the general instrument: any set of clean residual states restored and any set of MLP /
 attention outputs frozen (from the corrupted run, per noise sample). :func:`severed_trace` runs every layer at one
