@@ -7,7 +7,9 @@ goes around the severed path; the drop against the unsevered effect is what goes
 attention outputs frozen (from the corrupted run, per noise sample). :func:`severed_trace` runs every layer at one
 token for the three graphs (``"none"``, ``"mlp"``, ``"attn"`` severed) as rows of batched forwards, and checks
 two rows against plain forwards first (restoring nothing must give P_corrupted, restoring the last layer's
-residual at the read-out position P_clean); rows that disagree are run one forward each instead, with a warning.
+residual at the read-out position P_clean); when they disagree every row is rerun as one plain forward, with a
+warning. The batched rows unembed the read-out position only (the forward stops at the final norm): the logits of
+every position would cost more than the blocks.
 
 >>> from knlens import load_model
 >>> model = load_model("tiny-llama")
@@ -34,7 +36,7 @@ from knlens.methods.tracing.setup import (KIND_POINTS, TraceSetup, as_corruption
                                           require_known, resolve_prompt, restore_hooks, run_rows)
 from knlens.run.engine import Quantity, chunks, forward, read_quantity
 from knlens.run.hooks import Hook, capture, hook_name
-from knlens.run.staircase import disagreement
+from knlens.run.staircase import disagreement, model_tail
 
 __all__ = ["SEVERS", "Severed", "severed_restore", "severed_trace"]
 
@@ -60,10 +62,37 @@ def _freeze(values: Float[Tensor, "sample pos d"], mask: Bool[Tensor, "rows pos"
     return hook
 
 
+class _Stop(Exception):
+    """Ends a forward at the final norm (only the read-out position is unembedded)."""
+
+
+def _read_logits(model: Any, tokens: Tensor, hooks: list[Hook], position: int, tail: bool) -> Tensor:
+    """Logits at ``position``: with ``tail``, the final norm and unembedding of that position only (a
+    pre-hook on ``ln_final`` stops the forward there), else a plain whole-prompt forward's."""
+    final = model_tail(model) if tail else None
+    if final is None:
+        return forward(model, tokens, hooks)[:, position]
+    seen: list[Tensor] = []
+
+    def stop(module: Any, args: tuple) -> None:
+        seen.append(args[0][:, position])
+        raise _Stop
+    handle = model.ln_final.register_forward_pre_hook(stop)
+    try:
+        forward(model, tokens, hooks)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return final(seen[0][:, None])[:, 0]
+
+
 def _rows(model: Any, setup: TraceSetup, restored: Bool[Tensor, "rows layer pos"],
           frozen: Mapping[str, Bool[Tensor, "rows layer pos"]], clean: Mapping[str, Tensor],
-          corrupted: Mapping[str, Tensor], quantity: Quantity, batch_size: int) -> Float[Tensor, "rows"]:
-    """P of each row (its restored residual states and frozen outputs), averaged over the noise samples."""
+          corrupted: Mapping[str, Tensor], quantity: Quantity, batch_size: int, tail: bool = True
+          ) -> Float[Tensor, "rows"]:
+    """P of each row (its restored residual states and frozen outputs), averaged over the noise samples;
+    ``tail`` unembeds the read-out position only (checked by :func:`severed_trace`)."""
     k, n_layers = setup.corruption.samples, model.cfg.n_layers
     out = []
     for s in chunks(restored.shape[0], max(1, batch_size // k)):
@@ -75,7 +104,7 @@ def _rows(model: Any, setup: TraceSetup, restored: Bool[Tensor, "rows layer pos"
             rep = m[s].repeat_interleave(k, 0)
             hooks += [(hook_name(l, KIND_POINTS[kind]), _freeze(corrupted[kind][:, l], rep[:, l], sample))
                       for l in range(n_layers) if bool(rep[:, l].any())]
-        logits = forward(model, setup.tokens.expand(rows * k, -1), hooks)[:, setup.position]
+        logits = _read_logits(model, setup.tokens.expand(rows * k, -1), hooks, setup.position, tail)
         p = read_quantity(logits, torch.full((rows * k,), setup.target, device=logits.device), quantity).cpu()
         out.append(p.view(rows, k).mean(1))
     return torch.cat(out)
@@ -113,7 +142,7 @@ def severed_restore(model: Any, fact_or_prompt: Any, target: str | None = None, 
     clean = clean_cache(model, setup, ["resid"])[1]
     corrupted = _corrupted_states(model, setup, list(frozen))
     return float(_rows(model, setup, restored[None], {k: m.bool()[None] for k, m in frozen.items()}, clean,
-                       corrupted, quantity, 1)[0])
+                       corrupted, quantity, 1, tail=False)[0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,7 +205,7 @@ def severed_trace(model: Any, fact_or_prompt: Any, target: str | None = None, *,
         engine, note = "reference", f"batched -> reference: {why}"
         warnings.warn(f"severed tracing: batched rows disagree with plain forwards ({why}); running one forward per "
                       f"row instead", EngineFallbackWarning, stacklevel=2)
-        p = _rows(model, setup, restored, frozen, clean, corrupted, quantity, 1)
+        p = _rows(model, setup, restored, frozen, clean, corrupted, quantity, 1, tail=False)
     effects = {s: torch.tensor([float(p[r]) - p_corr for r, (s2, _) in enumerate(cells) if s2 == s]) for s in severs}
     settings = {"model": getattr(model.cfg, "model_name", "?"), "corrupt": corrupt if isinstance(corrupt, str)
                 else "positions", "corruption": corruption.describe(model), "token": t, "quantity": quantity,
