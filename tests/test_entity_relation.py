@@ -95,3 +95,9 @@ def test_study_tables_from_traced_facts(model):
     assert len(tables["total"]) == 2
     with pytest.raises(InsufficientDataError):
         summarise(pd.DataFrame(), severed, totals)
+    from knlens.studies.entity_relation import EntityRelationStudy, EntityRelationStudySettings
+    from knlens.viz.entity_relation_page import render_markdown
+
+    counts = pd.DataFrame([{"relation": "P36", "read": 2, "subject in prompt": 2, "known": 2, "traced": 2}])
+    page = render_markdown(EntityRelationStudy(EntityRelationStudySettings(), {**tables, "counts": counts}))
+    assert "## Severed paths" in page and "2 traced of 2 known of 2 read" in page
