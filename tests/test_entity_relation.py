@@ -101,3 +101,11 @@ def test_study_tables_from_traced_facts(model):
     counts = pd.DataFrame([{"relation": "P36", "read": 2, "subject in prompt": 2, "known": 2, "traced": 2}])
     page = render_markdown(EntityRelationStudy(EntityRelationStudySettings(), {**tables, "counts": counts}))
     assert "## Severed paths" in page and "2 traced of 2 known of 2 read" in page
+
+
+def test_cli_bad_settings_are_one_error_line(capsys):
+    from knlens.cli import main
+
+    assert main(["study", "entity-relation", "--model", "tiny-llama", "--quiet", "--samples", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "samples must be at least 1" in err[0]

@@ -154,3 +154,14 @@ def test_study_on_given_words(speller):
     assert r.tables["attention"].shape == (2 * 5, 3)
     page = render_markdown(r)
     assert "Spelling" in page and "no probes" in page
+
+
+def test_cli_bad_input_is_one_error_line(capsys):
+    from knlens.cli import main
+
+    assert main(["study", "spelling", "--model", "tiny-llama", "--quiet", "--words", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no spellable token" in err[0]
+    assert main(["study", "spelling", "--model", "tiny-llama", "--quiet", "--n-chars", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "n_chars" in err[0]
