@@ -187,7 +187,7 @@ def spelling_study(model: Any, settings: SpellingSettings = SpellingSettings(), 
         if not s.neuron_words:
             break
         right = [w for w, c in zip(reads.words, reads.correct[:, k].tolist()) if c][:s.neuron_words]
-        if per_fact is not None and time.time() - t0 + per_fact * len(right) > budget:
+        if time.time() - t0 + (per_fact or 0.0) * len(right) > budget:
             notes.append(f"character neurons stopped before character {k + 1}: the budget of {s.budget_minutes} min "
                          "would be overrun")
             break
