@@ -78,7 +78,7 @@ def test_study_tables_from_traced_facts(model):
 
     facts = [Fact(["the capital city of france is"], " paris", subject="france", name="a"),
              Fact(["the official language of spain is"], " spanish", subject="spain", name="b")]
-    parts = [trace_fact(model, f, samples=2, known_only=False) for f in facts]
+    parts = [trace_fact(model, f, samples=1, known_only=False) for f in facts]
     groups, severed, totals = (pd.concat(p) for p in zip(*parts))
     tables = summarise(groups, severed, totals)
     g = tables["groups"]
@@ -109,3 +109,18 @@ def test_cli_bad_settings_are_one_error_line(capsys):
     assert main(["study", "entity-relation", "--model", "tiny-llama", "--quiet", "--samples", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "samples must be at least 1" in err[0]
+
+
+def test_no_known_fact_is_one_error_line(capsys):
+    """The tiny model knows no ParaRel fact (its vocabulary lacks them): one line, exit 2."""
+    from pathlib import Path
+
+    from knlens.cli import main
+    from knlens.data.pararel import default_data_dir
+
+    if not Path(default_data_dir()).exists():
+        pytest.skip("ParaRel data not found beside the repository")
+    assert main(["study", "entity-relation", "--model", "tiny-llama", "--quiet", "--relations", "P36",
+                 "--candidates", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")

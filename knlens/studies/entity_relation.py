@@ -194,8 +194,10 @@ def entity_relation_study(model: Any, settings: EntityRelationStudySettings = En
         say(f"traced {fact.name} ({spent[-1]:.0f}s)")
     for c in counts:
         c["traced"] = traced.get(c["relation"], 0)
-    tables = summarise(pd.concat(groups) if groups else pd.DataFrame(), pd.concat(severed) if severed else None,
-                       pd.concat(totals) if totals else None)
+    if not groups:
+        raise InsufficientDataError("no fact was traced: none of the read facts is known on its first template "
+                                    f"({', '.join(settings.relations)}); read more with candidates or other relations")
+    tables = summarise(pd.concat(groups), pd.concat(severed), pd.concat(totals))
     tables["counts"] = pd.DataFrame(counts)
     timings = {"known filter": t_filter, "tracing": float(np.sum(spent)), "total": time.time() - t0}
     return EntityRelationStudy(settings, tables, timings, environment())
