@@ -43,7 +43,7 @@ class EntityRelationStudySettings:
     """Sizes of the study (defaults: the run of ``benchmarks/ENTITY_RELATION.md``)."""
 
     model: str = "smollm2-135m"
-    relations: tuple[str, ...] = ("P36", "P1376", "P103", "P37", "P19", "P140")
+    relations: tuple[str, ...] = ("P36", "P1376", "P30", "P140", "P407", "P1412")
     candidates: int = 40  # facts read per relation before the known filter
     max_facts: int = 40  # facts traced at most
     samples: int = 3  # noise draws per trace (Meng et al.: 10)
