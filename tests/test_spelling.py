@@ -138,6 +138,9 @@ def test_breakthrough_rule():
     names = ["embedding", "layer 0", "layer 1", "layer 2", "layer 3"]
     b = breakthrough(probe_table(flat, words, [1], names))
     assert b["layer"] == "layer 2" == b["largest_jump"] and b["best"] > 0.9 > 0.3 > b["embedding"]
+    assert b["clear"] and 0 <= b["noise"] < 0.1
+    flat = breakthrough(probe_table(np.repeat(features[:, :1], 4, axis=1), words, [1], names[:4]))
+    assert not flat["clear"] and flat["rise"] < flat["noise"], "no signal anywhere: no breakthrough"
 
 
 def test_study_on_given_words(speller):

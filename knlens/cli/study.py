@@ -131,6 +131,7 @@ STUDIES: dict[str, StudySpec] = {
         "tokens corrupted, averaged by token group with intervals, and tracing with the MLP or attention path severed.",
         {"relations": "ParaRel relations", "candidates": "facts read per relation before the known filter",
          "max_facts": "facts traced at most", "samples": "noise samples per trace",
+         "sever_at": "tokens where the MLP/attention paths are severed: 'last corrupted', 'last'",
          "budget_minutes": "stop starting new facts when the next would overrun this", "seed": "seed of the fact sample"}),
 }
 

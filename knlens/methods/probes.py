@@ -106,6 +106,9 @@ def breakthrough(table: pd.DataFrame) -> dict[str, Any]:
     """The "breakthrough" of the probes for characters beyond the first (``k >= 1``): their mean accuracy per
     feature; the first feature whose mean reaches halfway from the embedding's to the best feature's
     (``layer``, the rule), and the feature after the largest rise from the one before (``largest_jump``).
+    ``clear`` says whether the rise (best − embedding) exceeds ``noise``, two binomial standard errors of the best
+    feature's mean accuracy (from the test sizes, when the table has ``n_test``); without it there is no
+    breakthrough to speak of.
 
     >>> import pandas as pd
     >>> t = pd.DataFrame({"feature": ["embedding", "layer 0", "layer 1", "layer 2"] * 2, "feature_index": [0, 1, 2, 3] * 2,
@@ -122,7 +125,11 @@ def breakthrough(table: pd.DataFrame) -> dict[str, Any]:
     half = acc[0] + (acc.max() - acc[0]) / 2
     first = int(np.argmax(acc >= half)) if acc.max() > acc[0] else 0
     jump = int(np.argmax(np.diff(acc))) + 1 if len(acc) > 1 else 0
-    return {"layer": names[first], "largest_jump": names[jump], "jump": float(acc[jump] - acc[jump - 1]) if jump else 0.0,
+    best = mean.iloc[int(acc.argmax())]
+    n_test = later[later.feature_index == best.feature_index]["n_test"] if "n_test" in later else pd.Series(dtype=float)
+    noise = float(2 * np.sqrt((acc.max() * (1 - acc.max()) / n_test).sum()) / len(n_test)) if len(n_test) else np.nan
+    return {"layer": names[first], "rise": float(acc.max() - acc[0]), "noise": noise,
+            "clear": bool(acc.max() - acc[0] > noise), "largest_jump": names[jump], "jump": float(acc[jump] - acc[jump - 1]) if jump else 0.0,
             "embedding": float(acc[0]), "best": float(acc.max()), "best_feature": names[int(acc.argmax())],
             "rule": "first feature whose mean accuracy over characters k >= 2 (1-based) reaches halfway from the "
                     "embedding's to the best feature's"}

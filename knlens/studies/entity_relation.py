@@ -6,7 +6,8 @@ For each relation, ``candidates`` facts are read (their first object-last templa
 answer on that prompt is the object are kept (:func:`~knlens.methods.known.known_facts`), and facts are taken
 round robin over the relations until ``max_facts`` or the budget. Each fact is traced twice (subject, relation
 corruption by :func:`~knlens.studies.query_localization.entity_vs_relation`; ``samples`` noise draws, Meng et
-al.'s windows) and severed at the last corrupted token and at the last token under each corruption.
+al.'s windows) and severed at the last corrupted token and (or) at the last token under each corruption
+(``sever_at``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = ["EntityRelationStudySettings", "EntityRelationStudy", "entity_relatio
            "CORRUPTIONS", "TABLES"]
 
 CORRUPTIONS = ("subject", "relation")
+SEVER_TOKENS = {"last corrupted": None, "last": -1}  # where to sever: the last corrupted token, the last token
 TABLES = ("counts", "total", "groups", "peaks", "attn_vs_mlp", "severed", "severed_summary")
 
 
@@ -47,6 +49,7 @@ class EntityRelationStudySettings:
     candidates: int = 40  # facts read per relation before the known filter
     max_facts: int = 40  # facts traced at most
     samples: int = 3  # noise draws per trace (Meng et al.: 10)
+    sever_at: tuple[str, ...] = ("last corrupted", "last")  # tokens where the paths are severed
     budget_minutes: float = 12.0  # stop starting new facts when the next would overrun this
     seed: int = 0
 
@@ -55,6 +58,9 @@ class EntityRelationStudySettings:
             raise SettingsError("give at least one ParaRel relation")
         if min(self.candidates, self.max_facts, self.samples) < 1 or self.budget_minutes <= 0:
             raise SettingsError("candidates, max_facts and samples must be at least 1, budget_minutes positive")
+        bad = sorted(set(self.sever_at) - set(SEVER_TOKENS))
+        if bad or not self.sever_at:
+            raise SettingsError(f"sever_at takes some of {list(SEVER_TOKENS)}, got {list(self.sever_at)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,7 +96,8 @@ class EntityRelationStudy(Result):
         return fig
 
 
-def trace_fact(model: Any, fact: Fact, *, samples: int = 3, known_only: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def trace_fact(model: Any, fact: Fact, *, samples: int = 3, known_only: bool = True,
+               sever_at: tuple[str, ...] = tuple(SEVER_TOKENS)) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """One fact's rows: group effects (``corruption, kind, group, layer, effect``), severed effects
     (``corruption, token, sever, layer, effect``) and total effects (``corruption, p_clean, p_corrupted``)."""
     groups, severed, totals = [], [], []
@@ -99,7 +106,8 @@ def trace_fact(model: Any, fact: Fact, *, samples: int = 3, known_only: bool = T
         f = t.to_frame().groupby(["kind", "group", "layer"], as_index=False)["indirect_effect"].mean()
         groups.append(f.rename(columns={"indirect_effect": "effect"}).assign(corruption=corrupt))
         totals.append({"corruption": corrupt, "p_clean": t.p_clean, "p_corrupted": t.p_corrupted})
-        for where, token in (("last corrupted", None), ("last", -1)):
+        for where in sever_at:
+            token = SEVER_TOKENS[where]
             s = severed_trace(model, fact, corrupt=corrupt, token=token, samples=samples, known_only=known_only)
             severed.append(s.to_frame().assign(corruption=corrupt, token=where))
     name = fact.name or fact.prompts[0]
@@ -156,7 +164,7 @@ def summarise(groups: pd.DataFrame, severed: pd.DataFrame, totals: pd.DataFrame)
 def _candidates(settings: EntityRelationStudySettings, data_dir: Any) -> tuple[list[list[Fact]], list[dict[str, Any]]]:
     per_relation, counts = [], []
     for rel in settings.relations:
-        facts = load_pararel(rel, data_dir, max_facts=settings.candidates, seed=settings.seed)
+        facts = load_pararel(rel, data_dir, max_facts=settings.candidates, seed=settings.seed, min_paraphrases=1)
         first = [Fact([f.prompts[0]], f.target, subject=f.subject, relation=f.relation, name=f.name) for f in facts
                  if f.subject and f.subject in f.prompts[0]]
         per_relation.append(first)
@@ -185,7 +193,7 @@ def entity_relation_study(model: Any, settings: EntityRelationStudySettings = En
             say(f"budget: stopping after {len(spent)} facts")
             break
         t1 = time.time()
-        g, s, tot = trace_fact(model, fact, samples=settings.samples)
+        g, s, tot = trace_fact(model, fact, samples=settings.samples, sever_at=settings.sever_at)
         groups.append(g)
         severed.append(s)
         totals.append(tot)

@@ -52,7 +52,10 @@ def _headline(r: SpellingStudy) -> list[str]:
                       for k in best.index) + ".")
     if len(t["breakthrough"]):
         b = t["breakthrough"].iloc[0]
-        lines.append(f"- **Breakthrough** ({b['rule']}): **{b['layer']}**; mean accuracy of characters ≥ 2 goes from "
+        verdict = (f"**{b['layer']}**" if b["clear"] else
+                   f"**none clear**: the rise ({b['rise']:+.2f}) is within two standard errors ({b['noise']:.2f}) of "
+                   f"the test accuracy, so the rule's answer ({b['layer']}) is noise")
+        lines.append(f"- **Breakthrough** ({b['rule']}): {verdict}; mean accuracy of characters ≥ 2 goes from "
                      f"{b['embedding']:.2f} (embedding) to {b['best']:.2f} ({b['best_feature']}); the largest single "
                      f"rise is {b['jump']:+.2f} at {b['largest_jump']}.")
     att = t["attention"]
@@ -61,6 +64,14 @@ def _headline(r: SpellingStudy) -> list[str]:
         lines.append("- **Attention** from the step emitting each character to the source token peaks at " + ", ".join(
             f"char {int(x.k) + 1}: layer {int(x.layer)} ({x['attention to the source']:.2f})" for _, x in peak.iterrows())
             + " (mean over heads and words).")
+    n = t["neurons"]
+    if len(n):
+        ks = n.groupby("neuron")["k"].nunique()
+        shared = sorted(ks[ks > 1].index)
+        lines.append(f"- **Character neurons**: top neurons of {n.k.nunique()} character indices; "
+                     + (f"{', '.join(shared)} rank among the top 5 of several characters (shared across "
+                        "characters, so not specific to one)" if shared else
+                        "no neuron is among the top 5 of two characters") + ".")
     return lines + [f"- Note: {n}" for n in r.notes]
 
 
@@ -103,10 +114,11 @@ def render_markdown(r: SpellingStudy) -> str:
         f"Integrated gradients ({s.steps} Gauss–Legendre nodes, P(character) as target, `hook_post`) on up to "
         f"{s.neuron_words} words per character index that the model spells right there. Top 5 neurons by mean score, "
         f"with the share of words holding each in their own top {s.top}:", "",
-        markdown_table(t["neurons"]) if len(t["neurons"]) else "(none)", "",
+        markdown_table(t["neurons"].assign(k=t["neurons"].k + 1).rename(columns={"k": "character"}))
+        if len(t["neurons"]) else "(none)", "",
         "Share of the positive attribution per layer, by character (mean over words):", "",
-        (markdown_table(t["neuron_layers"].pivot_table(index="layer", columns="k",
-                                                        values="share of positive attribution").reset_index())
+        (markdown_table(t["neuron_layers"].assign(k=(t["neuron_layers"].k + 1).map("char {}".format)).pivot_table(
+            index="layer", columns="k", values="share of positive attribution").reset_index())
          if len(t["neuron_layers"]) else "(none)"), "",
         "## Counts", "", markdown_table(t["counts"]), "",
         "## The papers' claims beside ours", "", *PAPERS, "",
