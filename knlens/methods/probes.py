@@ -107,8 +107,8 @@ def breakthrough(table: pd.DataFrame) -> dict[str, Any]:
     feature; the first feature whose mean reaches halfway from the embedding's to the best feature's
     (``layer``, the rule), and the feature after the largest rise from the one before (``largest_jump``).
     ``clear`` says whether the rise (best − embedding) exceeds ``noise``, two binomial standard errors of the best
-    feature's mean accuracy (from the test sizes, when the table has ``n_test``); without it there is no
-    breakthrough to speak of.
+    feature's mean accuracy (from the test sizes, when the table has ``n_test``; else any rise counts); without it
+    there is no breakthrough to speak of.
 
     >>> import pandas as pd
     >>> t = pd.DataFrame({"feature": ["embedding", "layer 0", "layer 1", "layer 2"] * 2, "feature_index": [0, 1, 2, 3] * 2,
@@ -129,7 +129,8 @@ def breakthrough(table: pd.DataFrame) -> dict[str, Any]:
     n_test = later[later.feature_index == best.feature_index]["n_test"] if "n_test" in later else pd.Series(dtype=float)
     noise = float(2 * np.sqrt((acc.max() * (1 - acc.max()) / n_test).sum()) / len(n_test)) if len(n_test) else np.nan
     return {"layer": names[first], "rise": float(acc.max() - acc[0]), "noise": noise,
-            "clear": bool(acc.max() - acc[0] > noise), "largest_jump": names[jump], "jump": float(acc[jump] - acc[jump - 1]) if jump else 0.0,
+            "clear": bool(acc.max() - acc[0] > (noise if np.isfinite(noise) else 0.0)), "largest_jump": names[jump],
+            "jump": float(acc[jump] - acc[jump - 1]) if jump else 0.0,
             "embedding": float(acc[0]), "best": float(acc.max()), "best_feature": names[int(acc.argmax())],
             "rule": "first feature whose mean accuracy over characters k >= 2 (1-based) reaches halfway from the "
                     "embedding's to the best feature's"}

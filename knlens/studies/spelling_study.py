@@ -46,7 +46,7 @@ class SpellingSettings:
     """Sizes of the study (defaults: the run of ``benchmarks/SPELLING.md``)."""
 
     model: str = "smollm2-135m"
-    words: int = 1200  # spellable tokens sampled
+    words: int = 1000  # spellable tokens sampled
     given: tuple[str, ...] = ()  # words to spell instead of a sample of the vocabulary
     n_chars: int = 5  # characters read per word (k = 0 .. n_chars - 1)
     min_chars: int = MIN_CHARS
