@@ -17,7 +17,7 @@ PAPERS = [
     "- Wei et al., \"Does Knowledge Localization Hold True?\" (CIKM 2024) **[paper]**: relational knowledge is "
     "encoded largely in attention modules, not only in MLPs; their causal tracer corrupts subject tokens only (the "
     "relation-token corruption here is knlens' own).",
-    "- This repository, `benchmarks/EDITING.md` (same model): a rank-one edit keyed at the relation's last token "
+    "- This repository, [EDITING.md](EDITING.md) (same model): a rank-one edit keyed at the relation's last token "
     "(`rank-one-relation`, Wei et al.'s relation edit) against the same edit keyed at the subject (`rank-one`) — "
     "see its rank-one vs rank-one-relation comparison (reliability and the relation criterion); not redone here.",
 ]
