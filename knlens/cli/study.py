@@ -9,6 +9,8 @@
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
     knlens study degenerate --page benchmarks/DEGENERATE.md --out dkn-out
     knlens study recall --page benchmarks/RECALL.md --budget-minutes 12
+    knlens study spelling --page benchmarks/SPELLING.md
+    knlens study entity-relation --page benchmarks/ENTITY_RELATION.md
 
 Every study's settings dataclass is its options: each field ``some_name`` is ``--some-name`` with the field's
 default (tuples take several values); ``--model`` defaults to the settings' model.
@@ -31,15 +33,17 @@ from knlens.core.errors import OutputError
 from knlens.studies.degenerate_study import DegenerateStudySettings, degenerate_study
 from knlens.studies.editing_cases import EditingSettings
 from knlens.studies.editing_study import editing_study
+from knlens.studies.entity_relation import EntityRelationStudySettings, entity_relation_study
 from knlens.studies.multilingual_facts import MultilingualSettings
 from knlens.studies.multilingual_study import multilingual_study
 from knlens.studies.qrnca_study import QRNCAStudySettings, qrnca_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
 from knlens.studies.recall_study import RecallSettings, recall_study
+from knlens.studies.spelling_study import SpellingSettings, spelling_study
 from knlens.studies.syntax_study import SyntaxSettings, syntax_study
 from knlens.studies.two_stage_study import TwoStageStudySettings, two_stage_study
-from knlens.viz import (degenerate_page, editing_page, multilingual_page, qrnca_page, query_localization_page,
-                        recall_page, syntax_page, two_stage_page)
+from knlens.viz import (degenerate_page, editing_page, entity_relation_page, multilingual_page, qrnca_page,
+                        query_localization_page, recall_page, spelling_page, syntax_page, two_stage_page)
 from knlens.viz.language_page import write_language_html
 
 __all__ = ["add_parser", "run", "STUDIES", "StudySpec"]
@@ -168,6 +172,25 @@ STUDIES: dict[str, StudySpec] = {
          "bridge_tokens": "most tokens generated for the bridge in the chain of thought",
          "budget_minutes": "stop starting new questions when the next would overrun this many minutes",
          "seed": "seed of the question sample and the random sets"}),
+    "spelling": StudySpec(
+        SpellingSettings, spelling_study, spelling_page.render_markdown,
+        "Spelling-out (Hiraoka & Inui): per-layer probes of each character of a token (with a control task), the "
+        "breakthrough layer, the model's few-shot spelling, attention to the source token and character neurons.",
+        {"words": "spellable tokens sampled from the vocabulary", "given": "words to spell instead of a sample",
+         "n_chars": "characters probed per word", "min_chars": "a spellable token has at least this many letters",
+         "shots": "the few-shot examples", "test_share": "share of the words held out for testing",
+         "min_per_class": "a letter needs this many words to be probed", "neuron_words": "words per character "
+         "attributed by integrated gradients (0: none)", "steps": "Gauss-Legendre nodes of integrated gradients",
+         "top": "a word's top neurons", "budget_minutes": "stop starting new work that would overrun this",
+         "seed": "seed of the word sample and the splits"}),
+    "entity-relation": StudySpec(
+        EntityRelationStudySettings, entity_relation_study, entity_relation_page.render_markdown,
+        "Entity versus relation (Wei et al., Meng et al.) on ParaRel: causal tracing with the subject or the relation "
+        "tokens corrupted, averaged by token group with intervals, and tracing with the MLP or attention path severed.",
+        {"relations": "ParaRel relations", "candidates": "facts read per relation before the known filter",
+         "max_facts": "facts traced at most", "samples": "noise samples per trace",
+         "sever_at": "tokens where the MLP/attention paths are severed: 'last corrupted', 'last'",
+         "budget_minutes": "stop starting new facts when the next would overrun this", "seed": "seed of the fact sample"}),
 }
 
 

@@ -194,3 +194,8 @@ class ModalityError(KnlensError, NotImplementedError):
 class NoChainError(KnlensError, ValueError):
     """Relations that form no two-hop chain: no hand-written question template joins them, or no first-hop
     object is the subject of a second-hop fact (``knlens.data.two_hop.CHAINS`` lists the chains)."""
+
+
+class SpellingError(KnlensError, ValueError):
+    """A token that cannot be spelled out: too short, not lowercase letters, not one vocabulary entry, or a
+    spelling prompt whose characters are not single tokens of the model."""
