@@ -18,7 +18,7 @@ The localised regions are the (layer, neuron-bin) counts of every query's QRNCA 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,7 @@ class QRNCAStudySettings:
     top_v: int = 20
     threshold: float = 0.2
     common_share: float = 0.3
+    letters: tuple[str, ...] = LETTERS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,16 +123,22 @@ def _domain_set(scores: torch.Tensor, top_v: int, exclude: torch.Tensor | None, 
 
 
 def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(), *, data_dir: str | None = None,
-                say: Callable[[str], None] = lambda _: None) -> QRNCAStudy:
-    """Run the study on ``model`` (see the module) and return every table."""
+                facts: Sequence[Fact] | None = None, say: Callable[[str], None] = lambda _: None) -> QRNCAStudy:
+    """Run the study on ``model`` (see the module) and return every table. ``facts`` (with ``relation`` set) replace
+    the ParaRel facts and their known filter (e.g. hand-written facts a tiny test model can read); the option letters
+    are ``settings.letters``, each one token after a space."""
     s, t0, times = settings, time.time(), {}
-    check_letters(model)
+    check_letters(model, s.letters)
     counts, queries, cloze = [], [], []
     for rel in s.relations:
-        read = load_pararel(rel, data_dir=data_dir, max_facts=s.candidates, seed=s.seed)
-        known = known_facts(model, read, keep_prompts="correct", min_prompts=s.min_prompts)
+        if facts is None:
+            read = load_pararel(rel, data_dir=data_dir, max_facts=s.candidates, seed=s.seed)
+            known = known_facts(model, read, keep_prompts="correct", min_prompts=s.min_prompts)
+        else:
+            read = known = [f for f in facts if f.relation == rel]
         names = {f.name for f in known[:s.queries]}
-        mine = [q for q in multiple_choice(read, n_templates=s.n_templates, seed=s.seed) if q.name in names]
+        mine = [q for q in multiple_choice(read, n_templates=s.n_templates, seed=s.seed, letters=s.letters)
+                if q.name in names]
         queries += mine
         cloze += [Fact(f.prompts[:s.max_prompts], f.target, relation=rel, name=f.name) for f in known[:s.queries]]
         counts.append({"relation": rel, "read": len(read), "known": len(known), "queries": len(mine),
@@ -141,7 +148,7 @@ def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(),
         raise InsufficientDataError("fewer than 2 relations have a known fact: PCR needs unrelated queries")
     times["filter"] = time.time() - t0
     t = time.time()
-    acc = mc_accuracy(model, queries)
+    acc = mc_accuracy(model, queries, s.letters)
     times["mc accuracy"] = time.time() - t
     t = time.time()
     mc_facts = [f for q in queries for f in q.facts()]

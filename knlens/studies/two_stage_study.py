@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,13 +99,19 @@ def _suppress(model: Any, fact: Fact, sets: list[NeuronSet], n_random: int, seed
 
 
 def two_stage_study(model: Any, settings: TwoStageStudySettings = TwoStageStudySettings(), *,
-                    data_dir: str | None = None, say: Callable[[str], None] = lambda _: None) -> TwoStageStudy:
-    """Run the study on ``model`` (see the module) and return every table."""
+                    data_dir: str | None = None, facts: Sequence[Fact] | None = None,
+                    say: Callable[[str], None] = lambda _: None) -> TwoStageStudy:
+    """Run the study on ``model`` (see the module) and return every table. ``facts`` (with ``relation`` and
+    ``subject`` set) replace the ParaRel facts and their known filter (e.g. hand-written facts a tiny test model can
+    read); the single-token filter still applies."""
     s, t0, times = settings, time.time(), {}
     counts, pools = [], []
     for rel in s.relations:
-        read = load_pararel(rel, data_dir=data_dir, max_facts=s.candidates, seed=s.seed)
-        known = known_facts(model, read, keep_prompts="correct", min_prompts=s.min_prompts)
+        if facts is None:
+            read = load_pararel(rel, data_dir=data_dir, max_facts=s.candidates, seed=s.seed)
+            known = known_facts(model, read, keep_prompts="correct", min_prompts=s.min_prompts)
+        else:
+            read = known = [f for f in facts if f.relation == rel]
         single = [Fact(f.prompts[:s.max_prompts], f.target, f.subject, f.relation, f.name) for f in known
                   if is_single_token(model, f.target)]
         pools.append(single)
