@@ -144,7 +144,8 @@ STUDIES: dict[str, StudySpec] = {
          "min_prompts": "a fact is known when answered on at least this many paraphrases",
          "max_prompts": "cloze paraphrases attributed for KN", "steps": "integration steps (fixed grid)",
          "top_v": "neurons per query and per domain set", "threshold": "cluster: na > threshold x max",
-         "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles"},
+         "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles",
+         "letters": "the option letters (each a single token of the model, after a space)"},
         lambda result: {"regions.png": lambda p: save_figure(result.plot(), p)}),
     "twostage": StudySpec(
         TwoStageStudySettings, two_stage_study, two_stage_page.render_markdown,
