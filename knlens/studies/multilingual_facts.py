@@ -46,7 +46,7 @@ class MultilingualSettings:
     model: str = "gemma3-270m"
     relations: tuple[str, ...] = ("P30", "P1376")  # continent, capital of: known in most languages (methods.md)
     languages: tuple[str, ...] = ("en", "fr", "it", "pt", "de")
-    candidates: int = 160  # aligned facts read per relation before the known filter
+    candidates: int = 100  # aligned facts read per relation before the known filter
     max_prompts: int = 4  # prompts per language read by the known filter
     attribute_prompts: int = 2  # answered prompts per language attributed (the first ones)
     min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
