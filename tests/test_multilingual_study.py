@@ -32,6 +32,7 @@ def _no_model(*args, **kwargs):
     (["locate", "--languages", "en,fr", "--fact", "P99999:Q142"], "error: mParaRel (en) has no relation"),
     (["study", "multilingual", "--languages", "en"], "error: the multilingual study needs at least 2 languages"),
     (["study", "multilingual", "--held-out", "es"], "error: held_out language(s) ['es'] are not among"),
+    (["study", "multilingual", "--edit-languages", "es"], "error: edit_languages language(s) ['es'] are not among"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, start, capsys, monkeypatch):
     monkeypatch.setattr(knlens.core.models, "load_model", _no_model)
@@ -72,7 +73,8 @@ def test_the_language_grid_and_page():
 def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
     settings = MultilingualSettings(relations=("P30",), languages=("en", "es", "pt"), candidates=20, max_prompts=2,
                                     max_facts=2, attribution="ig", steps=1, n_random=1, n_resamples=2, held_out=("pt",),
-                                    degenerate_facts=1, degenerate_top=2, edit_facts=2, n_neighbours=1, memla_steps=1)
+                                    degenerate_facts=1, degenerate_top=2, edit_facts=2, edit_languages=("pt",), n_neighbours=1,
+                                    memla_steps=1)
     result = multilingual_study(gemma, settings)
     assert set(result.tables) == set(TABLES)
     f = result.tables["filters"].set_index("filter")["facts"]
@@ -81,7 +83,8 @@ def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
     assert set(result.tables["likn_sizes"].language) == {"en", "es", "pt"}
     assert set(result.tables["degenerate"].language) == {"en", "es", "pt"}
     m = result.tables["edit_matrix"]
-    assert set(m.editor) == {"kn-update", "memla"} and set(m.edit_language) == set(m.eval_language) == {"en", "es", "pt"}
+    assert set(m.editor) == {"kn-update", "memla"} and set(m.edit_language) == {"pt"}
+    assert set(m.eval_language) == {"en", "es", "pt"}
     assert (m.n_facts + m.n_skipped <= 2).all() and result.edits is not None
     assert set(result.tables["stability"].method) == {"intersection", "matrice (uniform)", "matrice (confidence)"}
     loaded = MultilingualStudy.load(result.save(tmp_path / "saved"))

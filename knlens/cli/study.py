@@ -117,6 +117,7 @@ STUDIES: dict[str, StudySpec] = {
          "degenerate_facts": "facts whose degenerate pairs are searched (0: none)",
          "degenerate_top": "degenerate pairs are drawn from this many top neurons",
          "edit_facts": "facts edited in every language (edit matrix)",
+         "edit_languages": "languages the facts are edited in (default: all); each edit is judged in every language",
          "n_neighbours": "other facts testing locality", "memla_steps": "MEMLA's most Adam steps",
          "seed": "seed of the fact sample and the random sets"},
         lambda result: {} if result.neurons is None else {

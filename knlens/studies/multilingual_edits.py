@@ -57,11 +57,12 @@ def edit_matrix_within(model: Any, facts: Sequence[MultilingualFact], neurons: L
     parts: list[EditMatrix] = []
     seconds: list[float] = []
     note = ""
-    for lang in s.languages:
+    edit_languages = s.edit_languages or s.languages
+    for lang in edit_languages:
         mean = sum(seconds) / len(seconds) if seconds else 0.0
         if time.time() + mean > deadline:
-            note = (f"edit languages {', '.join(s.languages[len(parts):])} left out: the budget ran out "
-                    f"(one edit language takes {mean:.0f} s)")
+            took = f"one edit language takes {mean:.0f} s" if seconds else "before the first edit language"
+            note = f"edit languages {', '.join(edit_languages[len(parts):])} left out: the budget ran out ({took})"
             break
         t = time.time()
         parts.append(cross_lingual_edits(model, chosen, neurons, edit_languages=[lang], n_neighbours=s.n_neighbours,

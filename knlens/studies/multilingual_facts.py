@@ -46,7 +46,7 @@ class MultilingualSettings:
     model: str = "gemma3-270m"
     relations: tuple[str, ...] = ("P30", "P1376")  # continent, capital of: known in most languages (methods.md)
     languages: tuple[str, ...] = ("en", "fr", "it", "pt", "de")
-    candidates: int = 160  # aligned facts read per relation before the known filter
+    candidates: int = 100  # aligned facts read per relation before the known filter
     max_prompts: int = 4  # prompts per language read by the known filter
     attribute_prompts: int = 2  # answered prompts per language attributed (the first ones)
     min_prompts: int = 1  # a fact is known in a language when answered on at least this many of them
@@ -66,6 +66,7 @@ class MultilingualSettings:
     degenerate_facts: int = 1  # facts whose degenerate pairs are searched in every language (0: none)
     degenerate_top: int = 20  # pairs are drawn from a language's top neurons by mean attribution
     edit_facts: int = 3  # facts edited in every language for the cross-lingual edit matrix
+    edit_languages: tuple[str, ...] = ()  # languages the facts are edited in, in turn (empty: all); judged in all
     n_neighbours: int = 3  # other facts whose prompts test locality in each evaluation language
     memla_steps: int = 60  # MEMLA's most Adam steps
     seed: int = 0
@@ -74,9 +75,10 @@ class MultilingualSettings:
         if len(set(self.languages)) < 2:
             raise SettingsError(f"the multilingual study needs at least 2 languages (3 to hold one out), "
                                 f"got {self.languages}")
-        unknown = sorted(set(self.held_out) - set(self.languages))
-        if unknown:
-            raise SettingsError(f"held_out language(s) {unknown} are not among the languages {self.languages}")
+        for name in ("held_out", "edit_languages"):
+            unknown = sorted(set(getattr(self, name)) - set(self.languages))
+            if unknown:
+                raise SettingsError(f"{name} language(s) {unknown} are not among the languages {self.languages}")
         if min(self.candidates, self.max_prompts, self.attribute_prompts, self.min_prompts, self.max_facts, self.n_random, self.edit_facts,
                self.memla_steps) < 1 or min(self.degenerate_facts, self.n_neighbours) < 0 or self.degenerate_top < 2:
             raise SettingsError("candidates, max_prompts, attribute_prompts, min_prompts, max_facts, n_random, edit_facts and memla_steps "

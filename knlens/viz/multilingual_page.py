@@ -68,7 +68,10 @@ def _headline(r: MultilingualStudy) -> list[str]:
     else:
         lines.append("- **Suppression**: no fact has a language-independent neuron: nothing to suppress.")
     st = t["stability"]
-    if len(st):
+    if len(st) and not (st.n_facts > 0).any():
+        lines.append(f"- **Stability over resampled queries**: not measured: none of the "
+                     f"{int(st.facts_not_resamplable.max())} facts has two answered prompts in every language.")
+    elif len(st):
         lines.append("- **Stability over resampled queries** (mean Jaccard of the sets selected on random halves of "
                      "each language's queries): " + ", ".join(f"{x.method} {x.stability:.2f} (mean size "
                                                               f"{x.mean_size:.3g})" for x in st.itertuples()) + ".")
