@@ -7,7 +7,7 @@ import pandas as pd
 
 from knlens.stats.intervals import bootstrap_ci
 from knlens.studies.degenerate_study import DegenerateStudy
-from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
+from knlens.viz.query_localization_page import generated_by, markdown_table, phase_minutes, versions_line
 
 __all__ = ["render_markdown", "robustness_summary"]
 
@@ -74,7 +74,7 @@ def _more_headline(r: DegenerateStudy) -> list[str]:
 def render_markdown(r: DegenerateStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
+    timing = phase_minutes(r.timings)
     methods = t["methods"]
     pers = methods[methods.method == "persistence"]
     share = float(pers["share_facts_with_dkn"].iloc[0]) if len(pers) else float("nan")

@@ -5,7 +5,7 @@ relation corruption, attention against MLP, severed paths, the papers' claims be
 from __future__ import annotations
 
 from knlens.studies.entity_relation import EntityRelationStudy
-from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
+from knlens.viz.query_localization_page import generated_by, markdown_table, phase_minutes, versions_line
 
 __all__ = ["render_markdown", "PAPERS"]
 
@@ -66,7 +66,7 @@ def _headline(r: EntityRelationStudy) -> list[str]:
 def render_markdown(r: EntityRelationStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
+    timing = phase_minutes(r.timings)
     g = t["groups"]
     coarse = g.assign(layers=(g.layer // 5 * 5).astype(str) + "–" + (g.layer // 5 * 5 + 4).astype(str))
     coarse = coarse.groupby(["corruption", "kind", "group", "layers"], sort=False, as_index=False)["effect"].mean()

@@ -11,7 +11,7 @@ import pandas as pd
 
 from knlens.studies.multilingual_edits import pivot_matrix
 from knlens.studies.multilingual_study import MultilingualStudy
-from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
+from knlens.viz.query_localization_page import generated_by, markdown_table, phase_minutes, versions_line
 
 __all__ = ["render_markdown", "PAPERS", "LIMITATIONS"]
 
@@ -101,7 +101,7 @@ def _headline(r: MultilingualStudy) -> list[str]:
 def render_markdown(r: MultilingualStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
+    timing = phase_minutes(r.timings)
     counts_cols = [c for c in ["relation", "language", "tuples", "templates_used", "templates_object_not_last",
                                "aligned", "kept", "tested", "known", "not_known", "multi_token_targets"]
                    if c in t["counts"]]

@@ -30,6 +30,15 @@ def generated_by(command: str) -> str:
             f"({platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores)")
 
 
+def phase_minutes(timings: dict[str, float]) -> str:
+    """A study page's minutes per phase (seconds in ``timings``; the ``total`` entry left out).
+
+    >>> phase_minutes({"filter": 90.0, "locate": 600.0, "total": 690.0})
+    'filter 1.5, locate 10.0'
+    """
+    return ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items() if k != "total")
+
+
 def versions_line(versions: dict[str, str]) -> str:
     """A study page's line of package versions.
 
@@ -195,7 +204,7 @@ LIMITATIONS = [
 def render_markdown(r: QueryLocalizationStudy) -> str:
     """The whole page (see the module)."""
     t, text = r.tables, _methods_text(r)
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
+    timing = phase_minutes(r.timings)
     lines = [
         "# Query localization on ParaRel — measured", "",
         f"{generated_by('knlens study query-localization')}; wall time "

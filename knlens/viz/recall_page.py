@@ -14,7 +14,7 @@ import pandas as pd
 from knlens.data.two_hop import CHAINS
 from knlens.methods.recall import RECALL_RULE
 from knlens.studies.recall_study import RecallStudy
-from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
+from knlens.viz.query_localization_page import generated_by, markdown_table, phase_minutes, versions_line
 
 __all__ = ["render_markdown", "PAPER"]
 
@@ -99,7 +99,7 @@ def _headline(r: RecallStudy) -> list[str]:
 def render_markdown(r: RecallStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items())
+    timing = phase_minutes(r.timings)
     rec = t["recall"]
     rec_means = rec.groupby("neurons", sort=False)[[c for c in rec.columns if c.startswith("peak ")]
                                                    + ["recalled", "recalled, specific", "recalled in conflict"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from knlens.studies.spelling_study import SpellingStudy
-from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
+from knlens.viz.query_localization_page import generated_by, markdown_table, phase_minutes, versions_line
 
 __all__ = ["render_markdown", "PAPERS"]
 
@@ -78,7 +78,7 @@ def _headline(r: SpellingStudy) -> list[str]:
 def render_markdown(r: SpellingStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
+    timing = phase_minutes(r.timings)
     probes = t["probes"]
     wide = (probes.pivot_table(index=["feature_index", "feature"], columns="k", values=["accuracy", "selectivity"])
             if len(probes) else pd.DataFrame())

@@ -12,7 +12,7 @@ import pandas as pd
 
 from knlens.studies.syntax_data import TASKS, WORD_CLASSES
 from knlens.studies.syntax_study import SyntaxStudy
-from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
+from knlens.viz.query_localization_page import generated_by, markdown_table, phase_minutes, versions_line
 
 __all__ = ["render_markdown", "PAPERS"]
 
@@ -106,7 +106,7 @@ def _classes() -> pd.DataFrame:
 def render_markdown(r: SyntaxStudy) -> str:
     """The whole page (see the module)."""
     s, t = r.settings, r.tables
-    timing = ", ".join(f"{k} {v / 60:.1f}" for k, v in r.timings.items() if k != "total")
+    timing = phase_minutes(r.timings)
     dropped = t["classes"][~t["classes"]["single token"]]
     supp_cols = ["task", "number", "prompts_of", "quantity", "prompts", "p_before", "change", "relative", "p_ttest",
                  "uniform_change", "p_vs_uniform", "matched_change", "p_vs_matched", "p_empirical_matched",
