@@ -32,7 +32,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_the_studies_are_registered_with_checked_settings():
-    assert {"qrnca", "twostage"} <= set(STUDIES)
+    assert {"qrnca", "qrnca-languages", "twostage"} <= set(STUDIES)
     with pytest.raises(SettingsError, match="at least 2 relations"):
         QRNCAStudySettings(relations=("P36",))
     with pytest.raises(SettingsError, match="unknown corruption"):

@@ -59,7 +59,7 @@ def test_qrnca_counts_queries_and_accuracy(qrnca):
 
 def test_qrnca_sets_neurons_and_regions(qrnca):
     s, t = qrnca.settings, qrnca.tables
-    sets = t["sets"].set_index("relation")
+    sets = t["sets"].set_index("domain")
     assert sets.index.tolist() == list(s.relations)
     assert (sets["QRNCA neurons"] == s.top_v).all() and (sets["KN neurons"] == s.top_v).all()
     assert sets["shared"].between(0, s.top_v).all()
@@ -86,12 +86,16 @@ def test_qrnca_pcr_tables(qrnca):
     for table in (pooled, by_domain):
         assert table["pcr"].tolist() == pytest.approx((table.related_dp.abs() / table.unrelated_dp.abs()).tolist())
     assert pooled.set_index(["method", "action"]).loc[("QRNCA", "suppress"), "paper (Llama-2-7B-chat)"] == 5.6
+    engines = t["engines"].set_index("engine").rows  # every row of boost / suppress ran on an engine, recorded
+    assert engines.sum() == by_domain.n_related.sum() + by_domain.n_unrelated.sum()
+    overlap = t["overlap"].set_index("domain")
+    assert [overlap.loc[d, d] for d in s.relations] == [s.top_v] * 2 and overlap.loc["P36", "P37"] == overlap.loc["P37", "P36"]
 
 
 def test_qrnca_page_and_round_trip(qrnca, tmp_path):
     page = qrnca_page.render_markdown(qrnca)
     assert page.startswith("# QRNCA: query-relevant neurons by NA-ICA")
-    for section in ("## Headline", "## Facts surviving each filter", "## PCR (pooled over domains) beside the paper",
+    for section in ("## Headline", "## Facts surviving each filter", "## PCR (pooled over the relations) beside the paper",
                     "## PCR per domain", "## The domain sets", "## Localised regions", "## Multiple-choice accuracy",
                     "## The papers' claims", "## Limitations", "## Timings (s)", "- P36: lower / middle / upper"):
         assert section in page

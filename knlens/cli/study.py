@@ -5,6 +5,7 @@
     knlens study syntax --page benchmarks/SYNTAX.md
     knlens study multilingual --page benchmarks/MULTILINGUAL.md --out ml-out   # Gemma-3-270M by default
     knlens study qrnca --page benchmarks/QRNCA.md --out qrnca-out
+    knlens study qrnca-languages --page benchmarks/QRNCA_LANGUAGES.md --out qrnca-lang-out   # Gemma-3-270M
     knlens study twostage --page benchmarks/TWO_STAGE.md
     knlens study query-localization --model tiny-llama --relations P36 --candidates 20   # a quick look
     knlens study degenerate --page benchmarks/DEGENERATE.md --out dkn-out
@@ -36,6 +37,7 @@ from knlens.studies.editing_study import editing_study
 from knlens.studies.entity_relation import EntityRelationStudySettings, entity_relation_study
 from knlens.studies.multilingual_facts import MultilingualSettings
 from knlens.studies.multilingual_study import multilingual_study
+from knlens.studies.qrnca_languages import QRNCALanguageSettings, qrnca_language_study
 from knlens.studies.qrnca_study import QRNCAStudySettings, qrnca_study
 from knlens.studies.query_localization_study import QueryLocalizationSettings, query_localization_study
 from knlens.studies.recall_study import RecallSettings, recall_study
@@ -145,6 +147,22 @@ STUDIES: dict[str, StudySpec] = {
          "min_prompts": "a fact is known when answered on at least this many paraphrases",
          "max_prompts": "cloze paraphrases attributed for KN", "steps": "integration steps (fixed grid)",
          "top_v": "neurons per query and per domain set", "threshold": "cluster: na > threshold x max",
+         "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles",
+         "letters": "the option letters (each a single token of the model, after a space)"},
+        lambda result: {"regions.png": lambda p: save_figure(result.plot(), p)}),
+    "qrnca-languages": StudySpec(
+        QRNCALanguageSettings, qrnca_language_study, qrnca_page.render_markdown,
+        "QRNCA with languages as the domains (Chen, Dejl, Toni, 2024) on mParaRel: each language's known facts as "
+        "4-option questions in that language, QRNCA against Dai's KN and random sets by the PCR of boost and suppress "
+        "across languages, and the language localised regions.",
+        {"relations": "mParaRel relations", "languages": "the domains (mParaRel codes)",
+         "candidates": "aligned facts read per relation before the known filter",
+         "queries": "known facts per language and relation asked as questions",
+         "filter_prompts": "prompts per language read by the known filter",
+         "n_templates": "multiple-choice templates per query",
+         "min_prompts": "a fact is known when answered on at least this many prompts",
+         "max_prompts": "cloze prompts attributed for KN", "steps": "integration steps (fixed grid)",
+         "top_v": "neurons per query and per language set", "threshold": "cluster: na > threshold x max",
          "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles",
          "letters": "the option letters (each a single token of the model, after a space)"},
         lambda result: {"regions.png": lambda p: save_figure(result.plot(), p)}),

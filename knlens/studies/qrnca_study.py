@@ -122,13 +122,9 @@ def _domain_set(scores: torch.Tensor, top_v: int, exclude: torch.Tensor | None, 
     return top_neurons(scores.sum(0), top_v, exclude, layers)
 
 
-def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(), *, data_dir: str | None = None,
-                facts: Sequence[Fact] | None = None, say: Callable[[str], None] = lambda _: None) -> QRNCAStudy:
-    """Run the study on ``model`` (see the module) and return every table. ``facts`` (with ``relation`` set) replace
-    the ParaRel facts and their known filter (e.g. hand-written facts a tiny test model can read); the option letters
-    are ``settings.letters``, each one token after a space."""
-    s, t0, times = settings, time.time(), {}
-    check_letters(model, s.letters)
+def _relation_queries(model: Any, s: QRNCAStudySettings, data_dir: str | None, facts: Sequence[Fact] | None,
+                      say: Callable[[str], None]) -> tuple[list[MCQuery], list[Fact], list[str], pd.DataFrame]:
+    """The questions of every relation (the domains), the cloze facts for KN, each question's domain, the counts."""
     counts, queries, cloze = [], [], []
     for rel in s.relations:
         if facts is None:
@@ -144,11 +140,31 @@ def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(),
         counts.append({"relation": rel, "read": len(read), "known": len(known), "queries": len(mine),
                        "objects (options drawn from)": len({f.target for f in read})})
         say(f"{rel}: {len(read)} read, {len(known)} known, {len(mine)} queries")
-    if len({q.fact.relation for q in queries}) < 2:
-        raise InsufficientDataError("fewer than 2 relations have a known fact: PCR needs unrelated queries")
-    times["filter"] = time.time() - t0
+    return queries, cloze, [q.fact.relation or "" for q in queries], pd.DataFrame(counts)
+
+
+def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(), *, data_dir: str | None = None,
+                facts: Sequence[Fact] | None = None, say: Callable[[str], None] = lambda _: None) -> QRNCAStudy:
+    """Run the study on ``model`` (see the module) and return every table. ``facts`` (with ``relation`` set) replace
+    the ParaRel facts and their known filter (e.g. hand-written facts a tiny test model can read); the option letters
+    are ``settings.letters``, each one token after a space."""
+    t0 = time.time()
+    check_letters(model, settings.letters)
+    queries, cloze, domains, counts = _relation_queries(model, settings, data_dir, facts, say)
+    return qrnca_domains(model, settings, queries, cloze, domains, counts, t0=t0, say=say)
+
+
+def qrnca_domains(model: Any, s: QRNCAStudySettings, queries: Sequence[MCQuery], cloze: Sequence[Fact],
+                  domains: Sequence[str], counts: pd.DataFrame, *, t0: float, paper: dict = PAPER,
+                  say: Callable[[str], None] = lambda _: None) -> QRNCAStudy:
+    """QRNCA, KN and random sets of every domain (``domains[i]`` is the domain of ``queries[i]`` and ``cloze[i]``)
+    and their PCR on the domain's own questions against the other domains' (``paper``: the published PCR beside
+    them); ``t0`` is when the study started (its time so far is the filter's)."""
+    if len(set(domains)) < 2:
+        raise InsufficientDataError("fewer than 2 domains have a known fact: PCR needs unrelated queries")
+    times = {"filter": time.time() - t0}
     t = time.time()
-    acc = mc_accuracy(model, queries, s.letters)
+    acc = mc_accuracy(model, list(queries), s.letters)
     times["mc accuracy"] = time.time() - t
     t = time.time()
     mc_facts = [f for q in queries for f in q.facts()]
@@ -160,45 +176,47 @@ def qrnca_study(model: Any, settings: QRNCAStudySettings = QRNCAStudySettings(),
     times["qrnca ig"] = time.time() - t
     say(f"QRNCA: {len(mc_facts)} prompts attributed, {len(res.common)} common neurons ({times['qrnca ig']:.0f} s)")
     t = time.time()
-    kn_na = neuron_attribution(attribute_facts(model, cloze, steps=s.steps, tolerance=None))
+    kn_na = neuron_attribution(attribute_facts(model, list(cloze), steps=s.steps, tolerance=None))
     times["kn ig"] = time.time() - t
     layers = res.layers
-    rel_of = [q.fact.relation for q in queries]
     sets, related, unrelated, dens, set_rows = {}, {}, {}, {}, []
-    for k, rel in enumerate(dict.fromkeys(rel_of)):
-        idx = torch.tensor([i for i, r in enumerate(rel_of) if r == rel])
+    for k, dom in enumerate(dict.fromkeys(domains)):
+        idx = torch.tensor([i for i, d in enumerate(domains) if d == dom])
         qr = _domain_set(res.scores[idx], s.top_v, common_neurons(res.clusters, s.common_share), layers)
         kn = _domain_set(kn_na[idx], s.top_v, None, layers)
         acts = torch.stack([a.activations for i in idx.tolist() for a in per_query[i]]).abs().mean(0)
         magnitude = torch.zeros(model.cfg.n_layers, model.cfg.d_mlp)
         magnitude[list(layers)] = acts
-        sets |= {f"QRNCA|{rel}": qr, f"KN|{rel}": kn,
-                 f"random|{rel}": random_control(qr, model.cfg.d_mlp, seed=s.seed + k),
-                 f"random (matched)|{rel}": matched_control(qr, magnitude, seed=s.seed + k)}
-        mine = [f for q in queries if q.fact.relation == rel for f in q.facts()]
-        others = [f for q in queries if q.fact.relation != rel for f in q.facts()]
+        sets |= {f"QRNCA|{dom}": qr, f"KN|{dom}": kn,
+                 f"random|{dom}": random_control(qr, model.cfg.d_mlp, seed=s.seed + k),
+                 f"random (matched)|{dom}": matched_control(qr, magnitude, seed=s.seed + k)}
+        mine = [f for q, d in zip(queries, domains) if d == dom for f in q.facts()]
+        others = [f for q, d in zip(queries, domains) if d != dom for f in q.facts()]
         for method in ("QRNCA", "KN", "random", "random (matched)"):
-            related[f"{method}|{rel}"], unrelated[f"{method}|{rel}"] = mine, others
-        dens[rel] = density(NeuronSet(n for i in idx.tolist() for n in res.neurons[i]), len(layers),
+            related[f"{method}|{dom}"], unrelated[f"{method}|{dom}"] = mine, others
+        dens[dom] = density(NeuronSet(n for i in idx.tolist() for n in res.neurons[i]), len(layers),
                             model.cfg.d_mlp, layers=layers)
-        set_rows.append({"relation": rel, "QRNCA neurons": len(qr), "KN neurons": len(kn), "shared": len(qr & kn),
+        set_rows.append({"domain": dom, "QRNCA neurons": len(qr), "KN neurons": len(kn), "shared": len(qr & kn),
                          "QRNCA mean layer": sum(n.layer for n in qr) / max(1, len(qr)),
                          "KN mean layer": sum(n.layer for n in kn) / max(1, len(kn)),
                          "QRNCA set": " ".join(map(str, list(qr)[:8])), "KN set": " ".join(map(str, list(kn)[:8]))})
     t = time.time()
     frame = pcr_frame(model, sets, related, unrelated)
     times["pcr"] = time.time() - t
-    frame[["method", "relation"]] = frame["group"].str.split("|", expand=True)
-    per_domain = pcr_table(frame, by=("method", "relation", "action"))
+    frame[["method", "domain"]] = frame["group"].str.split("|", expand=True)
+    per_domain = pcr_table(frame, by=("method", "domain", "action"))
     pooled = pcr_table(frame, by=("method", "action"))
-    pooled["paper (Llama-2-7B-chat)"] = [PAPER.get(m.split(" ")[0], {}).get(a, float("nan"))
+    pooled["paper (Llama-2-7B-chat)"] = [paper.get(m.split(" ")[0], {}).get(a, float("nan"))
                                          for m, a in zip(pooled.method, pooled.action)]
     completeness = [a.relative_completeness_error for attrs in per_query for a in attrs]
     times["total"] = time.time() - t0
     numbers = {"queries": float(len(queries)), "mc prompts": float(len(mc_facts)),
                "mc accuracy": float(acc.correct.mean()), "common neurons": float(len(res.common)),
                "median relative completeness error": float(torch.tensor(completeness).median())}
-    tables = {"counts": pd.DataFrame(counts), "mc_accuracy": acc, "sets": pd.DataFrame(set_rows),
+    qr_sets = {d: sets[f"QRNCA|{d}"] for d in dens}
+    overlap = pd.DataFrame([[len(qr_sets[a] & qr_sets[b]) for b in qr_sets] for a in qr_sets],
+                           index=list(qr_sets), columns=list(qr_sets)).rename_axis("domain").reset_index()
+    tables = {"counts": counts, "mc_accuracy": acc, "sets": pd.DataFrame(set_rows), "overlap": overlap,
               "pcr": pooled, "pcr_by_domain": per_domain, "common": pd.DataFrame({"neuron": [str(n) for n in res.common]}),
-              "neurons": res.to_frame()}
+              "neurons": res.to_frame(), "engines": frame.groupby("engine").size().rename("rows").reset_index()}
     return QRNCAStudy(s, tables, numbers, dens, times, environment())

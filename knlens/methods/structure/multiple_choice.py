@@ -30,7 +30,8 @@ from knlens.core.errors import OptionLetterError, SettingsError, TargetError, To
 from knlens.core.facts import Fact
 from knlens.core.tokens import target_tokens
 
-__all__ = ["LETTERS", "TEMPLATES", "MCQuery", "multiple_choice", "check_letters"]
+__all__ = ["LETTERS", "TEMPLATES", "TEMPLATES_BY_LANGUAGE", "MCQuery", "multiple_choice", "check_letters",
+           "templates_for"]
 
 LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
 TEMPLATES: tuple[str, ...] = (
@@ -39,6 +40,37 @@ TEMPLATES: tuple[str, ...] = (
     "Choose the right answer.\n{question}\n{options}\nAnswer:",
     "Read the question and pick one option.\nQ: {question}\n{options}\nA:",
 )
+
+TEMPLATES_BY_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "en": TEMPLATES,
+    "fr": ("Question: {question}\n{options}\nRéponse:", "{question}\n{options}\nLa bonne option est",
+           "Choisissez la bonne réponse.\n{question}\n{options}\nRéponse:",
+           "Lisez la question et choisissez une option.\nQ: {question}\n{options}\nR:"),
+    "de": ("Frage: {question}\n{options}\nAntwort:", "{question}\n{options}\nDie richtige Option ist",
+           "Wählen Sie die richtige Antwort.\n{question}\n{options}\nAntwort:",
+           "Lesen Sie die Frage und wählen Sie eine Option.\nF: {question}\n{options}\nA:"),
+    "it": ("Domanda: {question}\n{options}\nRisposta:", "{question}\n{options}\nL'opzione corretta è",
+           "Scegli la risposta giusta.\n{question}\n{options}\nRisposta:",
+           "Leggi la domanda e scegli un'opzione.\nD: {question}\n{options}\nR:"),
+    "pt": ("Pergunta: {question}\n{options}\nResposta:", "{question}\n{options}\nA opção correta é",
+           "Escolha a resposta certa.\n{question}\n{options}\nResposta:",
+           "Leia a pergunta e escolha uma opção.\nP: {question}\n{options}\nR:"),
+    "es": ("Pregunta: {question}\n{options}\nRespuesta:", "{question}\n{options}\nLa opción correcta es",
+           "Elige la respuesta correcta.\n{question}\n{options}\nRespuesta:",
+           "Lee la pregunta y elige una opción.\nP: {question}\n{options}\nR:"),
+}
+"""The templates' frame (instruction, "Answer:") in each language knlens has them for; the option letters stay."""
+
+
+def templates_for(language: str) -> tuple[tuple[str, ...], str]:
+    """The templates of ``language`` and the language they are written in: English when knlens has none for it.
+
+    >>> templates_for("de")[0][0].splitlines()[0], templates_for("sv")[1]
+    ('Frage: {question}', 'en')
+    """
+    if language in TEMPLATES_BY_LANGUAGE:
+        return TEMPLATES_BY_LANGUAGE[language], language
+    return TEMPLATES, "en"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ import pandas as pd
 from knlens.core.errors import ControlError
 from knlens.core.facts import Fact
 from knlens.core.neurons import NeuronSet
-from knlens.methods.interventions import FACTORS, measure
+from knlens.core.tokens import encode
+from knlens.methods.interventions import FACTORS, per_prompt
+from knlens.methods.scaling import scaled_probs
 from knlens.run.engine import Engine
 
 __all__ = ["pcr", "pcr_frame", "pcr_table", "ACTIONS"]
@@ -40,12 +42,14 @@ def pcr(related: Sequence[float], unrelated: Sequence[float]) -> float:
 
 def pcr_frame(model: Any, sets: Mapping[str, NeuronSet], related: Mapping[str, Sequence[Fact]],
               unrelated: Mapping[str, Sequence[Fact]], *, actions: Mapping[str, float] = ACTIONS,
-              engine: Engine = "fast") -> pd.DataFrame:
+              engine: Engine = "fast", batch_size: int = 64) -> pd.DataFrame:
     """Relative change of P(answer) on every related and unrelated prompt of every group's set.
 
-    Columns: ``group, kind`` (``"related"`` / ``"unrelated"``), ``fact, prompt, action, p_before, p_after,
-    dp_percent`` (= 100 · (p_after − p_before) / p_before). All sets and facts run through one
-    :func:`~knlens.methods.interventions.measure` call (no random draws: the baselines are sets of their own).
+    Columns: ``group, kind`` (``"related"`` / ``"unrelated"``), ``fact, prompt, action, n_neurons, p_before,
+    p_after, dp_percent`` (= 100 · (p_after − p_before) / p_before) and the ``engine`` that ran. The prompts of one
+    target run together through :func:`~knlens.methods.scaling.scaled_probs` with every set that measures any of
+    them: each prompt's clean forward (and its prefix cache) is shared by all the sets, and the fast engines check
+    themselves against plain forwards (no random draws: the baselines are sets of their own).
 
     >>> from knlens import load_model, Fact
     >>> m = load_model("tiny-llama")
@@ -57,22 +61,33 @@ def pcr_frame(model: Any, sets: Mapping[str, NeuronSet], related: Mapping[str, S
     missing = [g for g in sets if g not in related or g not in unrelated]
     if missing:
         raise ControlError(f"group(s) {missing} have a neuron set but no related or unrelated facts")
-    facts, neuron_sets, keys = [], [], []
-    for group, neurons in sets.items():
+    for neurons in sets.values():
+        neurons.check(model.cfg.n_layers, model.cfg.d_mlp)
+    uses: dict[str, dict[str, list[tuple[str, str, str]]]] = {}  # target -> prompt -> (group, kind, fact)
+    for group in sets:
         for kind, pool in (("related", related[group]), ("unrelated", unrelated[group])):
             for f in pool:
-                facts.append(Fact(f.prompts, f.target, relation=f.relation, name=f"{len(keys)}"))
-                neuron_sets.append(neurons)
-                keys.append((group, kind, f.name or f.prompts[0]))
-    if not facts:
+                for prompt in f.prompts:
+                    uses.setdefault(f.target, {}).setdefault(prompt, []).append((group, kind, f.name or f.prompts[0]))
+    if not uses:
         raise ControlError("no related or unrelated facts to measure the sets on")
-    res = measure(model, facts, neuron_sets, actions=dict(actions), n_random=0, controls=(), engine=engine)
-    frame = res.frame
-    idx = frame["fact"].astype(int)
-    return pd.DataFrame({"group": [keys[i][0] for i in idx], "kind": [keys[i][1] for i in idx],
-                         "fact": [keys[i][2] for i in idx], "prompt": frame["prompt"], "action": frame["action"],
-                         "n_neurons": frame["n_neurons"], "p_before": frame["p_before"], "p_after": frame["p_after"],
-                         "dp_percent": 100.0 * frame["relative"]})
+    records = []
+    for target, by_prompt in uses.items():
+        groups = list(dict.fromkeys(g for users in by_prompt.values() for g, _, _ in users))
+        q = encode(model, list(by_prompt), target)
+        probs = scaled_probs(model, q, [sets[g] for g in groups], list(actions.values()), engine=engine,
+                             batch_size=batch_size)
+        before, after = per_prompt(probs.clean, q), per_prompt(probs.after, q)  # [prompt], [action, set, prompt]
+        for i, (prompt, users) in enumerate(by_prompt.items()):
+            b = float(before[i])
+            for group, kind, fact in users:
+                for k, action in enumerate(actions):
+                    a = float(after[k, groups.index(group), i])
+                    records.append({"group": group, "kind": kind, "fact": fact, "prompt": prompt, "action": action,
+                                    "n_neurons": len(sets[group]), "p_before": b, "p_after": a,
+                                    "dp_percent": 100.0 * (a - b) / b if b > 0 else float("nan"),
+                                    "engine": probs.engine})
+    return pd.DataFrame.from_records(records)
 
 
 def pcr_table(frame: pd.DataFrame, by: Sequence[str] = ("action",)) -> pd.DataFrame:
