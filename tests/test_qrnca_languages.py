@@ -69,3 +69,6 @@ def test_translated_frames_and_bad_settings():
         assert all(0 <= f.index("{question}") < f.index("{options}") for f in frames), lang
     with pytest.raises(SettingsError, match="at least 2 languages"):
         QRNCALanguageSettings(languages=("en",))
+    with pytest.raises(SettingsError, match="unknown grid 'simpson'"):
+        QRNCALanguageSettings(grid="simpson")
+    assert QRNCALanguageSettings().grid == "gauss-legendre"   # right grids cannot integrate Gemma-3 (RESULTS.md)

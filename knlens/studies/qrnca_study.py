@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 import torch
@@ -31,6 +31,7 @@ from knlens.core.neurons import NeuronSet
 from knlens.core.tokens import encode, single_token
 from knlens.core.versions import environment
 from knlens.data.pararel import load_pararel
+from knlens.methods.attribution.grids import Grid
 from knlens.methods.attribution.ig import attribute_facts
 from knlens.methods.controls import matched_control, random_control
 from knlens.methods.known import known_facts
@@ -60,6 +61,7 @@ class QRNCAStudySettings:
     min_prompts: int = 1
     max_prompts: int = 3
     steps: int = 8
+    grid: str = "right"  # the paper's uniform grid; Gemma-3 needs "gauss-legendre" (RESULTS.md, completeness)
     top_v: int = 20
     threshold: float = 0.2
     common_share: float = 0.3
@@ -67,10 +69,15 @@ class QRNCAStudySettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.relations) < 2:
-            raise SettingsError(f"PCR needs unrelated queries: give at least 2 relations, got {list(self.relations)}")
+        self._check_domains()
         if min(self.queries, self.n_templates, self.steps, self.top_v, self.max_prompts) < 1:
             raise SettingsError("queries, n_templates, steps, top_v and max_prompts must be at least 1")
+        if self.grid not in get_args(Grid):
+            raise SettingsError(f"unknown grid {self.grid!r}; use one of {', '.join(get_args(Grid))}")
+
+    def _check_domains(self) -> None:
+        if len(self.relations) < 2:
+            raise SettingsError(f"PCR needs unrelated queries: give at least 2 relations, got {list(self.relations)}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,7 +175,7 @@ def qrnca_domains(model: Any, s: QRNCAStudySettings, queries: Sequence[MCQuery],
     times["mc accuracy"] = time.time() - t
     t = time.time()
     mc_facts = [f for q in queries for f in q.facts()]
-    flat = attribute_facts(model, mc_facts, steps=s.steps, tolerance=None)
+    flat = attribute_facts(model, mc_facts, steps=s.steps, grid=s.grid, tolerance=None)
     per_query = [[a for attrs in flat[i * s.n_templates:(i + 1) * s.n_templates] for a in attrs]
                  for i in range(len(queries))]
     qs = QRNCASettings(threshold=s.threshold, top_v=s.top_v, common_share=s.common_share)
@@ -176,7 +183,7 @@ def qrnca_domains(model: Any, s: QRNCAStudySettings, queries: Sequence[MCQuery],
     times["qrnca ig"] = time.time() - t
     say(f"QRNCA: {len(mc_facts)} prompts attributed, {len(res.common)} common neurons ({times['qrnca ig']:.0f} s)")
     t = time.time()
-    kn_na = neuron_attribution(attribute_facts(model, list(cloze), steps=s.steps, tolerance=None))
+    kn_na = neuron_attribution(attribute_facts(model, list(cloze), steps=s.steps, grid=s.grid, tolerance=None))
     times["kn ig"] = time.time() - t
     layers = res.layers
     sets, related, unrelated, dens, set_rows = {}, {}, {}, {}, []

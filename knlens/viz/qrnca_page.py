@@ -78,7 +78,7 @@ def render_markdown(r: QRNCAStudy) -> str:
     lines = [
         f"# QRNCA{' by language' if by_language else ''}: query-relevant neurons by NA-ICA (Chen, Dejl, Toni, 2024)",
         "", generated_by(command) + f", {r.timings.get('total', 0) / 60:.1f} min.", versions_line(r.versions), "",
-        f"Model `{s.model}`; {scope}; {s.n_templates} templates per query; IG {s.steps} nodes; cluster threshold "
+        f"Model `{s.model}`; {scope}; {s.n_templates} templates per query; IG {s.steps} nodes ({s.grid}); cluster threshold "
         f"{s.threshold} × max; top-v {s.top_v}; common share {s.common_share}; seed {s.seed}.",
         "", "## Headline", "", *head, "",
         "## Facts surviving each filter", "", markdown_table(t["counts"]), "",
