@@ -11,6 +11,7 @@ can follow the tables, and positional arguments go settings, tables, then the st
 >>> @dataclasses.dataclass(frozen=True)
 ... class Sizes:
 ...     facts: int = 2
+...     seed: int = 0
 >>> @dataclasses.dataclass(frozen=True, eq=False)
 ... class Example(StudyResult):
 ...     study = "example-study"
