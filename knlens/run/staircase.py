@@ -40,8 +40,8 @@ from torch import Tensor
 from knlens.core.models import is_masked_lm
 from knlens.run.engine import forward_until
 
-__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "FINAL_NORM_IN", "model_tail", "cache_layers", "build_stairs",
-           "reproduces", "disagreement"]
+__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "FINAL_NORM_IN", "model_tail", "cache_layers",
+           "build_stairs", "reproduces", "disagreement"]
 
 log = logging.getLogger(__name__)
 
