@@ -11,8 +11,8 @@ import torch
 import knlens
 from knlens import (Fact, HookShapeError, KnlensError, Neuron, NeuronIndexError, NeuronSet, PromptError, TargetError,
                     UnknownModelError)
-from knlens.run.engine import activations_at, target_probs
-from knlens.run.hooks import (add, compose, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
+from knlens.run.engine import activations_at, forward, forward_until, target_probs
+from knlens.run.hooks import (add, capture, compose, hooked, mean_ablate, neuron_hooks, patch_from, replace_rows, scale,
                               set_value, zero_ablate)
 from knlens.methods.interventions import intervene, measure
 from knlens.methods.controls import random_control
@@ -136,6 +136,32 @@ def test_hooks_removed_after_failure(tiny):
     with pytest.raises(NeuronIndexError):
         intervene(tiny, q, [NeuronSet([(0, 999)])], 0.0)
     assert torch.equal(tiny(q.tokens), before)
+
+
+def test_forward_until_returns_what_the_hook_saw_and_stops_there(tiny):
+    q = encode(tiny, PROMPTS[:1], " paris")
+    before = tiny(q.tokens)
+    extra = ("blocks.0.mlp.hook_post", scale(3.0))
+    full: list[torch.Tensor] = []
+    forward(tiny, q.tokens, [extra, ("ln_final.hook_in", capture(full))])
+    later: list[torch.Tensor] = []
+    seen = forward_until(tiny, q.tokens, "ln_final.hook_in", [extra, ("unembed.hook_in", capture(later))])
+    assert torch.equal(seen, full[0]) and not later  # the extra hooks ran, nothing after the stop did
+    assert not torch.equal(forward_until(tiny, q.tokens, "ln_final.hook_in"), seen)
+
+    def boom(act, hook):
+        raise RuntimeError("user hook failed")
+
+    with pytest.raises(RuntimeError, match="user hook failed"):
+        forward_until(tiny, q.tokens, "ln_final.hook_in", [extra, ("blocks.1.mlp.hook_post", boom)])
+    assert torch.equal(tiny(q.tokens), before)  # every hook removed, after a stop and after a failure
+
+
+def test_forward_until_a_point_the_forward_skips_is_an_error(tiny_llama):
+    q = encode(tiny_llama, PROMPTS[:1], " paris")
+    with pytest.raises(KnlensError, match="never reached the hook point 'hook_pos_embed'"):  # rotary: no position embedding
+        forward_until(tiny_llama, q.tokens, "hook_pos_embed")
+    assert torch.equal(forward_until(tiny_llama, q.tokens, "hook_embed"), tiny_llama.embed(q.tokens))
 
 
 def test_neuron_hooks_group_by_layer(tiny_gpt2):

@@ -93,11 +93,12 @@ def study(tiny_llama, candidates):
     assert fingerprint(tiny_llama) == start
     counts["studied"] = [3, 0]
     criteria["studied"] = 3
-    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic, "criteria": criteria},
-                        {"facts": 3.0, "cases": float(len(cases)), "located": float(generic.located.sum()),
-                         "skipped": 0.0, "refined": 0.0,
-                         "mean_neurons": float(facts.n_neurons.mean()), "shared_neurons": 0.0,
-                         "mean_seconds_per_fact": 1.0}, {"filter": 1.0, "total": 2.0})
+    return EditingStudy(settings, {"counts": counts, "facts": facts, "generic": generic, "criteria": criteria},
+                        evaluation=ev, numbers={"facts": 3.0, "cases": float(len(cases)),
+                                                "located": float(generic.located.sum()), "skipped": 0.0, "refined": 0.0,
+                                                "mean_neurons": float(facts.n_neurons.mean()), "shared_neurons": 0.0,
+                                                "mean_seconds_per_fact": 1.0},
+                        timings={"filter": 1.0, "total": 2.0})
 
 
 def test_every_editor_and_metric_is_one_row_with_an_interval(study):

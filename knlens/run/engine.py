@@ -29,8 +29,8 @@ from knlens.core.tokens import Queries
 from knlens.run.hooks import Hook, capture, hooked
 
 __all__ = ["Quantity", "QUANTITIES", "Engine", "ENGINES", "HookSpec", "forward", "forward_with_cache",
-           "forward_from_cache", "target_logits", "read_quantity", "target_probs", "activations_at", "chunks",
-           "resolve_hooks"]
+           "forward_from_cache", "forward_until", "target_logits", "read_quantity", "target_probs", "activations_at",
+           "chunks", "resolve_hooks"]
 
 Quantity = Literal["prob", "logprob", "logit"]
 QUANTITIES: tuple[str, ...] = ("prob", "logprob", "logit")
@@ -82,6 +82,36 @@ def forward_from_cache(model: Any, tokens: Int[Tensor, "batch new"], cache: Any,
     Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
     with hooked(model, list(hooks)):
         return model(tokens, past_key_values=cache)
+
+
+class _Reached(Exception):
+    """Ends a forward at the hook point :func:`forward_until` stops at."""
+
+
+def forward_until(model: Any, tokens: Int[Tensor, "batch pos"], point: str, hooks: Sequence[Hook] = (),
+                  **call: Any) -> Tensor:
+    """What hook point ``point`` sees in a forward over ``tokens`` with ``hooks`` attached; the forward stops
+    there, so nothing after it is computed. ``call`` goes to the model's call (e.g. ``past_key_values``). The
+    hooks are removed on every exit, errors included; a forward that ends without passing ``point`` raises
+    :class:`~knlens.core.errors.SettingsError`.
+
+    >>> from knlens import load_model
+    >>> model = load_model("tiny-llama")
+    >>> forward_until(model, model.to_tokens("the capital"), "ln_final.hook_in").shape   # the last block's output
+    torch.Size([1, 3, 32])
+    """
+    seen: list[Tensor] = []
+
+    def stop(act: Tensor, hook: Any = None) -> None:
+        seen.append(act)
+        raise _Reached
+
+    try:
+        with hooked(model, [*hooks, (point, stop)]):
+            model(tokens, **call)
+    except _Reached:
+        return seen[0]
+    raise SettingsError(f"the model's forward never reached the hook point {point!r}; it cannot stop there")
 
 
 def target_logits(model: Any, q: Queries, hooks: HookSpec = ()) -> Float[Tensor, "batch vocab"]:

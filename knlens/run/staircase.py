@@ -38,10 +38,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from knlens.core.models import is_masked_lm
-from knlens.run.hooks import hooked
+from knlens.run.engine import forward_until
 
-__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "model_tail", "cache_layers", "build_stairs",
-           "reproduces", "disagreement"]
+__all__ = ["SharedPrefix", "Stairs", "recording", "record_blocks", "FINAL_NORM_IN", "model_tail", "cache_layers",
+           "build_stairs", "reproduces", "disagreement"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def cache_layers(kv: Any, upto: int | None = None) -> list[tuple[Tensor, Tensor]
     if not layers or not all(hasattr(l, "keys") and isinstance(l.keys, Tensor) for l in layers):
         return None
     return [(l.keys[..., :upto, :], l.values[..., :upto, :]) for l in layers]
+
+
+FINAL_NORM_IN = "ln_final.hook_in"  # the final norm's input: the last block's output, before anything is unembedded
 
 
 def model_tail(model: Any) -> Callable[[Tensor], Tensor] | None:
@@ -198,10 +201,6 @@ def recording(model: Any) -> Iterator[list[tuple[tuple, dict] | None]]:
             h.remove()
 
 
-class _Stopped(Exception):
-    """Ends a forward after its last block (see :func:`record_blocks`)."""
-
-
 def _cache_in(calls: list[tuple[tuple, dict] | None]) -> Any:
     """The key/value cache object a recorded forward handed to its first block, or None."""
     if not calls or calls[0] is None:
@@ -215,17 +214,8 @@ def record_blocks(model: Any, tokens: Int[Tensor, "batch pos"], hooks: list[Any]
     """The block calls of a forward over ``tokens`` that continues ``cache`` (or starts a cache of its own),
     with ``hooks`` attached, and the cache its blocks filled. The forward stops before the final norm: nothing
     is unembedded. Use it inside :func:`knlens.run.compat.cache_keyword_fix`."""
-    def stop(module: Any, args: tuple) -> None:
-        raise _Stopped
-
-    handle = model.ln_final.register_forward_pre_hook(stop)
-    try:
-        with recording(model) as calls, hooked(model, hooks):
-            model(tokens, past_key_values=cache, use_cache=True)
-    except _Stopped:
-        pass
-    finally:
-        handle.remove()
+    with recording(model) as calls:
+        forward_until(model, tokens, FINAL_NORM_IN, hooks, past_key_values=cache, use_cache=True)
     return calls, cache if cache is not None else _cache_in(calls)
 
 

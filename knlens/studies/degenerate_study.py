@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pandas as pd
@@ -32,7 +32,7 @@ from knlens.methods.structure.degenerate_components import METHODS, degenerate_c
 from knlens.methods.structure.fact_check import fact_check
 from knlens.methods.structure.robustness import robustness
 from knlens.methods.structure.topology import MODES
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 
 __all__ = ["DegenerateStudySettings", "DegenerateStudy", "degenerate_study"]
 
@@ -69,20 +69,14 @@ class DegenerateStudySettings:
 
 
 @dataclass(frozen=True, eq=False)
-class DegenerateStudy(Result):
+class DegenerateStudy(StudyResult):
     """Tables by name (``counts``, ``facts``, ``components``, ``methods``, ``robustness``, ``fact_check``,
     ``fact_check_pairs``), notes, timings (seconds) and versions."""
 
     study = "degenerate"
+    frame_table = "methods"  # to_frame(): per clustering method: facts, clusters and how many pass the functional filter
     settings: DegenerateStudySettings
-    tables: dict[str, pd.DataFrame]
     notes: tuple[str, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """Per clustering method: facts, clusters and how many pass the functional filter."""
-        return self.tables["methods"]
 
     def plot(self) -> Any:
         """Share of facts with degenerate components per clustering method."""
@@ -194,4 +188,4 @@ def degenerate_study(model: Any, settings: DegenerateStudySettings = DegenerateS
               "robustness": pd.concat(rob, ignore_index=True) if rob else pd.DataFrame(),
               "fact_check": pd.concat(checks, ignore_index=True) if checks else pd.DataFrame(),
               "fact_check_pairs": pd.concat(pairs, ignore_index=True) if pairs else pd.DataFrame()}
-    return DegenerateStudy(s, tables, tuple(notes), times, environment())
+    return DegenerateStudy(s, tables, tuple(notes), timings=times, versions=environment())

@@ -53,7 +53,7 @@ from knlens.methods.editing.evaluate import evaluate_edits
 from knlens.methods.editing.rank_one import default_layer
 from knlens.methods.editing.result import EditEvaluation
 from knlens.methods.selection import generic_neurons, refined_neurons
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.studies.editing_cases import EditCase, EditingSettings, load_candidates, select_cases
 from knlens.studies.editing_probes import with_criteria
 
@@ -83,17 +83,14 @@ class EditingEvaluation(EditEvaluation):
 
 
 @dataclass(frozen=True, eq=False)
-class EditingStudy(Result):
+class EditingStudy(StudyResult):
     """The study's evaluation (every prompt's raw quantities), the facts counted at each filter, each studied
     fact's neurons and edits, single numbers, timings and versions."""
 
     study = "editing"
     settings: EditingSettings
     evaluation: EditingEvaluation
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """Editors × metrics: mean over facts, bootstrap interval, value before the edit."""
@@ -283,5 +280,5 @@ def editing_study(model: Any, settings: EditingSettings = EditingSettings(), *, 
                "shared_neurons": _shared_neurons(facts), "mean_seconds_per_fact": float(done.seconds.mean())}
     timings = {"filter": filtered, "total": time.time() - t0}
     criteria["studied"] = criteria.relation.map(studied).fillna(0).astype(int)
-    return EditingStudy(settings, ev, {"counts": counts, "facts": facts, "generic": generic, "criteria": criteria},
-                        numbers, timings, environment())
+    return EditingStudy(settings, {"counts": counts, "facts": facts, "generic": generic, "criteria": criteria},
+                        evaluation=ev, numbers=numbers, timings=timings, versions=environment())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from knlens.data.pararel import load_pararel
 from knlens.methods.known import known_facts
 from knlens.methods.tracing.severed import severed_trace
 from knlens.methods.tracing.setup import KINDS
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.stats.intervals import bootstrap_ci
 from knlens.stats.tests import paired_permutation_test
 from knlens.studies.query_localization import entity_vs_relation
@@ -65,18 +65,12 @@ class EntityRelationStudySettings:
 
 
 @dataclass(frozen=True, eq=False)
-class EntityRelationStudy(Result):
+class EntityRelationStudy(StudyResult):
     """Every table of the study by name (:data:`TABLES`), timings and versions."""
 
     study = "entity_relation"
+    frame_table = "peaks"  # to_frame(): peak effect per (corruption, kind, token group): mean over facts with its interval
     settings: EntityRelationStudySettings
-    tables: dict[str, pd.DataFrame]
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """Peak effect per (corruption, kind, token group): mean over facts with its interval."""
-        return self.tables["peaks"]
 
     def plot(self) -> Any:
         """Mean indirect effect by layer at the last subject token and the last token, per corruption and kind."""
@@ -209,5 +203,5 @@ def entity_relation_study(model: Any, settings: EntityRelationStudySettings = En
     tables = summarise(pd.concat(groups), pd.concat(severed), pd.concat(totals))
     tables["counts"] = pd.DataFrame(counts)
     timings = {"known filter": t_filter, "tracing": float(np.sum(spent)), "total": time.time() - t0}
-    return EntityRelationStudy(settings, tables, timings, environment())
+    return EntityRelationStudy(settings, tables, timings=timings, versions=environment())
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -44,7 +44,7 @@ from knlens.methods.multilingual.edit_matrix_result import EditMatrix
 from knlens.methods.multilingual.likn import attribute_languages, effects_by_language, language_neurons, likn_effects
 from knlens.methods.multilingual.likn_result import LanguageAttributions, LanguageNeurons
 from knlens.methods.multilingual.matrice import heldout_language_effects, resample_stability
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.studies.multilingual_edits import degenerate_within, edit_matrix_within
 from knlens.studies.multilingual_facts import MultilingualSettings, select_facts, shorten
 
@@ -57,24 +57,18 @@ _EFFECT_COLUMNS = ["action", "knowledge_relative", "random_relative", "matched_r
 
 
 @dataclass(frozen=True, eq=False)
-class MultilingualStudy(Result):
+class MultilingualStudy(StudyResult):
     """Every table of the study by name (:data:`TABLES`), the language neurons of the attributed facts, the edit
     matrix and degenerate pairs (None when their phase did not run; ``notes`` says why), single numbers, timings
     and versions."""
 
     study = "multilingual"
+    frame_table = "likn_effects"  # to_frame(): the LIKN sets' suppress / enhance effect per language beside the random controls
     settings: MultilingualSettings
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
     neurons: LanguageNeurons | None = None
     edits: EditMatrix | None = None
     degenerate: DegeneratePairs | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """The LIKN sets' suppress / enhance effect per language beside the random controls."""
-        return self.tables["likn_effects"]
 
     def plot(self) -> Any:
         """Language × layer heatmap of the neurons (:meth:`LanguageNeurons.plot`)."""
@@ -227,4 +221,5 @@ def multilingual_study(model: Any, settings: MultilingualSettings = Multilingual
                "facts_without_independent": float((sizes.groupby("fact").n_independent.first() == 0).sum()),
                "mean_seconds_per_fact": float(facts_table.seconds.mean())}
     timings["total"] = time.time() - t0
-    return MultilingualStudy(s, tables, numbers, neurons, edits, degenerate, timings, environment())
+    return MultilingualStudy(s, tables, numbers, neurons, edits, degenerate, timings=timings,
+                             versions=environment())

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from knlens.methods.consistent_selection import equal_size_selections
 from knlens.methods.controls import random_control
 from knlens.methods.known import known_facts
 from knlens.methods.selection import generic_neurons
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.stats.tests import paired_group_test
 from knlens.studies.consistency import ConsistencyStudy, consistency_study
 from knlens.studies.query_localization import compare_selections, mapping_summary, mapping_tests, query_kn_mapping
@@ -74,16 +74,13 @@ class QueryLocalizationSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class QueryLocalizationStudy(Result):
+class QueryLocalizationStudy(StudyResult):
     """Every table of the study by name (see :data:`TABLES`), a few single numbers, timings and versions."""
 
     study = "query-localization"
     settings: QueryLocalizationSettings
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
     model_shape: dict[str, int]
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """Every test of the study in one table (mapping, selection, synapses), one row per comparison."""
@@ -259,5 +256,5 @@ def query_localization_study(model: Any, settings: QueryLocalizationSettings = Q
     times["total"] = time.time() - t0
     say("done")
     return QueryLocalizationStudy(s, {k: tables[k] for k in TABLES}, numbers,
-                                  {"n_layers": int(model.cfg.n_layers), "d_mlp": int(model.cfg.d_mlp)}, times,
-                                  environment())
+                                  {"n_layers": int(model.cfg.n_layers), "d_mlp": int(model.cfg.d_mlp)},
+                                  timings=times, versions=environment())

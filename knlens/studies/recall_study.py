@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from knlens.core.facts import Fact
 from knlens.core.versions import environment
 from knlens.data.two_hop import TwoHop, chains_in, two_hop_questions
 from knlens.methods.known import answers_many
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.stats.intervals import bootstrap_ci
 from knlens.studies.recall_measure import answer_rows, locate_first_hop, matched_sets, recall_rows
 
@@ -66,19 +66,13 @@ class RecallSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class RecallStudy(Result):
+class RecallStudy(StudyResult):
     """Every table of the study by name (:data:`TABLES`), single numbers, timings and versions."""
 
     study = "recall"
+    frame_table = "accuracy"  # to_frame(): accuracy by chain of thought, action and neuron set
     settings: RecallSettings
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """Accuracy by chain of thought, action and neuron set."""
-        return self.tables["accuracy"]
 
     def plot(self) -> Any:
         """Peak recall score of the knowledge set over the question, the CoT and the conflict prompt, beside the
@@ -201,7 +195,8 @@ def recall_study(model: Any, settings: RecallSettings = RecallSettings(), *, dat
     rec, ans = pd.DataFrame(recall), pd.DataFrame(answers)
     timings |= {"questions_s": float(sum(seconds)), "total_s": time.time() - t0}
     return RecallStudy(s, {"counts": count_table, "recall": rec, "answers": ans, "accuracy": _accuracy(ans, s.seed),
-                           "questions": pd.DataFrame(rows)}, _numbers(rec, ans), timings, environment())
+                           "questions": pd.DataFrame(rows)}, _numbers(rec, ans), timings=timings,
+                       versions=environment())
 
 
 def _numbers(rec: pd.DataFrame, ans: pd.DataFrame) -> dict[str, float]:

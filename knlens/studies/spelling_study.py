@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from knlens.methods.attribution.ig import attribute_facts
 from knlens.methods.probes import MIN_PER_CLASS, breakthrough, probe_table
 from knlens.methods.spelling import (DEFAULT_SHOTS, MIN_CHARS, SpellingReads, character_facts, read_spelling,
                                      spellable_tokens)
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.stats.intervals import bootstrap_ci
 
 __all__ = ["SpellingSettings", "SpellingStudy", "spelling_study", "neuron_tables", "TABLES"]
@@ -67,15 +67,12 @@ class SpellingSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class SpellingStudy(Result):
+class SpellingStudy(StudyResult):
     """Every table of the study by name (:data:`TABLES`), timings, notes (steps skipped) and versions."""
 
     study = "spelling"
     settings: SpellingSettings
-    tables: dict[str, pd.DataFrame]
-    timings: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
-    versions: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self) -> pd.DataFrame:
         """Probe accuracy by feature (rows) and character index (columns)."""
@@ -206,4 +203,4 @@ def spelling_study(model: Any, settings: SpellingSettings = SpellingSettings(), 
     tables = {"counts": counts, "accuracy": accuracy, "probes": probes, "breakthrough": brk, "attention": attention,
               "neurons": neurons, "neuron_layers": layers,
               "skipped": pd.DataFrame({"word": list(reads.skipped), "why": list(reads.skipped.values())})}
-    return SpellingStudy(s, tables, timings, tuple(notes), environment())
+    return SpellingStudy(s, tables, tuple(notes), timings=timings, versions=environment())

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ from knlens.data.text import text_sample
 from knlens.methods.editing.editors import EditRequest, kn_update_editor, random_editor
 from knlens.methods.editing.evaluate import evaluate_edits
 from knlens.methods.known import known_facts
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.stats.intervals import bootstrap_ci
 from knlens.studies.editing_cases import is_single_token
 from knlens.studies.syntax_data import NUMBERS, TASKS, SyntaxItem, class_tokens, task_items
@@ -81,19 +81,13 @@ class SyntaxSettings:
 
 
 @dataclass(frozen=True, eq=False)
-class SyntaxStudy(Result):
+class SyntaxStudy(StudyResult):
     """Every table of the study by name (:data:`TABLES`), single numbers, timings and versions."""
 
     study = "syntax"
+    frame_table = "comparison"  # to_frame(): the comparison of localisation metrics, syntax beside ParaRel facts
     settings: SyntaxSettings
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """The comparison of localisation metrics, syntax beside ParaRel facts."""
-        return self.tables["comparison"]
 
     def plot(self) -> Any:
         """Relative change of each word class when a set is suppressed, on held-out prompts of its own number."""
@@ -277,4 +271,4 @@ def syntax_study(model: Any, settings: SyntaxSettings = SyntaxSettings(), *, dat
     times["total"] = time.time() - t0
     numbers = {"significant": float(supp_frame.significant.sum()) if len(supp_frame) else 0.0,
                "tests": float(len(supp_frame)), "pararel_facts": float(len(facts))}
-    return SyntaxStudy(s, tables, numbers, times, environment())
+    return SyntaxStudy(s, tables, numbers, timings=times, versions=environment())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -30,7 +30,7 @@ from knlens.methods.interventions import measure
 from knlens.methods.known import known_facts
 from knlens.methods.structure.qrnca import top_neurons
 from knlens.methods.structure.two_stage import TwoStageSettings, two_stage
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.studies.editing_cases import is_single_token
 
 __all__ = ["TwoStageStudySettings", "TwoStageStudy", "two_stage_study"]
@@ -62,19 +62,13 @@ class TwoStageStudySettings:
 
 
 @dataclass(frozen=True, eq=False)
-class TwoStageStudy(Result):
+class TwoStageStudy(StudyResult):
     """Every table of the study by name, single numbers, timings and versions."""
 
     study = "two_stage_study"
+    frame_table = "comparison"  # to_frame(): the comparison of the two methods (means over facts)
     settings: TwoStageStudySettings
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """The comparison of the two methods (means over facts)."""
-        return self.tables["comparison"]
 
     def plot(self) -> Any:
         """Relative change of P(object) when each fact's top-k set is suppressed, per method."""
@@ -161,5 +155,5 @@ def two_stage_study(model: Any, settings: TwoStageStudySettings = TwoStageStudyS
                                 "facts": int(ok[c].notna().sum())} for c in cols if c in ok])
     times["total"] = time.time() - t0
     numbers = {"facts": float(len(facts)), "compared": float(len(ok)), "empty": float(len(frame) - len(ok))}
-    return TwoStageStudy(s, {"counts": pd.DataFrame(counts), "facts": frame, "comparison": comparison}, numbers, times,
-                         environment())
+    return TwoStageStudy(s, {"counts": pd.DataFrame(counts), "facts": frame, "comparison": comparison}, numbers,
+                         timings=times, versions=environment())

@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from knlens.core.errors import PromptError, TracingSettingError
-from knlens.run.engine import forward
+from knlens.run.engine import forward_until
 from knlens.run.hooks import HookFn
 
 __all__ = ["EMBED_HOOK", "DEFAULT_SAMPLES", "embed_outputs", "embedding_stats", "embedding_std", "Corruption",
@@ -34,10 +34,6 @@ __all__ = ["EMBED_HOOK", "DEFAULT_SAMPLES", "embed_outputs", "embedding_stats", 
 
 EMBED_HOOK = "hook_embed"  # token embeddings on every TransformerBridge decoder (alias of embed.hook_out)
 DEFAULT_SAMPLES = 10  # noise samples per trace, as Meng et al.
-
-
-class _Stop(Exception):
-    """Ends a forward once ``hook_embed`` has been seen (nothing after it is needed)."""
 
 
 @torch.no_grad()
@@ -50,19 +46,7 @@ def embed_outputs(model: Any, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor,
     >>> embed_outputs(model, model.to_tokens("the capital")).shape
     torch.Size([1, 3, 32])
     """
-    seen: list[Tensor] = []
-
-    def grab(act: Tensor, hook: Any = None) -> None:
-        seen.append(act.detach().float().cpu())
-        raise _Stop
-
-    try:
-        forward(model, tokens.to(model.cfg.device), [(EMBED_HOOK, grab)])
-    except _Stop:
-        pass
-    if not seen:
-        raise TracingSettingError(f"the model's forward never reached {EMBED_HOOK!r}; it cannot be corrupted there")
-    return seen[0]
+    return forward_until(model, tokens.to(model.cfg.device), EMBED_HOOK).detach().float().cpu()
 
 
 def embedding_stats(model: Any, *, chunk: int = 8192) -> tuple[float, Float[Tensor, "d"]]:

@@ -34,9 +34,9 @@ from knlens.core.errors import EngineFallbackWarning, TracingSettingError
 from knlens.methods.tracing.corruption import EMBED_HOOK, Corruption, corruption_hook
 from knlens.methods.tracing.setup import (KIND_POINTS, TraceSetup, as_corruption, clean_cache, prepare,
                                           require_known, resolve_prompt, restore_hooks, run_rows)
-from knlens.run.engine import Quantity, chunks, forward, read_quantity
+from knlens.run.engine import Quantity, chunks, forward, forward_until, read_quantity
 from knlens.run.hooks import Hook, capture, hook_name
-from knlens.run.staircase import disagreement, model_tail
+from knlens.run.staircase import FINAL_NORM_IN, disagreement, model_tail
 
 __all__ = ["SEVERS", "Severed", "severed_restore", "severed_trace"]
 
@@ -62,29 +62,13 @@ def _freeze(values: Float[Tensor, "sample pos d"], mask: Bool[Tensor, "rows pos"
     return hook
 
 
-class _Stop(Exception):
-    """Ends a forward at the final norm (only the read-out position is unembedded)."""
-
-
 def _read_logits(model: Any, tokens: Tensor, hooks: list[Hook], position: int, tail: bool) -> Tensor:
     """Logits at ``position``: with ``tail``, the final norm and unembedding of that position only (a
-    pre-hook on ``ln_final`` stops the forward there), else a plain whole-prompt forward's."""
+    forward stops at the final norm's input), else a plain whole-prompt forward's."""
     final = model_tail(model) if tail else None
     if final is None:
         return forward(model, tokens, hooks)[:, position]
-    seen: list[Tensor] = []
-
-    def stop(module: Any, args: tuple) -> None:
-        seen.append(args[0][:, position])
-        raise _Stop
-    handle = model.ln_final.register_forward_pre_hook(stop)
-    try:
-        forward(model, tokens, hooks)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return final(seen[0][:, None])[:, 0]
+    return final(forward_until(model, tokens, FINAL_NORM_IN, hooks)[:, position, None])[:, 0]
 
 
 def _rows(model: Any, setup: TraceSetup, restored: Bool[Tensor, "rows layer pos"],
