@@ -39,7 +39,7 @@ from knlens.methods.structure.multiple_choice import LETTERS, MCQuery, check_let
 from knlens.methods.structure.pcr import pcr_frame, pcr_table
 from knlens.methods.structure.qrnca import (QRNCASettings, common_neurons, density, neuron_attribution,
                                            query_relevant_neurons, top_neurons)
-from knlens.results.contract import Result
+from knlens.results.study import StudyResult
 from knlens.run.engine import target_logits
 
 __all__ = ["QRNCAStudySettings", "QRNCAStudy", "qrnca_study", "mc_accuracy", "PAPER"]
@@ -81,20 +81,14 @@ class QRNCAStudySettings:
 
 
 @dataclass(frozen=True, eq=False)
-class QRNCAStudy(Result):
-    """Every table of the study by name, single numbers, timings and versions."""
+class QRNCAStudy(StudyResult):
+    """Every table of the study by name, single numbers, the localised regions per domain, timings and versions."""
 
     study = "qrnca_study"
+    frame_table = "pcr"  # PCR of every method and action
     settings: QRNCAStudySettings
-    tables: dict[str, pd.DataFrame]
     numbers: dict[str, float]
     density: dict[str, torch.Tensor] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    versions: dict[str, str] = field(default_factory=dict)
-
-    def to_frame(self) -> pd.DataFrame:
-        """PCR of every method and action."""
-        return self.tables["pcr"]
 
     def plot(self) -> Any:
         """The localised regions: layer × neuron-bin counts of QRNCA neurons, one panel per domain."""
@@ -226,4 +220,4 @@ def qrnca_domains(model: Any, s: QRNCAStudySettings, queries: Sequence[MCQuery],
     tables = {"counts": counts, "mc_accuracy": acc, "sets": pd.DataFrame(set_rows), "overlap": overlap,
               "pcr": pooled, "pcr_by_domain": per_domain, "common": pd.DataFrame({"neuron": [str(n) for n in res.common]}),
               "neurons": res.to_frame(), "engines": frame.groupby("engine").size().rename("rows").reset_index()}
-    return QRNCAStudy(s, tables, numbers, dens, times, environment())
+    return QRNCAStudy(s, tables, numbers, dens, timings=times, versions=environment())
