@@ -65,6 +65,21 @@ class StudySpec:
     extras: Callable[[Any], dict[str, Callable[[Path], object]]] = lambda result: {}
 
 
+QRNCA_OPTIONS = {
+    "n_templates": "multiple-choice templates per query",
+    "min_prompts": "a fact is known when answered on at least this many prompts",
+    "max_prompts": "cloze prompts attributed for KN", "steps": "integration steps (fixed grid)",
+    "grid": "quadrature rule: right (the paper's) or gauss-legendre (needed on Gemma-3)",
+    "top_v": "neurons per query and per domain set", "threshold": "cluster: na > threshold x max",
+    "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles",
+    "letters": "the option letters (each a single token of the model, after a space)"}
+"""Help of the options both QRNCA studies have."""
+
+
+def _regions(result: Any) -> dict[str, Callable[[Path], object]]:
+    return {"regions.png": lambda p: save_figure(result.plot(), p)}
+
+
 STUDIES: dict[str, StudySpec] = {
     "query-localization": StudySpec(
         QueryLocalizationSettings, query_localization_study, query_localization_page.render_markdown,
@@ -142,32 +157,18 @@ STUDIES: dict[str, StudySpec] = {
         QRNCAStudySettings, qrnca_study, qrnca_page.render_markdown,
         "Query-relevant neurons by NA-ICA (Chen, Dejl, Toni, 2024) on ParaRel: known facts as 4-option questions, "
         "QRNCA against Dai's KN and random sets by the PCR of boost and suppress, and the localised regions.",
-        {"relations": "ParaRel relations (the domains)", "candidates": "facts read per relation before the known filter",
-         "queries": "known facts per relation asked as questions", "n_templates": "multiple-choice templates per query",
-         "min_prompts": "a fact is known when answered on at least this many paraphrases",
-         "max_prompts": "cloze paraphrases attributed for KN", "steps": "integration steps (fixed grid)",
-         "grid": "quadrature rule: right (the paper's) or gauss-legendre (needed on Gemma-3)",
-         "top_v": "neurons per query and per domain set", "threshold": "cluster: na > threshold x max",
-         "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles",
-         "letters": "the option letters (each a single token of the model, after a space)"},
-        lambda result: {"regions.png": lambda p: save_figure(result.plot(), p)}),
+        {**QRNCA_OPTIONS, "relations": "ParaRel relations (the domains)",
+         "candidates": "facts read per relation before the known filter",
+         "queries": "known facts per relation asked as questions"}, _regions),
     "qrnca-languages": StudySpec(
         QRNCALanguageSettings, qrnca_language_study, qrnca_page.render_markdown,
         "QRNCA with languages as the domains (Chen, Dejl, Toni, 2024) on mParaRel: each language's known facts as "
         "4-option questions in that language, QRNCA against Dai's KN and random sets by the PCR of boost and suppress "
         "across languages, and the language localised regions.",
-        {"relations": "mParaRel relations", "languages": "the domains (mParaRel codes)",
+        {**QRNCA_OPTIONS, "relations": "mParaRel relations", "languages": "the domains (mParaRel codes)",
          "candidates": "aligned facts read per relation before the known filter",
          "queries": "known facts per language and relation asked as questions",
-         "filter_prompts": "prompts per language read by the known filter",
-         "n_templates": "multiple-choice templates per query",
-         "min_prompts": "a fact is known when answered on at least this many prompts",
-         "max_prompts": "cloze prompts attributed for KN", "steps": "integration steps (fixed grid)",
-         "grid": "quadrature rule: right (the paper's) or gauss-legendre (needed on Gemma-3)",
-         "top_v": "neurons per query and per language set", "threshold": "cluster: na > threshold x max",
-         "common_share": "common: in more than this share of the clusters", "seed": "seed of the facts and shuffles",
-         "letters": "the option letters (each a single token of the model, after a space)"},
-        lambda result: {"regions.png": lambda p: save_figure(result.plot(), p)}),
+         "filter_prompts": "prompts per language read by the known filter"}, _regions),
     "twostage": StudySpec(
         TwoStageStudySettings, two_stage_study, two_stage_page.render_markdown,
         "The two-stage filter (activation difference under a corrupted subject, then gradient x activation; the text "
