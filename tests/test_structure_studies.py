@@ -55,6 +55,7 @@ def test_qrnca_counts_queries_and_accuracy(qrnca):
     assert len(acc) == n["mc prompts"] and set(acc["template"]) == set(range(s.n_templates))
     assert acc["p_answer"].between(0.0, 1.0).all() and n["mc accuracy"] == pytest.approx(acc["correct"].mean())
     assert acc["query"].nunique() == n["queries"]
+    assert set(acc["chosen"]) <= set(s.letters) and (acc["correct"] == (acc["chosen"] == acc["answer"])).all()
 
 
 def test_qrnca_sets_neurons_and_regions(qrnca):

@@ -106,8 +106,8 @@ class QRNCAStudy(StudyResult):
 
 @torch.no_grad()
 def mc_accuracy(model: Any, queries: list[MCQuery], letters: tuple[str, ...] = LETTERS) -> pd.DataFrame:
-    """Per query and template: P of the answer letter and whether it is the likeliest of the option letters (one
-    forward of each query's templates)."""
+    """Per query and template: P of the answer letter, whether it is the likeliest of the option letters and which
+    letter is (``chosen``; one forward of each query's templates)."""
     ids = [single_token(model, f" {x}") for x in letters]
     rows = []
     for q in queries:
@@ -115,7 +115,8 @@ def mc_accuracy(model: Any, queries: list[MCQuery], letters: tuple[str, ...] = L
         for j, answer in enumerate(q.letters):
             k = letters.index(answer.strip())
             rows.append({"query": q.name, "template": j, "p_answer": float(p[j, k]),
-                         "correct": bool(int(p[j].argmax()) == k)})
+                         "correct": bool(int(p[j].argmax()) == k), "answer": letters[k],
+                         "chosen": letters[int(p[j].argmax())]})
     return pd.DataFrame(rows)
 
 

@@ -6,6 +6,8 @@ per domain, the sets and the localised regions, limitations.
 
 from __future__ import annotations
 
+import pandas as pd
+
 from knlens.studies.qrnca_languages import QRNCALanguageSettings
 from knlens.studies.qrnca_study import QRNCAStudy
 from knlens.viz.query_localization_page import generated_by, markdown_table, versions_line
@@ -45,6 +47,16 @@ LANGUAGE_LIMITATIONS = [
 
 def _f(x: float) -> str:
     return f"{x:.3g}"
+
+
+def _accuracy(acc: pd.DataFrame) -> pd.DataFrame:
+    """Mean P(answer letter) and accuracy per template, and the letter the model picks most (its share): a model
+    that answers by position picks one letter whatever the options."""
+    table = acc.groupby("template", as_index=False)[["p_answer", "correct"]].mean()
+    if "chosen" in acc:
+        top = acc.groupby("template")["chosen"].agg(lambda c: f"{c.mode()[0]} ({(c == c.mode()[0]).mean():.0%})")
+        table["most chosen letter"] = table["template"].map(top)
+    return table
 
 
 def render_markdown(r: QRNCAStudy) -> str:
@@ -98,7 +110,7 @@ def render_markdown(r: QRNCAStudy) -> str:
         lines.append(f"- {dom}: lower / middle / upper third of the layers {thirds[0]} / {thirds[1]} / {thirds[2]}.")
     engines = ", ".join(f"{e} {int(k)} rows" for e, k in zip(t["engines"].engine, t["engines"].rows))
     lines += ["", "## Multiple-choice accuracy", "",
-              markdown_table(t["mc_accuracy"].groupby("template", as_index=False)[["p_answer", "correct"]].mean()), "",
+              markdown_table(_accuracy(t["mc_accuracy"])), "",
               f"Median relative completeness error of the IG runs: {n['median relative completeness error']:.3g}. "
               f"Boost and suppress ran on: {engines} (each group of rows checked against plain forwards).", "",
               "## The papers' claims", "", *PAPER_LINES, "", "## Limitations", "",
