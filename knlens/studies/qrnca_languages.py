@@ -43,8 +43,8 @@ class QRNCALanguageSettings(QRNCAStudySettings):
     relations: tuple[str, ...] = ("P30",)  # continent: known in every language most often (MULTILINGUAL.md)
     languages: tuple[str, ...] = ("en", "fr", "it", "pt", "de")
     candidates: int = 40
-    queries: int = 3
-    n_templates: int = 2
+    queries: int = 5
+    n_templates: int = 3
     steps: int = 32  # Gemma-3's RMSNorm after the MLP puts the whole effect near alpha = 0: Gauss-Legendre 32 nodes
     grid: str = "gauss-legendre"  # leave 3-9 % of it unexplained, right Riemann 160 still 37-60 % (RESULTS.md)
     filter_prompts: int = 4
