@@ -80,6 +80,8 @@ def test_a_short_real_study_fills_saves_and_renders(gemma, tmp_path):
     f = result.tables["filters"].set_index("filter")["facts"]
     assert f["read"] == 20 and f["read"] >= f["known in en"] >= f["known in es"] >= f["known in pt"] >= 2
     assert f["attributed"] == 2 == result.numbers["facts_attributed"]
+    errors = result.tables["facts"]["completeness error (median)"]   # IG: every fact's error is reported
+    assert len(errors) == 2 and errors.between(0.0, 10.0).all()
     assert set(result.tables["likn_sizes"].language) == {"en", "es", "pt"}
     assert set(result.tables["degenerate"].language) == {"en", "es", "pt"}
     m = result.tables["edit_matrix"]

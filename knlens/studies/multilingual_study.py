@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from knlens.core.errors import InsufficientDataError, SettingsError
@@ -96,9 +97,14 @@ def attribute_within(model: Any, facts: Sequence[MultilingualFact], s: Multiling
         t = time.time()
         parts.append(attribute_languages(model, [m], attribution=s.attribution, scaling=s.scaling, steps=s.steps,
                                          grid=s.grid))  # type: ignore[arg-type]
+        errors = [a.relative_completeness_error for by_lang in parts[-1].by_fact.values() for attrs in by_lang.values()
+                  for a in attrs]
         rows.append({"fact": m.key, "relation": m.relation, "subject": m[s.languages[0]].subject,
                      "target": m[s.languages[0]].target,
-                     **{f"prompts_{l}": len(m[l].prompts) for l in s.languages}, "seconds": time.time() - t})
+                     **{f"prompts_{l}": len(m[l].prompts) for l in s.languages}, "seconds": time.time() - t,
+                     # AMIG in the authors' scaling has no completeness property: its "error" is no check
+                     "completeness error (median)": float(np.median(errors))
+                     if s.attribution == "ig" or s.scaling == "textbook" else float("nan")})
         say(f"attributed {len(parts)} facts ({m.key}, {rows[-1]['seconds']:.0f} s)")
     if not parts:
         raise InsufficientDataError(f"no fact is known in all of {', '.join(s.languages)}: nothing to attribute "

@@ -122,7 +122,9 @@ def render_markdown(r: MultilingualStudy) -> str:
         f"budget (each language's first {s.attribute_prompts} answered prompts).", "",
         _md(filters), "",
         "Per language (loader counts and the known filter):", "", _md(t["counts"][counts_cols]), "",
-        "Attributed facts (answered prompts per language; seconds of attribution):", "", _md(t["facts"]), "",
+        "Attributed facts (answered prompts per language; seconds of attribution; the median relative completeness error "
+        "of the fact's attributions, nan for AMIG in the authors' scaling, which has none; on Gemma-3, Gauss-Legendre "
+        "needs about 32 nodes to bring it under 0.1, benchmarks/RESULTS.md):", "", _md(t["facts"]), "",
         "## Language-independent (LIKN) and language-specific neurons", "",
         f"{r.neurons.settings.attribution if r.neurons else s.attribution}, {s.steps} {s.grid} steps; a language's "
         f"neurons: coarse (≥ {s.threshold} × the prompt's max) in more than {s.p} of its prompts; LIKN = their "
